@@ -1,0 +1,723 @@
+"""schedules.yaml: parsing, validation (with file:line for every problem) and resolved campaign values."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from email_validator import EmailNotValidError, validate_email
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError, Problem
+
+__all__ = [
+    "Audience",
+    "Campaign",
+    "Delivery",
+    "Event",
+    "Sender",
+    "SmtpSettings",
+    "Step",
+    "Unsubscribe",
+    "load",
+    "loads",
+    "parse_duration",
+    "resolve_local",
+]
+
+# --------------------------------------------------------------------------------------
+# Resolved, immutable values used by the rest of the package.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who the mails come from and who organises the events."""
+
+    address: str
+    name: str
+    organizer: str
+    organizer_name: str
+    reply_to: str | None = None
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event. ``start``/``end`` are aware datetimes in the campaign time zone.
+
+    For an all-day event ``start`` is local midnight of the first day and ``end`` local
+    midnight after the last day (the iCalendar DTEND;VALUE=DATE convention).
+    """
+
+    id: str
+    title: str
+    start: datetime
+    end: datetime
+    all_day: bool = False
+    location: str | None = None
+    description: str | None = None
+    url: str | None = None
+    status: Literal["confirmed", "cancelled"] = "confirmed"
+    uid: str = ""
+
+    @property
+    def start_date(self) -> date:
+        return self.start.date()
+
+    @property
+    def last_date(self) -> date:
+        """The last calendar day the event covers (inclusive)."""
+        return (self.end - timedelta(days=1)).date() if self.all_day else self.end.date()
+
+
+@dataclass(frozen=True)
+class Audience:
+    """Which contacts a step goes to: any of ``lists`` and all of ``tags``; empty = everyone."""
+
+    lists: frozenset[str] = frozenset()
+    tags: frozenset[str] = frozenset()
+
+    def matches(self, lists: frozenset[str], tags: frozenset[str]) -> bool:
+        if self.lists and not (self.lists & lists):
+            return False
+        return self.tags <= tags
+
+
+@dataclass(frozen=True)
+class Step:
+    """A mail sent to an audience for one event at one time (``at``: aware, campaign tz)."""
+
+    id: str
+    event: str
+    template: str
+    at: datetime
+    at_text: str
+    audience: Audience = Audience()
+    attach_ics: bool = True
+    kind: Literal["invitation", "reminder"] = "invitation"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """Non-secret SMTP options; host/port/tls may be overridden by MAILER_SMTP_* variables."""
+
+    host: str = "localhost"
+    port: int | None = None
+    tls: Literal["starttls", "tls", "none"] = "starttls"
+    ca_file: str | None = None
+    timeout: float = 30.0
+    connections: int = 2
+    rate: float | None = None  # messages per second across all connections
+    per_hour: int | None = None
+    local_hostname: str | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Planner policies (see README "Delivery rules")."""
+
+    late_after: timedelta = timedelta(days=1)
+    late_contacts: bool = True
+    retry_base: timedelta = timedelta(minutes=1)
+    retry_max: timedelta = timedelta(hours=1)
+    max_attempts: int = 10
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    mailto: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """A validated campaign; paths are absolute."""
+
+    id: str
+    name: str
+    timezone: ZoneInfo
+    language: str
+    sender: Sender
+    events: tuple[Event, ...]
+    steps: tuple[Step, ...]
+    contacts: tuple[str, ...]
+    templates_dir: Path
+    ledger: Path
+    base_dir: Path
+    config_path: Path
+    smtp: SmtpSettings = SmtpSettings()
+    delivery: Delivery = Delivery()
+    unsubscribe: Unsubscribe | None = None
+    _events_by_id: dict[str, Event] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._events_by_id.update({e.id: e for e in self.events})
+
+    def event(self, event_id: str) -> Event:
+        """The event with this id (KeyError if unknown)."""
+        return self._events_by_id[event_id]
+
+    def step(self, step_id: str) -> Step:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        raise KeyError(step_id)
+
+    def contact_paths(self) -> list[Path]:
+        """Contact files matched by the ``contacts:`` globs, sorted, without repeats."""
+        seen: dict[Path, None] = {}
+        for pattern in self.contacts:
+            p = Path(pattern)
+            if p.is_absolute():
+                matches = sorted(Path(p.anchor).glob(str(p.relative_to(p.anchor))))
+            else:
+                matches = sorted(self.base_dir.glob(pattern))
+            for m in matches:
+                if m.is_file():
+                    seen.setdefault(m.resolve(), None)
+        return list(seen)
+
+
+# --------------------------------------------------------------------------------------
+# Time helpers (pure).
+# --------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(?:(\d+)\s*w)?\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*$")
+_RELATIVE = re.compile(
+    r"^\s*-\s*(?:(?P<d>\d+)\s*d)?\s*(?:(?P<h>\d+)\s*h)?\s*(?:(?P<m>\d+)\s*m)?"
+    r"\s*(?:(?P<hh>\d{1,2}):(?P<mm>\d{2}))?\s*$"
+)
+_LOCAL_DT = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})[ T](\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
+_DATE = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})\s*$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``1d``, ``2h``, ``30m``, ``1w 2d``.
+
+    >>> parse_duration("1d 2h")
+    datetime.timedelta(days=1, seconds=7200)
+    """
+    m = _DURATION.match(text)
+    if not m or not any(m.groups()):
+        raise ValueError(f"{text!r} is not a duration; write e.g. 30m, 2h, 1d or 1w")
+    w, d, h, mi = (int(g or 0) for g in m.groups())
+    return timedelta(weeks=w, days=d, hours=h, minutes=mi)
+
+
+def resolve_local(naive: datetime, tz: ZoneInfo) -> datetime:
+    """Attach ``tz`` to a wall-clock time, refusing times that do not exist or are ambiguous.
+
+    :raises ValueError: in a DST gap (the clock skips it) or a DST overlap (it happens twice).
+    """
+    a = naive.replace(tzinfo=tz, fold=0)
+    b = naive.replace(tzinfo=tz, fold=1)
+    if a.utcoffset() != b.utcoffset():
+        # Either a gap (neither round-trips) or an overlap (both exist).
+        back = a.astimezone(ZoneInfo("UTC")).astimezone(tz).replace(tzinfo=None)
+        if back != naive:
+            raise ValueError(
+                f"{naive:%Y-%m-%d %H:%M} does not exist in {tz.key} (the clocks skip it "
+                "for daylight saving time); pick another time"
+            )
+        raise ValueError(
+            f"{naive:%Y-%m-%d %H:%M} happens twice in {tz.key} (the clocks go back); "
+            "pick another time"
+        )
+    return a
+
+
+def _parse_local(text: str) -> datetime:
+    m = _LOCAL_DT.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a local time; write YYYY-MM-DD HH:MM")
+    d = date.fromisoformat(m.group(1))
+    return datetime.combine(d, time(int(m.group(2)), int(m.group(3)), int(m.group(4) or 0)))
+
+
+def _parse_date(text: str) -> date:
+    m = _DATE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a date; write YYYY-MM-DD")
+    return date.fromisoformat(m.group(1))
+
+
+def resolve_step_time(text: str, event: Event, tz: ZoneInfo) -> datetime:
+    """Resolve a step's ``at:`` into an aware datetime.
+
+    ``YYYY-MM-DD HH:MM`` is a local time; ``-7d 09:00`` is 09:00 local seven days before the
+    event's start date; ``-1d`` is the same wall-clock time one day earlier; ``-2h`` / ``-30m``
+    are exact durations before the start.
+    """
+    if _LOCAL_DT.match(text):
+        return resolve_local(_parse_local(text), tz)
+    m = _RELATIVE.match(text)
+    if not m or not any(m.group(k) for k in ("d", "h", "m", "hh")):
+        raise ValueError(
+            f"{text!r} is not a send time; write an absolute local time (2018-01-08 09:00) "
+            "or one relative to the event start (-7d 09:00, -1d, -2h, -30m)"
+        )
+    local_start = event.start.replace(tzinfo=None)
+    days = int(m.group("d") or 0)
+    wall = local_start - timedelta(days=days)
+    if m.group("hh") is not None:
+        hh, mm = int(m.group("hh")), int(m.group("mm"))
+        if hh > 23 or mm > 59:
+            raise ValueError(f"{text!r}: {hh:02d}:{mm:02d} is not a time of day")
+        wall = datetime.combine(wall.date(), time(hh, mm))
+    at = resolve_local(wall, tz)
+    delta = timedelta(hours=int(m.group("h") or 0), minutes=int(m.group("m") or 0))
+    if delta:
+        utc = ZoneInfo("UTC")
+        at = (at.astimezone(utc) - delta).astimezone(tz)
+    return at
+
+
+# --------------------------------------------------------------------------------------
+# YAML loading with line numbers.
+# --------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that leaves dates and times as strings, so that we parse them with
+    the campaign's time zone and report our own errors."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+Path_ = tuple[str | int, ...]
+
+
+def _lines(node: yaml.Node, path: Path_ = ()) -> Iterator[tuple[Path_, int]]:
+    yield path, node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.start_mark)
+            yield (*path, key), k.start_mark.line + 1
+            for sub, line in _lines(v, (*path, key)):
+                if sub != (*path, key):
+                    yield sub, line
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            yield from _lines(v, (*path, i))
+
+
+def _load_yaml(text: str, where: str) -> tuple[Any, dict[Path_, int]]:
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        msg = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        raise ConfigError(
+            [Problem(f"{where}{line}", f"not valid YAML: {msg}; check indentation and quoting")]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(where, f"not valid YAML: {exc}")]) from None
+    lines = dict(_lines(node)) if node is not None else {}
+    return data, lines
+
+
+def _fmt_path(loc: Path_) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_for(lines: dict[Path_, int], loc: Path_) -> int | None:
+    loc = tuple(loc)
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+# --------------------------------------------------------------------------------------
+# The schema (pydantic). Unknown keys are rejected everywhere.
+# --------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def _email(value: str) -> str:
+    try:
+        return validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValueError(f"{value!r} is not a valid address: {exc}") from None
+
+
+class _SenderModel(_Model):
+    from_: str = Field(alias="from")
+    name: str = ""
+    reply_to: str | None = None
+    organizer: str | None = None
+    organizer_name: str | None = None
+
+    _check_from = field_validator("from_")(lambda cls, v: _email(v))
+    _check_reply = field_validator("reply_to", "organizer")(
+        lambda cls, v: None if v is None else _email(v)
+    )
+
+    @field_validator("name", "organizer_name")
+    @classmethod
+    def _one_line(cls, v: str | None) -> str | None:
+        if v is not None and ("\n" in v or "\r" in v):
+            raise ValueError("must be on one line")
+        return v
+
+
+class _EventModel(_Model):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    title: str = Field(min_length=1)
+    start: str | None = None
+    end: str | None = None
+    date: str | None = None
+    end_date: str | None = None
+    location: str | None = None
+    description: str | None = None
+    url: str | None = None
+    status: Literal["confirmed", "cancelled"] = "confirmed"
+    uid: str | None = None
+
+
+class _AudienceModel(_Model):
+    lists: list[str] = []
+    tags: list[str] = []
+
+
+class _StepModel(_Model):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    event: str
+    template: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    at: str
+    kind: Literal["invitation", "reminder"] | None = None
+    audience: _AudienceModel = _AudienceModel()
+    attach_ics: bool | None = None
+
+
+class _SmtpModel(_Model):
+    host: str = "localhost"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: Literal["starttls", "tls", "none"] = "starttls"
+    ca_file: str | None = None
+    timeout: float = Field(default=30.0, gt=0)
+    connections: int = Field(default=2, ge=1, le=64)
+    rate: str | float | None = None
+    per_hour: int | None = Field(default=None, ge=1)
+    local_hostname: str | None = None
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str | float | None) -> float | None:
+        if v is None:
+            return None
+        if isinstance(v, int | float):
+            value = float(v)
+        else:
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute)\s*", v)
+            if not m:
+                raise ValueError(f"{v!r} is not a rate; write e.g. 10/s or 300/min")
+            value = float(m.group(1)) / (60.0 if m.group(2).startswith("m") else 1.0)
+        if value <= 0:
+            raise ValueError("rate must be above zero")
+        return value
+
+
+class _DeliveryModel(_Model):
+    late_after: str = "1d"
+    late_contacts: bool = True
+    retry_base: str = "1m"
+    retry_max: str = "1h"
+    max_attempts: int = Field(default=10, ge=1)
+
+    @field_validator("late_after", "retry_base", "retry_max")
+    @classmethod
+    def _dur(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+
+class _UnsubscribeModel(_Model):
+    mailto: str | None = None
+    url: str | None = Field(default=None, pattern=r"^https://\S+$")
+
+    _check_mailto = field_validator("mailto")(lambda cls, v: None if v is None else _email(v))
+
+
+class _CampaignModel(_Model):
+    campaign: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    name: str | None = None
+    timezone: str
+    language: str = Field(default="en", pattern=r"^[a-z]{2,3}(?:[_-][A-Za-z]{2})?$")
+    sender: _SenderModel
+    events: list[_EventModel] = Field(min_length=1)
+    steps: list[_StepModel] = Field(min_length=1)
+    contacts: list[str] = Field(min_length=1)
+    templates: str = "templates"
+    ledger: str = "mailer.db"
+    smtp: _SmtpModel = _SmtpModel()
+    delivery: _DeliveryModel = _DeliveryModel()
+    unsubscribe: _UnsubscribeModel | None = None
+
+    @field_validator("contacts", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+# --------------------------------------------------------------------------------------
+# Building a Campaign.
+# --------------------------------------------------------------------------------------
+
+
+def load(path: str | Path) -> Campaign:
+    """Read and validate a schedules.yaml file.
+
+    :raises ConfigError: with every problem found, each naming the file, line and field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(
+            [Problem(str(path), "file not found; pass --config PATH or create schedules.yaml")]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(str(path), f"cannot read: {exc}")]) from None
+    return loads(text, path)
+
+
+def loads(text: str, path: str | Path = "schedules.yaml") -> Campaign:
+    """Validate campaign YAML ``text`` as if read from ``path`` (relative paths resolve there)."""
+    path = Path(path).absolute()
+    where = _display(path)
+    data, lines = _load_yaml(text, where)
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(f"{where}:1", "expected a mapping of keys (campaign:, events:, ...)")])
+
+    def at(loc: Path_) -> str:
+        line = _line_for(lines, loc)
+        return f"{where}:{line}" if line else where
+
+    try:
+        model = _CampaignModel.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key; check its spelling (see the schedules.yaml reference in README.md)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            loc = tuple("from" if p == "from_" else p for p in loc)
+            problems.append(Problem(at(loc), msg, field=_fmt_path(loc)))
+        raise ConfigError(problems) from None
+    return _build(model, path, at)
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _build(m: _CampaignModel, path: Path, at: Any) -> Campaign:
+    problems: list[Problem] = []
+
+    def bad(loc: Path_, msg: str) -> None:
+        problems.append(Problem(at(loc), msg, field=_fmt_path(loc)))
+
+    try:
+        tz = ZoneInfo(m.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        bad(("timezone",), f"unknown time zone {m.timezone!r}; use an IANA name such as Europe/Brussels")
+        raise ConfigError(problems) from None
+
+    base = path.parent
+    sender = Sender(
+        address=m.sender.from_,
+        name=m.sender.name,
+        organizer=m.sender.organizer or m.sender.from_,
+        organizer_name=m.sender.organizer_name or m.sender.name,
+        reply_to=m.sender.reply_to,
+    )
+
+    events: list[Event] = []
+    seen: dict[str, int] = {}
+    for i, e in enumerate(m.events):
+        loc: Path_ = ("events", i)
+        if e.id in seen:
+            bad((*loc, "id"), f"duplicate event id {e.id!r} (also events[{seen[e.id]}])")
+            continue
+        seen[e.id] = i
+        try:
+            events.append(_event(e, tz, sender.domain, m.campaign))
+        except _FieldError as fe:
+            bad((*loc, fe.key), str(fe))
+
+    by_id = {e.id: e for e in events}
+    steps: list[Step] = []
+    seen_steps: dict[str, int] = {}
+    for i, s in enumerate(m.steps):
+        loc = ("steps", i)
+        if s.id in seen_steps:
+            bad((*loc, "id"), f"duplicate step id {s.id!r} (also steps[{seen_steps[s.id]}])")
+            continue
+        seen_steps[s.id] = i
+        if s.event not in by_id:
+            if s.event not in seen:  # not a follow-on error of a bad event
+                known = ", ".join(sorted(seen)) or "none"
+                bad((*loc, "event"), f"unknown event {s.event!r}; known events: {known}")
+            continue
+        ev = by_id[s.event]
+        try:
+            when = resolve_step_time(s.at, ev, tz)
+        except ValueError as exc:
+            bad((*loc, "at"), str(exc))
+            continue
+        if when >= ev.end:
+            bad(
+                (*loc, "at"),
+                f"{when:%Y-%m-%d %H:%M} is after event {ev.id!r} ends "
+                f"({ev.end:%Y-%m-%d %H:%M}); a step must come before its event ends",
+            )
+            continue
+        steps.append(
+            Step(
+                id=s.id,
+                event=s.event,
+                template=s.template,
+                at=when,
+                at_text=s.at,
+                audience=Audience(frozenset(s.audience.lists), frozenset(s.audience.tags)),
+                attach_ics=s.attach_ics if s.attach_ics is not None else True,
+                kind=s.kind or "invitation",
+            )
+        )
+    # Unless told, an event's earliest step is its invitation and later ones are reminders;
+    # reminders carry no calendar attachment unless attach_ics says so.
+    first: dict[str, Step] = {}
+    for st in sorted(steps, key=lambda s: (s.at, s.id)):
+        first.setdefault(st.event, st)
+    explicit = {s.id: s for s in m.steps}
+    for i, st in enumerate(steps):
+        src = explicit[st.id]
+        kind = src.kind or ("invitation" if first[st.event] is st else "reminder")
+        attach = src.attach_ics if src.attach_ics is not None else kind == "invitation"
+        steps[i] = replace(st, kind=kind, attach_ics=attach)
+
+    if m.smtp.ca_file and not (base / m.smtp.ca_file).is_file():
+        bad(("smtp", "ca_file"), f"{m.smtp.ca_file!r} not found")
+    if problems:
+        raise ConfigError(problems)
+
+    d = m.delivery
+    return Campaign(
+        id=m.campaign,
+        name=m.name or m.campaign,
+        timezone=tz,
+        language=m.language.replace("-", "_"),
+        sender=sender,
+        events=tuple(events),
+        steps=tuple(sorted(steps, key=lambda s: (s.at, s.id))),
+        contacts=tuple(m.contacts),
+        templates_dir=(base / m.templates).resolve(),
+        ledger=(base / m.ledger).resolve(),
+        base_dir=base,
+        config_path=path,
+        smtp=SmtpSettings(
+            host=m.smtp.host,
+            port=m.smtp.port,
+            tls=m.smtp.tls,
+            ca_file=str((base / m.smtp.ca_file).resolve()) if m.smtp.ca_file else None,
+            timeout=m.smtp.timeout,
+            connections=m.smtp.connections,
+            rate=m.smtp.rate,  # type: ignore[arg-type]  # normalised to float by validator
+            per_hour=m.smtp.per_hour,
+            local_hostname=m.smtp.local_hostname,
+        ),
+        delivery=Delivery(
+            late_after=parse_duration(d.late_after),
+            late_contacts=d.late_contacts,
+            retry_base=parse_duration(d.retry_base),
+            retry_max=parse_duration(d.retry_max),
+            max_attempts=d.max_attempts,
+        ),
+        unsubscribe=Unsubscribe(m.unsubscribe.mailto, m.unsubscribe.url) if m.unsubscribe else None,
+    )
+
+
+class _FieldError(ValueError):
+    def __init__(self, key: str, msg: str) -> None:
+        super().__init__(msg)
+        self.key = key
+
+
+def _event(e: _EventModel, tz: ZoneInfo, domain: str, campaign_id: str) -> Event:
+    uid = e.uid or f"{e.id}.{campaign_id}@{domain}"
+    common = dict(
+        id=e.id,
+        title=e.title,
+        location=e.location or None,
+        description=e.description or None,
+        url=e.url or None,
+        status=e.status,
+        uid=uid,
+    )
+    if e.date is not None:
+        if e.start is not None or e.end is not None:
+            raise _FieldError("date", "give either date (all-day) or start/end, not both")
+        try:
+            first = _parse_date(e.date)
+        except ValueError as exc:
+            raise _FieldError("date", str(exc)) from None
+        try:
+            last = _parse_date(e.end_date) if e.end_date else first
+        except ValueError as exc:
+            raise _FieldError("end_date", str(exc)) from None
+        if last < first:
+            raise _FieldError("end_date", "end_date is before date")
+        # Midnight exists in every zone that matters here; resolve_local still checks.
+        try:
+            start = resolve_local(datetime.combine(first, time()), tz)
+            end = resolve_local(datetime.combine(last + timedelta(days=1), time()), tz)
+        except ValueError as exc:
+            raise _FieldError("date", str(exc)) from None
+        return Event(start=start, end=end, all_day=True, **common)  # type: ignore[arg-type]
+    if e.end_date is not None:
+        raise _FieldError("end_date", "end_date goes with date (all-day events); use end:")
+    if e.start is None or e.end is None:
+        raise _FieldError(
+            "start" if e.start is None else "end",
+            "an event needs start: and end: (YYYY-MM-DD HH:MM), or date: for an all-day event",
+        )
+    try:
+        start = resolve_local(_parse_local(e.start), tz)
+    except ValueError as exc:
+        raise _FieldError("start", str(exc)) from None
+    try:
+        end = resolve_local(_parse_local(e.end), tz)
+    except ValueError as exc:
+        raise _FieldError("end", str(exc)) from None
+    if end <= start:
+        raise _FieldError("end", "end must be after start")
+    return Event(start=start, end=end, all_day=False, **common)  # type: ignore[arg-type]
