@@ -173,18 +173,24 @@ class Campaign:
                 return s
         raise KeyError(step_id)
 
-    def contact_paths(self) -> list[Path]:
-        """Contact files matched by the ``contacts:`` globs, sorted, without repeats."""
-        seen: dict[Path, None] = {}
+    def contact_files(self) -> dict[str, list[Path]]:
+        """Files matched by each ``contacts:`` glob (relative globs from the config's folder)."""
+        out: dict[str, list[Path]] = {}
         for pattern in self.contacts:
             p = Path(pattern)
             if p.is_absolute():
-                matches = sorted(Path(p.anchor).glob(str(p.relative_to(p.anchor))))
+                found = Path(p.anchor).glob(str(p.relative_to(p.anchor)))
             else:
-                matches = sorted(self.base_dir.glob(pattern))
+                found = self.base_dir.glob(pattern)
+            out[pattern] = sorted(m.resolve() for m in found if m.is_file())
+        return out
+
+    def contact_paths(self) -> list[Path]:
+        """Contact files matched by the ``contacts:`` globs, in order, without repeats."""
+        seen: dict[Path, None] = {}
+        for matches in self.contact_files().values():
             for m in matches:
-                if m.is_file():
-                    seen.setdefault(m.resolve(), None)
+                seen.setdefault(m, None)
         return list(seen)
 
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import codecs
+import csv
+import io
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from email_validator import EmailNotValidError, validate_email
 
 from .errors import Problem
 
@@ -38,3 +47,269 @@ class ContactList:
     @property
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "warning"]
+
+
+# Header names (trimmed, lower-cased, inner whitespace collapsed) -> the column's role.
+# Dutch and French aliases because the lists come from Flemish and Brussels spreadsheets.
+_EMAIL_NAMES = ("email", "e-mail", "mail", "email address", "emailadres", "e-mailadres")
+_ROLES: dict[str, str] = {
+    **dict.fromkeys(_EMAIL_NAMES, "email"),
+    **dict.fromkeys(("name", "naam", "nom", "full name"), "name"),
+    **dict.fromkeys(("language", "lang", "taal", "langue"), "language"),
+    "lists": "lists",
+    "tags": "tags",
+}
+_Severity = Literal["error", "warning"]
+_EMPTY = "the file is empty; it needs a header row with an 'email' column and a row per contact"
+_DELIMITERS = (",", ";", "\t")  # Excel in Belgium writes ';' (comma is the decimal sign)
+_LABEL_SPLIT = re.compile(r"[;,|]")
+_LANGUAGE = re.compile(r"([A-Za-z]{2,3})(?:[-_]([A-Za-z]{2}))?")  # as config.py's `language:`
+_KEY_SEPARATORS = re.compile(r"[\s-]+")
+# Anything that could end a mail header line (CR, LF, VT, FF, NEL, U+2028/9) or is invisible.
+_LINE_BREAKS = re.compile(r"[ \t]*[\r\n\x0b\x0c\x85\u2028\u2029]+[ \t]*")
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")  # C0 (not tab) and DEL
+_NAME_CONTROLS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")  # tab too: names go in headers
+# The part of email-validator's syntax it accepts unchanged (RFC 5322 dot-atom), see _address.
+_ATEXT = r"a-zA-Z0-9_!#$%&'*+\-/=?^`{|}~"
+_DOT_ATOM = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
+_ROLE_MAILBOXES = frozenset(  # RFC 2142 names email-validator lower-cases
+    "info marketing sales support abuse noc security postmaster hostmaster usenet news "
+    "webmaster www uucp ftp".split()
+)
+
+
+def load_contacts(paths: Iterable[Path], *, display_root: Path | None = None) -> ContactList:
+    """Read contact CSV files into one de-duplicated list, sorted by email address.
+
+    Never raises for bad data: a file that cannot be used at all gives one error and is
+    skipped, a bad row gives an error and is skipped, and anything repaired on the way
+    (encoding, line breaks in names, duplicates, odd languages) gives a warning. Problem
+    locations look like ``contacts/partners.csv:row 4`` (the physical line of the record's
+    first line; the header is line 1), with paths relative to ``display_root`` when given.
+    """
+    problems: list[Problem] = []
+    by_email: dict[str, Contact] = {}
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        if path.resolve() in seen:  # the same file twice would only produce duplicate warnings
+            continue
+        seen.add(path.resolve())
+        where = _display(path, display_root)
+        text = _read_text(path, where, problems)
+        if text is not None:
+            _parse(text, where, by_email, problems)
+    return ContactList(sorted(by_email.values(), key=lambda c: c.email), problems)
+
+
+def _display(path: Path, root: Path | None) -> str:
+    if root is not None:
+        for p, r in ((path, root), (path.resolve(), root.resolve())):
+            try:
+                return p.relative_to(r).as_posix()
+            except ValueError:
+                pass
+    return str(path)
+
+
+def _read_text(path: Path, where: str, problems: list[Problem]) -> str | None:
+    """The file's text, or None after reporting why it cannot be used."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        problems.append(Problem(where, "file not found; check contacts: in schedules.yaml"))
+        return None
+    except OSError as exc:
+        problems.append(Problem(where, f"cannot read the file ({exc.strerror or exc})"))
+        return None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # Excel's "Unicode text" export is UTF-16 with a BOM (and tab-separated).
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    if b"\x00" in data:
+        problems.append(Problem(where, "contains NUL bytes, so it is not a CSV text file; "
+                                "export the sheet as 'CSV UTF-8' and use that file"))
+        return None
+    try:
+        return data.decode("utf-8-sig")  # "CSV UTF-8" from Excel starts with a BOM
+    except UnicodeDecodeError:
+        pass
+    try:
+        text = data.decode("cp1252")  # plain "CSV" from Excel on Windows in Western Europe
+    except UnicodeDecodeError:
+        problems.append(Problem(where, "is neither UTF-8 nor Windows-1252 text; save it as UTF-8"))
+        return None
+    problems.append(Problem(where, "read as Windows-1252; save it as UTF-8 to silence this",
+                            severity="warning"))
+    return text
+
+
+def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[Problem]) -> None:
+    def report(row_no: int, message: str, fld: str = "", severity: _Severity = "warning") -> None:
+        problems.append(Problem(f"{where}:row {row_no}", message, fld, severity))
+
+    # Counted on the header line rather than csv.Sniffer, which guesses unreliably from a single
+    # line and gives up on a one-column file. Ties go to the comma.
+    header_line = text.lstrip("\r\n").split("\n", 1)[0]
+    delimiter = max(_DELIMITERS, key=header_line.count)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=False)
+    line = 0  # physical lines consumed so far; the next record starts on the line after
+    try:
+        header: list[str] = []
+        while not any(c.strip() for c in header):  # leading blank lines are not the header
+            header, line = next(reader), reader.line_num
+        roles, fields, unnamed = _columns(header, line, report)
+        if "email" not in roles:
+            found = ", ".join(repr(c.strip()) for c in header if c.strip())
+            hint = " The first line looks like data: add a header row above it." * ("@" in found)
+            problems.append(Problem(where, f"no email column (found columns: {found}); name the "
+                                    f"column with the addresses 'email' (also accepted: "
+                                    f"{', '.join(_EMAIL_NAMES[1:])}).{hint}"))
+            return
+        ncols, count = len(header), 0
+        i_email, i_name, i_lang = roles["email"], roles.get("name"), roles.get("language")
+        i_lists, i_tags = roles.get("lists"), roles.get("tags")
+        for row in reader:
+            row_no, line = line + 1, reader.line_num
+            if len(row) != ncols:
+                if len(row) > ncols and any(c.strip() for c in row[ncols:]):
+                    report(row_no, f"{len(row)} cells but the header has {ncols} columns; extra "
+                                   f"cells ignored (a value with {delimiter!r} in it not quoted?)")
+                row = row[:ncols] + [""] * (ncols - len(row))
+            if unnamed and any(row[i].strip() for i in unnamed):
+                unnamed = []  # say it once per file
+                report(row_no, "a column without a header name has values; they are ignored")
+            raw = row[i_email].strip()
+            if not raw:
+                if any(c.strip() for c in row):  # blank lines and Excel's ';;;;' rows are fine
+                    report(row_no, "no email address; row skipped", "email", "error")
+                continue
+            try:
+                email = _address(raw)
+            except EmailNotValidError as exc:
+                report(row_no, f"{raw!r} is not a usable email address "
+                               f"({str(exc).rstrip('.')}); row skipped", "email", "error")
+                continue
+            name = row[i_name].strip() if i_name is not None else ""
+            if _NAME_CONTROLS.search(name):
+                # The name goes into the To: header, where a line break could inject headers.
+                name = _LINE_BREAKS.sub(" ", name.replace("\t", " "))
+                name = _NAME_CONTROLS.sub("", name).strip()
+                report(row_no, "name contained line breaks or control characters; replaced by "
+                               f"spaces: {name!r}", "name")
+            language = None
+            if i_lang is not None and (lang_raw := row[i_lang].strip()):
+                language = _language(lang_raw)
+                if language is None:
+                    report(row_no, f"{lang_raw!r} is not a language code like nl or nl_BE; the "
+                                   "campaign language is used", "language")
+            lists = _labels(row[i_lists]) if i_lists is not None else frozenset()
+            tags = _labels(row[i_tags]) if i_tags is not None else frozenset()
+            values = {key: _clean(row[i]) for i, key in fields}
+            contact = Contact(email, name, language, lists, tags, values, f"{where}:row {row_no}")
+            count += 1
+            # Mailbox providers treat the local part case-insensitively in practice, so
+            # Jan@example.be and jan@example.be are one person and must get one mail.
+            first = by_email.get(email.lower())
+            by_email[email.lower()] = contact if first is None else _merge(first, contact)
+            if first is not None:
+                report(row_no, f"{email} is also at {first.source}; merged into that one (lists "
+                               "and tags combined, first name, language and values kept)", "email")
+        if count == 0 and not any(p.where.startswith(f"{where}:row") for p in problems):
+            problems.append(Problem(where, "has a header row but no contacts", severity="warning"))
+    except StopIteration:  # nothing but blank lines and delimiters
+        problems.append(Problem(where, _EMPTY))
+    except csv.Error as exc:
+        problems.append(Problem(f"{where}:row {line + 1}", f"cannot read the CSV from here on "
+                                f"({exc}); check the quotes; the rest of the file is skipped"))
+
+
+def _columns(
+    header: list[str], line: int, warn: Callable[..., None]
+) -> tuple[dict[str, int], list[tuple[int, str]], list[int]]:
+    """Header cells -> roles (email, name, ...), template-variable fields, unnamed columns."""
+    roles: dict[str, int] = {}
+    fields: list[tuple[int, str]] = []
+    unnamed: list[int] = []
+    keys: set[str] = set()
+    for i, cell in enumerate(header):
+        title = " ".join(cell.split()).lower()
+        if not title:
+            unnamed.append(i)
+            continue
+        role = _ROLES.get(title) or _ROLES.get(title.replace("_", " "))  # email_address too
+        key = role or _KEY_SEPARATORS.sub("_", title)
+        if key in keys or key in roles:
+            warn(line, f"column {cell.strip()!r} appears twice (as {key!r}); the later is ignored")
+            continue
+        if role:
+            roles[role] = i
+            continue
+        if not key.isidentifier():
+            warn(line, f"column {cell.strip()!r} gives the template variable {key!r}, which is "
+                       "not a valid name; rename the column to letters, digits and _ to use it")
+        keys.add(key)
+        fields.append((i, key))
+    return roles, fields, unnamed
+
+
+@lru_cache(maxsize=65536)
+def _domain(domain: str) -> tuple[str, int] | None:
+    """email-validator's normalised form of a domain and its longest length in bytes (as IDNA
+    ASCII or as UTF-8), or None if the library rejects it."""
+    try:
+        v = validate_email(f"x@{domain}", check_deliverability=False)
+    except EmailNotValidError:
+        return None
+    return v.domain.lower(), max(len(v.ascii_domain), len(v.domain.encode()))
+
+
+def _address(raw: str) -> str:
+    """The normalised address, as ``validate_email(raw).normalized`` with a lower-case domain.
+
+    Checking the domain costs most of validate_email's ~45 µs and contact lists share few
+    domains, so a plain ASCII local part with a known-good domain is put together here
+    (that is exactly what the library would return) and everything else goes to the library.
+    """
+    local, _, domain = raw.rpartition("@")
+    if len(raw) < 200 and _DOT_ATOM.fullmatch(local) and local.lower() not in _ROLE_MAILBOXES:
+        checked = _domain(domain)
+        if checked is not None and len(local) + checked[1] < 200:
+            return f"{local}@{checked[0]}"
+    v = validate_email(raw, check_deliverability=False)
+    return f"{v.local_part}@{v.domain.lower()}"
+
+
+@lru_cache(maxsize=1024)
+def _language(raw: str) -> str | None:
+    """``nl``, ``NL``, ``nl-BE``, ``nl_be`` -> ``nl`` / ``nl_BE``; None if not a language code."""
+    m = _LANGUAGE.fullmatch(raw)
+    if not m:
+        return None
+    return f"{m[1].lower()}_{m[2].upper()}" if m[2] else m[1].lower()
+
+
+@lru_cache(maxsize=4096)
+def _labels(cell: str) -> frozenset[str]:
+    """List or tag names from one cell: split on ; , or |, trimmed, lower-cased, empty dropped."""
+    return frozenset(s for part in _LABEL_SPLIT.split(_clean(cell)) if (s := part.strip().lower()))
+
+
+def _clean(value: str) -> str:
+    """Trim a field value; line breaks become a space and other control characters (but tab)
+    go, so that no value can carry a line break into a header or a NUL into the program."""
+    value = value.strip()
+    if _CONTROLS.search(value):
+        value = _CONTROLS.sub("", _LINE_BREAKS.sub(" ", value))
+    return value
+
+
+def _merge(first: Contact, later: Contact) -> Contact:
+    """``later`` folded into ``first``: lists and tags unioned, first non-empty values kept."""
+    fields = dict(first.fields)
+    for key, value in later.fields.items():
+        if value and not fields.get(key):
+            fields[key] = value
+    return replace(first, name=first.name or later.name, language=first.language or later.language,
+                   lists=first.lists | later.lists, tags=first.tags | later.tags, fields=fields)

@@ -1,0 +1,254 @@
+"""Scheduling: the long-running daemon (APScheduler) and the virtual-clock demo."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.date import DateTrigger
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ConfigError, LockedError, MailerError, TransportFatalError
+from .ledger import Ledger
+from .runner import PassResult, run_pass, virtual_clock
+from .smtpd import MaildirHandler, SmtpServer
+from .transport import TransportSettings
+from .workspace import Workspace, load_workspace
+
+__all__ = ["Daemon", "run_daemon", "run_demo"]
+
+log = logging.getLogger("mailer")
+
+#: How often the daemon looks for edited files and for work made due from outside (mailer retry).
+WATCH_SECONDS = 2.0
+SWEEP_SECONDS = 60.0
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s mailer %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _snapshot(ws: Workspace) -> dict[Path, float]:
+    files = set(ws.files) | set(ws.campaign.contact_paths())
+    files |= {p for p in ws.campaign.templates_dir.rglob("*") if p.is_file()}
+    out = {}
+    for f in files:
+        try:
+            out[f] = f.stat().st_mtime_ns
+        except OSError:
+            out[f] = -1
+    return out
+
+
+class Daemon:
+    """Wakes at each step's time and each retry time, runs a pass, reloads on edits."""
+
+    def __init__(self, config_path: Path, ws: Workspace, ledger: Ledger, settings: TransportSettings) -> None:
+        self.config_path = config_path
+        self.ws = ws
+        self.ledger = ledger
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.scheduler = AsyncIOScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        self._files = _snapshot(ws)
+        self._lock = asyncio.Lock()
+        self.fatal: str | None = None
+
+    def _schedule(self, at: datetime | None) -> None:
+        if at is None:
+            return
+        at = max(at, datetime.now(UTC))
+        job = self.scheduler.get_job("wake")
+        if job is not None and job.next_run_time is not None and job.next_run_time <= at:
+            return
+        self.scheduler.add_job(self.tick, DateTrigger(run_date=at, timezone=UTC), id="wake",
+                               replace_existing=True)
+        log.info("next wake-up %s", at.astimezone(self.ws.campaign.timezone).isoformat(timespec="seconds"))
+
+    async def tick(self) -> None:
+        """One pass at the clock's time (the only place the daemon reads the clock)."""
+        if self.stop.is_set():
+            return
+        async with self._lock:
+            now = datetime.now(UTC)
+            c = self.ws.campaign
+            started = self.ledger.steps_started(c.id)
+            for s in c.steps:
+                if s.at <= now and s.id not in started:
+                    log.info("step due: %s (%s)", s.id, s.at.astimezone(c.timezone).isoformat(timespec="minutes"))
+            try:
+                result = await run_pass(self.ws, self.ledger, now, settings=self.settings,
+                                        log=lambda m: log.info("%s", m), stop=self.stop)
+            except TransportFatalError as exc:
+                log.error("stopping: %s", exc)
+                self.fatal = str(exc)
+                self.stop.set()
+                return
+            except MailerError as exc:
+                log.error("pass failed: %s", exc)
+                return
+            self._report(result)
+            self._schedule(result.next_wake)
+
+    def _report(self, r: PassResult) -> None:
+        if r.due or any(r.counts.values()):
+            log.info("batch: %d due, %s", r.due,
+                     ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()) if v) or "nothing sent")
+
+    async def watch(self) -> None:
+        """Reload when schedules.yaml, a contact file or a template changes. An invalid edit
+        is logged with its problems and the running campaign goes on unchanged."""
+        try:
+            ws = load_workspace(self.config_path)
+        except ConfigError as exc:
+            current = _snapshot(self.ws)
+            current[self.config_path.absolute()] = self.config_path.stat().st_mtime_ns if self.config_path.exists() else -1
+            if current != self._files:
+                self._files = current
+                log.error("reload refused, schedules.yaml is invalid; still running the previous version:")
+                for p in exc.problems:
+                    log.error("  %s", p)
+            return
+        snap = _snapshot(ws)
+        if snap == self._files:
+            return
+        self._files = snap
+        if ws.blocking:
+            log.error("reload refused; still running the previous version:")
+            for p in ws.blocking:
+                log.error("  %s", p)
+            return
+        if ws.campaign.id != self.ws.campaign.id:
+            log.error("reload refused: the campaign id changed (%s -> %s); restart the daemon with the new ledger",
+                      self.ws.campaign.id, ws.campaign.id)
+            return
+        self.ws = ws
+        log.info("reload: %d steps, %d contacts", len(ws.campaign.steps), len(ws.contacts))
+        self.scheduler.remove_all_jobs()
+        self._add_periodic()
+        await self.tick()
+
+    def _add_periodic(self) -> None:
+        self.scheduler.add_job(self.watch, "interval", seconds=WATCH_SECONDS, id="watch", replace_existing=True)
+        self.scheduler.add_job(self.tick, "interval", seconds=SWEEP_SECONDS, id="sweep", replace_existing=True)
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        c = self.ws.campaign
+        log.info("start: campaign %s, %d steps, %d contacts, ledger %s, %s", c.id, len(c.steps),
+                 len(self.ws.contacts), self.ledger.path, self.settings.describe())
+        self.scheduler.start()
+        self._add_periodic()
+        await self.tick()  # catch up on whatever is due
+        await self.stop.wait()
+        async with self._lock:  # let a running pass record what is in flight
+            pass
+        self.scheduler.shutdown(wait=False)
+        log.info("stop")
+        return 1 if self.fatal else 0
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("received %s: finishing mails in flight", sig.name)
+        self.stop.set()
+
+
+def run_daemon(config_path: Path, db_path: Path | None, *, environ: Mapping[str, str]) -> int:
+    """``mailer run``: returns the exit code."""
+    _setup_logging()
+    ws = load_workspace(config_path)
+    for p in ws.problems:
+        (log.error if p.severity == "error" else log.warning)("%s", p)
+    if ws.blocking:
+        raise MailerError(f"{len(ws.blocking)} problem(s) stop the daemon from starting; fix them and run `mailer check`")
+    settings = TransportSettings.from_config(ws.campaign.smtp, environ)
+    ledger = Ledger(db_path or ws.campaign.ledger)
+    try:
+        ledger.lock()
+    except LockedError:
+        ledger.close()
+        raise
+    try:
+        return asyncio.run(Daemon(config_path, ws, ledger, settings).main())
+    finally:
+        ledger.close()
+
+
+# --------------------------------------------------------------------------------------
+# The demo: the whole campaign on a virtual clock.
+# --------------------------------------------------------------------------------------
+
+
+def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
+    """``mailer demo``: every due time of the campaign in order, against an embedded server."""
+    ws = load_workspace(config_path)
+    if ws.blocking:
+        raise MailerError("the campaign has problems; run `mailer check`")
+    c = ws.campaign
+    out_dir.mkdir(parents=True, exist_ok=True)
+    db = out_dir / "ledger.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    maildir = out_dir / "Maildir"
+    if maildir.exists():
+        import shutil
+
+        shutil.rmtree(maildir)
+    handler = MaildirHandler(maildir)
+    with SmtpServer(handler) as server, Ledger(db) as ledger:
+        ledger.lock()
+        settings = TransportSettings(host=server.host, port=server.port, tls="none",
+                                     connections=c.smtp.connections)
+        console.print(f"[bold]Demo of {c.name}[/bold]: {len(c.steps)} steps, {len(ws.contacts)} contacts, "
+                      f"embedded SMTP server on {server.host}:{server.port}")
+        now: datetime | None = min(s.at for s in c.steps) - timedelta(minutes=1)
+        passes = 0
+        while now is not None and passes < 1000:
+            passes += 1
+            result = asyncio.run(run_pass(ws, ledger, now, settings=settings, clock=virtual_clock(now)))
+            sent = result.counts["sent"]
+            if result.due or any(result.counts.values()):
+                local = now.astimezone(c.timezone)
+                steps = sorted({d.step.id for d in result.plan.due}) if result.plan else []
+                console.print(f"  {local:%a %d %b %Y %H:%M %Z}: {', '.join(steps) or '(records only)'}: "
+                              f"sent {sent}" + "".join(f", {k} {v}" for k, v in sorted(result.counts.items())
+                                                       if k != "sent" and v), markup=False)
+            now = result.next_wake
+        table = Table(title="Delivery ledger", title_justify="left")
+        for col in ("step", "sent", "deferred", "failed", "skipped", "suppressed"):
+            table.add_column(col, justify="left" if col == "step" else "right")
+        per: dict[str, dict[str, int]] = {}
+        for r in ledger.summary(c.id):
+            per.setdefault(r["step"], {})[r["status"]] = r["n"]
+        for s in c.steps:
+            d = per.get(s.id, {})
+            table.add_row(s.id, *(str(d.get(k, 0)) for k in ("sent", "deferred", "failed", "skipped", "suppressed")))
+        console.print(table)
+        who = Table(title="What each recipient received", title_justify="left")
+        who.add_column("recipient")
+        who.add_column("mails")
+        got: dict[str, list[str]] = {}
+        for r in ledger.log(campaign=c.id, status="sent"):
+            got.setdefault(r["email"], []).append(r["step"])
+        for email in sorted(got):
+            who.add_row(email, ", ".join(got[email]))
+        console.print(who)
+    console.print(f"{len(handler.received)} mails are in {maildir}/new (open them with any mail client), "
+                  f"the ledger is {db}.", markup=False)
+    console.print(f"Read the log: mailer status --db {db}   |   mailer log --db {db}", markup=False)
+    return 0

@@ -1,0 +1,497 @@
+"""The delivery ledger: one SQLite file recording every delivery, attempt, suppression and lock."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlite_utils
+
+from .errors import LedgerError, LockedError
+
+__all__ = [
+    "FINAL",
+    "Ledger",
+    "Row",
+    "Status",
+    "iso",
+    "parse_iso",
+]
+
+Status = Literal["pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed"]
+#: Statuses a row never leaves on its own (``mailer retry`` turns failed back into pending).
+FINAL: frozenset[str] = frozenset({"sent", "failed", "skipped", "suppressed"})
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    campaign TEXT NOT NULL,
+    step TEXT NOT NULL,
+    event TEXT NOT NULL,
+    email TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt TEXT,
+    due_at TEXT NOT NULL,
+    message_id TEXT,
+    sequence INTEGER NOT NULL DEFAULT 0,
+    smtp_code INTEGER,
+    smtp_text TEXT,
+    reason TEXT,
+    claimed_at TEXT,
+    sent_at TEXT,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    UNIQUE (campaign, step, email)
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_status ON deliveries (campaign, step, status);
+CREATE INDEX IF NOT EXISTS deliveries_status_only ON deliveries (status, campaign);
+CREATE INDEX IF NOT EXISTS deliveries_by_email ON deliveries (email);
+CREATE INDEX IF NOT EXISTS deliveries_retry ON deliveries (status, next_attempt);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
+    at TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    code INTEGER,
+    text TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_by_delivery ON attempts (delivery_id);
+CREATE INDEX IF NOT EXISTS attempts_by_time ON attempts (at);
+CREATE TABLE IF NOT EXISTS suppressions (
+    email TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS steps_started (
+    campaign TEXT NOT NULL,
+    step TEXT NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (campaign, step)
+);
+"""
+
+
+def iso(dt: datetime) -> str:
+    """UTC timestamp as stored: ``2018-01-22T08:30:00Z`` (sorts as text).
+
+    >>> from datetime import timezone, timedelta
+    >>> iso(datetime(2018, 1, 22, 9, 30, tzinfo=timezone(timedelta(hours=1))))
+    '2018-01-22T08:30:00Z'
+    """
+    if dt.tzinfo is None:
+        raise ValueError("naive datetime")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A delivery as the planner sees it."""
+
+    id: int
+    step: str
+    email: str
+    status: str
+    attempts: int
+    next_attempt: datetime | None
+    claimed_at: datetime | None
+    message_id: str | None
+
+
+_ROW_COLS = "id, step, email, status, attempts, next_attempt, claimed_at, message_id"
+
+
+def _row(r: Sequence[Any]) -> Row:
+    return Row(
+        id=r[0],
+        step=r[1],
+        email=r[2],
+        status=r[3],
+        attempts=r[4],
+        next_attempt=parse_iso(r[5]) if r[5] else None,
+        claimed_at=parse_iso(r[6]) if r[6] else None,
+        message_id=r[7],
+    )
+
+
+class Ledger:
+    """The SQLite ledger. Takes a path, ``":memory:"`` or an open ``sqlite3.Connection``.
+
+    Writes commit at once (autocommit outside :meth:`transaction`), so every state change is
+    durable before the caller takes its next network step. WAL mode with
+    ``synchronous=NORMAL``: a commit survives a crash of this process; only a power loss may
+    lose the last commits (documented in the README).
+    """
+
+    def __init__(
+        self,
+        target: str | Path | sqlite3.Connection,
+        *,
+        tracer: Callable[[str, Any], None] | None = None,
+    ) -> None:
+        self.path: Path | None = None
+        self._lock_fd: int | None = None
+        if isinstance(target, sqlite3.Connection):
+            conn = target
+        else:
+            if str(target) != ":memory:":
+                self.path = Path(target)
+                if self.path.parent and not self.path.parent.exists():
+                    raise LedgerError(
+                        f"{self.path}: folder {self.path.parent} does not exist; create it or "
+                        "set ledger: in schedules.yaml / --db to another path"
+                    )
+            try:
+                conn = sqlite3.connect(
+                    str(target), isolation_level=None, timeout=30, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                raise LedgerError(f"{target}: cannot open the ledger: {exc}") from None
+        conn.isolation_level = None  # autocommit; we open transactions explicitly
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn, tracer=tracer)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{target}: not a mailer ledger or damaged: {exc}") from None
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        # One transaction (executescript would commit on its own): two processes opening a
+        # new ledger at once both see a complete schema.
+        with self.transaction() as c:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+            row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger schema {row[0]} is newer than this mailer understands "
+                f"({SCHEMA_VERSION}); upgrade mailer"
+            )
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    # -- locking ----------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the sending lock (``<ledger>.lock``), held until :meth:`close` or process exit.
+
+        An OS file lock (flock) is released by the kernel when the process dies, even by
+        SIGKILL, so a crash never leaves a stale lock behind.
+
+        :raises LockedError: another process holds it.
+        """
+        if self.path is None or self._lock_fd is not None:
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(
+                f"{self.path} is in use by another mailer process (pid {holder}); only one "
+                "process may send from a ledger. Stop the other one (mailer run / mailer send) "
+                "or use another --db."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self.conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions -----------------------------------------------------------------------
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type: object, *rest: object) -> None:
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def transaction(self) -> Ledger._Tx:
+        """``with ledger.transaction():`` groups writes into one commit."""
+        return Ledger._Tx(self.conn)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def rows(self, campaign: str, step: str) -> dict[str, Row]:
+        """All rows of one step, keyed by email."""
+        cur = self.conn.execute(
+            f"SELECT {_ROW_COLS} FROM deliveries WHERE campaign=? AND step=?", (campaign, step)
+        )
+        return {r[2]: _row(r) for r in cur}
+
+    def get(self, campaign: str, step: str, email: str) -> Row | None:
+        r = self.conn.execute(
+            f"SELECT {_ROW_COLS} FROM deliveries WHERE campaign=? AND step=? AND email=?",
+            (campaign, step, email),
+        ).fetchone()
+        return _row(r) if r else None
+
+    def suppressed(self) -> dict[str, str]:
+        """Suppressed addresses with their reason."""
+        return dict(self.conn.execute("SELECT email, reason FROM suppressions"))
+
+    def steps_started(self, campaign: str) -> dict[str, datetime]:
+        return {
+            s: parse_iso(a)
+            for s, a in self.conn.execute(
+                "SELECT step, at FROM steps_started WHERE campaign=?", (campaign,)
+            )
+        }
+
+    def count(self, campaign: str | None = None, status: str | None = None) -> int:
+        sql, args = "SELECT count(*) FROM deliveries WHERE 1=1", []
+        if campaign:
+            sql += " AND campaign=?"
+            args.append(campaign)
+        if status:
+            sql += " AND status=?"
+            args.append(status)
+        return int(self.conn.execute(sql, args).fetchone()[0])
+
+    def summary(self, campaign: str | None = None) -> list[dict[str, Any]]:
+        """Counts per (campaign, step, status), plus the earliest pending retry."""
+        sql = (
+            "SELECT campaign, step, status, count(*) AS n, min(next_attempt) AS next_attempt "
+            "FROM deliveries {where} GROUP BY campaign, step, status"
+        )
+        if campaign:
+            cur = self.conn.execute(sql.format(where="WHERE campaign=?"), (campaign,))
+        else:
+            cur = self.conn.execute(sql.format(where=""))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur]
+
+    def log(
+        self,
+        *,
+        campaign: str | None = None,
+        status: str | None = None,
+        email: str | None = None,
+        step: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Delivery rows matching the filters, oldest update first."""
+        clauses, args = [], []
+        for col, val in (("campaign", campaign), ("status", status), ("email", email), ("step", step)):
+            if val is not None:
+                clauses.append(f"{col}=?")
+                args.append(val)
+        sql = "SELECT * FROM deliveries"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        cur = self.conn.execute(sql, args)
+        cols = [d[0] for d in cur.description]
+        for r in cur:
+            yield dict(zip(cols, r, strict=True))
+
+    def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
+        cur = self.conn.execute(
+            "SELECT at, outcome, code, text FROM attempts WHERE delivery_id=? ORDER BY id",
+            (delivery_id,),
+        )
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur]
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def mark_step_started(self, campaign: str, step: str, now: datetime) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO steps_started (campaign, step, at) VALUES (?, ?, ?)",
+            (campaign, step, iso(now)),
+        )
+
+    def record(
+        self,
+        campaign: str,
+        items: Iterable[tuple[str, str, str, str, datetime]],
+        *,
+        status: str,
+        reason: str,
+        now: datetime,
+    ) -> int:
+        """Record terminal outcomes decided without sending (skipped, suppressed, failed).
+
+        ``items`` are ``(step, event, email, name, due_at)``. Existing non-final rows are
+        updated; final rows are left alone. Returns the number written.
+        """
+        ts = iso(now)
+        n = 0
+        with self.transaction() as c:
+            for step, event, email, name, due in items:
+                cur = c.execute(
+                    "INSERT INTO deliveries (campaign, step, event, email, name, status, reason,"
+                    " due_at, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (campaign, step, email) DO UPDATE SET status=excluded.status,"
+                    " reason=excluded.reason, updated=excluded.updated, next_attempt=NULL"
+                    " WHERE deliveries.status NOT IN ('sent','failed','skipped','suppressed')",
+                    (campaign, step, event, email, name, status, reason, iso(due), ts, ts),
+                )
+                n += cur.rowcount
+        return n
+
+    def add_pending(
+        self, campaign: str, items: Iterable[tuple[str, str, str, str, datetime]], now: datetime
+    ) -> None:
+        """Create ``pending`` rows ``(step, event, email, name, due_at)`` that do not exist yet."""
+        ts = iso(now)
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT OR IGNORE INTO deliveries (campaign, step, event, email, name, status,"
+                " due_at, created, updated) VALUES (?,?,?,?,?,'pending',?,?,?)",
+                [(campaign, s, e, m, n, iso(d), ts, ts) for s, e, m, n, d in items],
+            )
+
+    def claim(
+        self,
+        campaign: str,
+        items: Sequence[tuple[str, str, str, str, datetime, str, int]],
+        now: datetime,
+    ) -> list[tuple[int, datetime]]:
+        """Mark deliveries ``sending`` in one commit, before any of their DATA is sent.
+
+        ``items`` are ``(step, event, email, name, due_at, message_id, sequence)``. A row
+        already ``sending`` (left by a crash) keeps its ``claimed_at``, so the re-send is
+        byte-identical (same Date, DTSTAMP and Message-ID). Returns ``(row id, claimed_at)``
+        per item, in order.
+        """
+        ts = iso(now)
+        out: list[tuple[int, datetime]] = []
+        with self.transaction() as c:
+            for step, event, email, name, due, mid, seq in items:
+                c.execute(
+                    "INSERT INTO deliveries (campaign, step, event, email, name, status, due_at,"
+                    " message_id, sequence, claimed_at, created, updated)"
+                    " VALUES (?,?,?,?,?,'sending',?,?,?,?,?,?)"
+                    " ON CONFLICT (campaign, step, email) DO UPDATE SET status='sending',"
+                    " message_id=excluded.message_id, sequence=excluded.sequence,"
+                    " claimed_at=coalesce(deliveries.claimed_at, excluded.claimed_at),"
+                    " updated=excluded.updated",
+                    (campaign, step, event, email, name, iso(due), mid, seq, ts, ts, ts),
+                )
+                rid, claimed = c.execute(
+                    "SELECT id, claimed_at FROM deliveries WHERE campaign=? AND step=? AND email=?",
+                    (campaign, step, email),
+                ).fetchone()
+                out.append((rid, parse_iso(claimed)))
+        return out
+
+    def release(self, ids: Iterable[int], now: datetime) -> None:
+        """Give claimed rows whose DATA never started back to ``pending`` (clean stop)."""
+        ts = iso(now)
+        with self.transaction() as c:
+            c.executemany(
+                "UPDATE deliveries SET status='pending', updated=? WHERE id=? AND status='sending'",
+                [(ts, i) for i in ids],
+            )
+
+    def sent(self, delivery_id: int, code: int, text: str, now: datetime) -> None:
+        """The server accepted the mail (2xx): committed before the connection's next DATA."""
+        ts = iso(now)
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE deliveries SET status='sent', attempts=attempts+1, smtp_code=?, smtp_text=?,"
+                " sent_at=?, updated=?, next_attempt=NULL, reason=NULL WHERE id=?",
+                (code, text, ts, ts, delivery_id),
+            )
+            c.execute(
+                "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
+                (delivery_id, ts, "sent", code, text),
+            )
+
+    def deferred(
+        self, delivery_id: int, code: int | None, text: str, now: datetime, next_attempt: datetime
+    ) -> None:
+        ts = iso(now)
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE deliveries SET status='deferred', attempts=attempts+1, smtp_code=?,"
+                " smtp_text=?, next_attempt=?, updated=? WHERE id=?",
+                (code, text, iso(next_attempt), ts, delivery_id),
+            )
+            c.execute(
+                "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
+                (delivery_id, ts, "deferred", code, text),
+            )
+
+    def failed(self, delivery_id: int, code: int | None, text: str, now: datetime) -> None:
+        ts = iso(now)
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE deliveries SET status='failed', attempts=attempts+1, smtp_code=?,"
+                " smtp_text=?, next_attempt=NULL, reason=?, updated=? WHERE id=?",
+                (code, text, "refused by the server", ts, delivery_id),
+            )
+            c.execute(
+                "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
+                (delivery_id, ts, "failed", code, text),
+            )
+
+    def retry(self, campaign: str | None, step: str | None, now: datetime) -> int:
+        """Failed rows become pending again (``mailer retry``). Returns how many."""
+        sql = "UPDATE deliveries SET status='pending', next_attempt=NULL, updated=? WHERE status='failed'"
+        args: list[Any] = [iso(now)]
+        if campaign:
+            sql += " AND campaign=?"
+            args.append(campaign)
+        if step:
+            sql += " AND step=?"
+            args.append(step)
+        with self.transaction() as c:
+            return c.execute(sql, args).rowcount
+
+    def suppress(self, email: str, reason: str, now: datetime) -> None:
+        self.conn.execute(
+            "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?)"
+            " ON CONFLICT (email) DO UPDATE SET reason=excluded.reason, at=excluded.at",
+            (email, reason, iso(now)),
+        )
+
+    def unsuppress(self, email: str) -> bool:
+        return self.conn.execute("DELETE FROM suppressions WHERE email=?", (email,)).rowcount > 0

@@ -1,0 +1,210 @@
+"""One sending pass: plan, record skips, claim, compose, send and record each outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from . import planner
+from .compose import Composer
+from .errors import MailerError, TransportFatalError
+from .ledger import Ledger
+from .planner import Due, Plan
+from .transport import Outgoing, Result, Transport, TransportSettings
+from .workspace import Workspace
+
+__all__ = ["PassResult", "Clock", "run_pass", "virtual_clock"]
+
+Clock = Callable[[], datetime]
+CLAIM_BATCH = 200
+
+
+def virtual_clock(now: datetime) -> Clock:
+    """A clock that starts at ``now`` and advances with real time (for ``--now`` and the demo)."""
+    t0 = time.monotonic()
+    return lambda: now + timedelta(seconds=time.monotonic() - t0)
+
+
+@dataclass
+class PassResult:
+    """What one pass did. ``counts`` has sent/deferred/failed/skipped/suppressed/resent."""
+
+    now: datetime
+    due: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+    next_wake: datetime | None = None
+    plan: Plan | None = None
+    stopped: bool = False
+
+    def __getitem__(self, key: str) -> int:
+        return self.counts[key]
+
+
+async def run_pass(
+    ws: Workspace,
+    ledger: Ledger,
+    now: datetime,
+    *,
+    settings: TransportSettings | None,
+    clock: Clock | None = None,
+    limit: int | None = None,
+    steps: Iterable[str] | None = None,
+    dry_run: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> PassResult:
+    """Send everything due at ``now``. The caller holds the ledger lock.
+
+    Order of commits (the ledger's promise): skips are recorded first; each batch of mails is
+    claimed (``sending``, with its Message-ID) before any of its DATA is sent; each outcome is
+    committed before that connection sends its next mail.
+
+    :raises TransportFatalError: login or TLS failure; claimed mails go back to pending.
+    """
+    clock = clock or virtual_clock(now)
+    say = log or (lambda msg: None)
+    campaign = ws.campaign
+    cid = campaign.id
+    plan = planner.plan(
+        campaign,
+        ws.contacts,
+        lambda step_id: ledger.rows(cid, step_id),
+        ledger.suppressed(),
+        ledger.steps_started(cid),
+        now,
+        only_steps=steps,
+    )
+    result = PassResult(now=now, due=len(plan.due), plan=plan, next_wake=plan.next_wake)
+    if dry_run:
+        return result
+
+    for st in plan.steps_due:
+        ledger.mark_step_started(cid, st.id, now)
+    by_outcome: dict[tuple[str, str], list[tuple[str, str, str, str, datetime]]] = {}
+    for sk in plan.skips:
+        by_outcome.setdefault((sk.status, sk.reason), []).append(
+            (sk.step.id, sk.event.id, sk.email, sk.name, sk.step.at)
+        )
+    for (status, reason), items in by_outcome.items():
+        n = ledger.record(cid, items, status=status, reason=reason, now=now)
+        result.counts[status] += n
+        say(f"{status}: {n} ({reason})")
+
+    fresh = [d for d in plan.due if d.row is None]
+    if fresh:
+        # Every due mail gets its row now, so `mailer status` shows it as pending even when
+        # --limit or a stop leaves it for a later pass.
+        ledger.add_pending(
+            cid, [(d.step.id, d.event.id, d.contact.email, d.contact.name, d.step.at) for d in fresh], now
+        )
+    due = plan.due[:limit] if limit is not None else plan.due
+    if not due:
+        return result
+    if settings is None:
+        raise MailerError("no SMTP settings given")
+
+    for d in due:
+        if d.resend:
+            result.counts["resent"] += 1
+    if result.counts["resent"]:
+        say(f"re-sending {result.counts['resent']} mail(s) left 'sending' by an interrupted run "
+            "(same Message-ID, so mailboxes and calendars collapse any duplicate)")
+
+    composer = Composer(campaign, ws.templates)
+    transport = Transport(settings, log=say)
+    queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=settings.connections * 4)
+    in_flight: dict[int, Due] = {}  # claimed, no outcome yet
+    done = 0
+    sender = campaign.sender.address
+    policy = campaign.delivery
+
+    def on_result(job: Outgoing, res: Result) -> None:
+        nonlocal done
+        d = in_flight.pop(job.key)
+        t = clock()
+        attempts = (d.row.attempts if d.row else 0) + 1
+        if res.outcome == "sent":
+            ledger.sent(job.key, res.code or 250, res.text, t)
+        elif res.outcome == "deferred" and attempts < policy.max_attempts:
+            mid = composer.message_id(d.step, d.contact.email)
+            nxt = planner.retry_at(policy, attempts, mid, t)
+            ledger.deferred(job.key, res.code, res.text, t, nxt)
+            result.next_wake = min(filter(None, (result.next_wake, nxt)))
+        else:
+            text = res.text if res.outcome == "failed" else f"gave up after {attempts} attempts: {res.text}"
+            ledger.failed(job.key, res.code, text, t)
+        result.counts["failed" if res.outcome == "deferred" and attempts >= policy.max_attempts else res.outcome] += 1
+        done += 1
+        if progress:
+            progress(done, len(due))
+
+    async def produce() -> None:
+        for i in range(0, len(due), CLAIM_BATCH):
+            if stop is not None and stop.is_set():
+                break
+            batch = due[i : i + CLAIM_BATCH]
+            t = clock()
+            claims = ledger.claim(
+                cid,
+                [
+                    (d.step.id, d.event.id, d.contact.email, d.contact.name, d.step.at,
+                     composer.message_id(d.step, d.contact.email), 0)
+                    for d in batch
+                ],
+                t,
+            )
+            for d, (rid, claimed_at) in zip(batch, claims, strict=True):
+                in_flight[rid] = d
+            for d, (rid, claimed_at) in zip(batch, claims, strict=True):
+                if stop is not None and stop.is_set():
+                    break
+                try:
+                    composed = composer.compose(d.step, d.event, d.contact, when=claimed_at)
+                except MailerError as exc:
+                    in_flight.pop(rid)
+                    ledger.failed(rid, None, f"could not build the mail: {exc}", clock())
+                    result.counts["failed"] += 1
+                    continue
+                await queue.put(Outgoing(rid, sender, d.contact.email, composed.data))
+        for _ in range(settings.connections):
+            await queue.put(None)
+
+    async def drain_on_stop() -> None:
+        # Stop taking work: mails still queued are not handed to the server; the ones a
+        # connection is sending finish and are recorded.
+        assert stop is not None
+        await stop.wait()
+        while not queue.empty():
+            if queue.get_nowait() is None:
+                queue.put_nowait(None)
+                break
+        for _ in range(settings.connections):
+            queue.put_nowait(None) if not queue.full() else None
+
+    producer = asyncio.create_task(produce())
+    watcher = asyncio.create_task(drain_on_stop()) if stop is not None else None
+    try:
+        await transport.run(queue, on_result)
+    except TransportFatalError:
+        producer.cancel()
+        raise
+    finally:
+        for task in (producer, watcher):
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*(t for t in (producer, watcher) if t), return_exceptions=True)
+        if in_flight:
+            # Claimed but never handed to the server (clean stop or fatal error): back to
+            # pending, so the next pass sends them as first sends.
+            ledger.release(list(in_flight), clock())
+            result.stopped = True
+    return result
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

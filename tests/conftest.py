@@ -1,0 +1,136 @@
+"""Real fixtures: campaign folders on disk, an aiosmtpd server on 127.0.0.1, SQLite ledgers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailer.smtpd import MaildirHandler, SmtpServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the shipped campaign in a temp folder (cwd), so tests may write ledgers."""
+    for name in ("schedules.yaml", "contacts", "templates"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name)
+        else:
+            shutil.copy(src, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+SIMPLE_TEMPLATES = {
+    "invite/en/subject.txt": "Invitation: {{ event.title }}",
+    "invite/en/body.txt": "Dear {{ contact.name }},\nyou are invited to {{ event.title }} on {{ event.start | datetime }}.\n",
+    "invite/en/body.html": "<p>Dear {{ contact.name }},</p><p>{{ event.title }}</p>",
+    "remind/en/subject.txt": "Reminder: {{ event.title }}",
+    "remind/en/body.txt": "Reminder for {{ contact.email }}\n",
+    "remind/en/body.html": "<p>Reminder for {{ contact.email }}</p>",
+}
+
+
+def write_campaign(
+    folder: Path,
+    *,
+    events: str,
+    steps: str,
+    contacts: str = "email,name,lists\nann@example.org,Ann,a\nbob@example.org,Bob,a\n",
+    extra: str = "",
+    templates: dict[str, str] | None = None,
+) -> Path:
+    """Write a small campaign (English templates) and return its schedules.yaml path."""
+    (folder / "contacts").mkdir(parents=True, exist_ok=True)
+    (folder / "contacts" / "list.csv").write_text(contacts, encoding="utf-8")
+    for rel, text in (templates or SIMPLE_TEMPLATES).items():
+        p = folder / "templates" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+    cfg = folder / "schedules.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            """\
+            campaign: test
+            timezone: Europe/Brussels
+            language: en
+            sender: {from: events@example.org, name: Events Team}
+            contacts: [contacts/*.csv]
+            ledger: ledger.db
+            smtp: {connections: 2}
+            """
+        )
+        + "events:\n" + textwrap.indent(textwrap.dedent(events), "  ")
+        + "steps:\n" + textwrap.indent(textwrap.dedent(steps), "  ")
+        + textwrap.dedent(extra),
+        encoding="utf-8",
+    )
+    return cfg
+
+
+@dataclass
+class FaultyHandler(MaildirHandler):
+    """A real SMTP server's handler whose replies the test scripts (server-side faults).
+
+    ``rcpt_replies``: address -> reply for RCPT (e.g. "550 5.1.1 no such user").
+    ``data_replies``: list of replies consumed by the next DATA commands (then 250).
+    ``drop_in_data``: number of DATA commands on which the connection is cut.
+    ``data_delay``: seconds to wait before answering DATA.
+    """
+
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_replies: list[str] = field(default_factory=list)
+    drop_in_data: int = 0
+    data_delay: float = 0.0
+    rcpt_seen: list[str] = field(default_factory=list)
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        self.rcpt_seen.append(address)
+        reply = self.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
+        if self.drop_in_data > 0:
+            self.drop_in_data -= 1
+            assert server.transport is not None
+            server.transport.close()
+            return "421 closing"
+        if self.data_replies:
+            return self.data_replies.pop(0)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    with SmtpServer(FaultyHandler()) as server:
+        yield server
+
+
+@pytest.fixture
+def smtp_env(smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {
+        "MAILER_SMTP_HOST": smtp_server.host,
+        "MAILER_SMTP_PORT": str(smtp_server.port),
+        "MAILER_SMTP_TLS": "none",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+Factory = Callable[..., Path]

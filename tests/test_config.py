@@ -1,0 +1,139 @@
+"""schedules.yaml: resolved times of the shipped campaign and a table of bad inputs."""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mailer import config
+from mailer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = """\
+campaign: t
+timezone: Europe/Brussels
+language: nl
+sender: {from: a@example.org}
+contacts: [c.csv]
+events:
+  - id: ev
+    title: Event
+    start: 2018-01-22 09:30
+    end: 2018-01-22 16:30
+steps:
+  - id: s1
+    event: ev
+    template: invite
+    at: -7d 09:00
+"""
+
+
+def test_shipped_campaign_times() -> None:
+    c = config.load(ROOT / "schedules.yaml")
+    assert c.timezone.key == "Europe/Brussels"
+    info, meeting = c.event("infosessie"), c.event("aan-de-slag")
+    assert info.all_day and info.location is None
+    assert info.start.date().isoformat() == "2018-01-16"
+    assert meeting.start.astimezone(UTC) == datetime(2018, 1, 22, 8, 30, tzinfo=UTC)
+    assert meeting.end.astimezone(UTC) == datetime(2018, 1, 22, 15, 30, tzinfo=UTC)
+    assert "Arduinkaai 7" in (meeting.location or "") and "zaal Top" in (meeting.location or "")
+    at = {s.id: s.at for s in c.steps}
+    assert at["herinnering-aan-de-slag-week"].replace(tzinfo=None) == datetime(2018, 1, 15, 9, 0)
+    assert at["herinnering-aan-de-slag-dag"].replace(tzinfo=None) == datetime(2018, 1, 19, 9, 0)
+    kinds = {s.id: s.kind for s in c.steps}
+    assert kinds["uitnodiging-aan-de-slag"] == "invitation"
+    assert kinds["herinnering-infosessie-dag"] == "reminder"
+    # steps come sorted by send time
+    assert [s.at for s in c.steps] == sorted(s.at for s in c.steps)
+
+
+@pytest.mark.parametrize(
+    ("rule", "local"),
+    [
+        ("-7d 09:00", datetime(2018, 1, 15, 9, 0)),
+        ("-1d", datetime(2018, 1, 21, 9, 30)),
+        ("-2h", datetime(2018, 1, 22, 7, 30)),
+        ("-30m", datetime(2018, 1, 22, 9, 0)),
+        ("-1d 2h", datetime(2018, 1, 21, 7, 30)),
+        ("2018-01-03 10:15", datetime(2018, 1, 3, 10, 15)),
+    ],
+)
+def test_relative_times(rule: str, local: datetime, tmp_path: Path) -> None:
+    c = config.loads(BASE.replace("-7d 09:00", rule), tmp_path / "s.yaml")
+    assert c.steps[0].at.replace(tzinfo=None) == local
+
+
+def test_relative_days_keep_wall_clock_across_dst(tmp_path: Path) -> None:
+    # Event on Monday 26 March 2018, after the switch to summer time on the 25th:
+    # "-7d 09:00" is 09:00 local (CET, UTC+1) on the 19th, not 08:00 or 10:00.
+    text = BASE.replace("2018-01-22 09:30", "2018-03-26 09:30").replace("2018-01-22 16:30", "2018-03-26 16:30")
+    c = config.loads(text, tmp_path / "s.yaml")
+    assert c.steps[0].at.utcoffset() == timedelta(hours=1)
+    assert c.steps[0].at.hour == 9
+    assert c.event("ev").start.utcoffset() == timedelta(hours=2)
+
+
+def _err(text: str, tmp_path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config.loads(textwrap.dedent(text), tmp_path / "schedules.yaml")
+    return [str(p) for p in info.value.problems]
+
+
+BAD = [
+    ("malformed yaml", BASE + "steps: [\n", ["schedules.yaml:", "not valid YAML"]),
+    ("unknown key", BASE.replace("language: nl", "language: nl\ncolour: red"), ["schedules.yaml:4: colour: unknown key"]),
+    ("unknown key in a step", BASE + "    atx: 1\n", ["schedules.yaml:16: steps[0].atx: unknown key"]),
+    ("bad time zone", BASE.replace("Europe/Brussels", "Europe/Brussel"), ["schedules.yaml:2: timezone: unknown time zone 'Europe/Brussel'"]),
+    ("dst gap", BASE.replace("-7d 09:00", "2018-03-25 02:30"), ["steps[0].at", "does not exist in Europe/Brussels"]),
+    ("dst overlap", BASE.replace("-7d 09:00", "2017-10-29 02:30"), ["steps[0].at", "happens twice"]),
+    ("unknown event", BASE.replace("event: ev", "event: nope"), ["schedules.yaml:13: steps[0].event: unknown event 'nope'; known events: ev"]),
+    ("step after event", BASE.replace("-7d 09:00", "2018-01-23 09:00"), ["steps[0].at", "after event 'ev' ends"]),
+    ("end before start", BASE.replace("end: 2018-01-22 16:30", "end: 2018-01-22 08:00"), ["events[0].end: end must be after start"]),
+    ("missing key", BASE.replace("    title: Event\n", ""), ["events[0].title: required key is missing"]),
+    ("bad send time", BASE.replace("-7d 09:00", "next week"), ["steps[0].at", "is not a send time"]),
+    ("bad sender", BASE.replace("a@example.org", "not-an-address"), ["sender.from", "not a valid address"]),
+    ("date and start", BASE.replace("    start: 2018-01-22 09:30\n", "    start: 2018-01-22 09:30\n    date: 2018-01-22\n"), ["events[0].date: give either date"]),
+    ("duplicate step", BASE + "  - {id: s1, event: ev, template: invite, at: -1d}\n", ["steps[1].id: duplicate step id 's1'"]),
+    ("bad rate", BASE + "smtp: {rate: fast}\n", ["smtp.rate", "is not a rate"]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [(t, e) for _, t, e in BAD], ids=[n for n, _, _ in BAD])
+def test_bad_config(text: str, expected: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    problems = _err(text, tmp_path)
+    joined = "\n".join(problems)
+    for piece in expected:
+        assert piece in joined, joined
+
+
+def test_all_problems_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    text = BASE.replace("event: ev", "event: nope") + "  - {id: s2, event: ev, template: x, at: 2018-03-25 02:30}\n"
+    problems = _err(text, tmp_path)
+    assert any("unknown event" in p for p in problems)
+    assert any("does not exist" in p for p in problems)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path / "nope.yaml")
+    assert "file not found" in str(info.value)
+
+
+def test_all_day_multi_day(tmp_path: Path) -> None:
+    text = BASE.replace("    start: 2018-01-22 09:30\n    end: 2018-01-22 16:30\n", "    date: 2018-01-22\n    end_date: 2018-01-23\n")
+    c = config.loads(text, tmp_path / "s.yaml")
+    ev = c.event("ev")
+    assert ev.all_day and ev.last_date.isoformat() == "2018-01-23"
+    assert ev.end.replace(tzinfo=None) == datetime(2018, 1, 24)
+
+
+def test_durations() -> None:
+    assert config.parse_duration("1w 2d 3h 4m") == timedelta(weeks=1, days=2, hours=3, minutes=4)
+    with pytest.raises(ValueError):
+        config.parse_duration("soon")
