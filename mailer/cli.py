@@ -29,8 +29,12 @@ from .workspace import Workspace, load_workspace
 __all__ = ["main", "cli"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Tables stay readable when piped or captured (rich assumes 80 columns off a terminal).
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+for _console in (out, err):
+    if not _console.is_terminal:
+        _console.width = 160
 
 
 class Failed(click.ClickException):
@@ -59,7 +63,8 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             _problems(exc.problems)
-            err.print(f"{len(exc.problems)} problem(s); nothing was sent.", markup=False)
+            err.print(f"{len(exc.problems)} problem(s); fix them and run `mailer check` again. "
+                      "Nothing was sent.", markup=False)
             raise SystemExit(1) from None
         except MailerError as exc:
             raise Failed(str(exc)) from None

@@ -17,6 +17,7 @@ from .errors import LedgerError, LockedError
 
 __all__ = [
     "FINAL",
+    "STATUSES",
     "Ledger",
     "Row",
     "Status",
@@ -24,9 +25,14 @@ __all__ = [
     "parse_iso",
 ]
 
-Status = Literal["pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed"]
+Status = Literal[
+    "pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed", "bounced"
+]
+STATUSES: tuple[str, ...] = (
+    "pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed", "bounced"
+)
 #: Statuses a row never leaves on its own (``mailer retry`` turns failed back into pending).
-FINAL: frozenset[str] = frozenset({"sent", "failed", "skipped", "suppressed"})
+FINAL: frozenset[str] = frozenset({"sent", "failed", "skipped", "suppressed", "bounced"})
 
 SCHEMA_VERSION = 1
 
@@ -45,6 +51,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     due_at TEXT NOT NULL,
     message_id TEXT,
     sequence INTEGER NOT NULL DEFAULT 0,
+    ics INTEGER NOT NULL DEFAULT 0,
     smtp_code INTEGER,
     smtp_text TEXT,
     reason TEXT,
@@ -71,6 +78,31 @@ CREATE INDEX IF NOT EXISTS attempts_by_time ON attempts (at);
 CREATE TABLE IF NOT EXISTS suppressions (
     email TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    campaign TEXT NOT NULL,
+    event TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (campaign, event, sequence)
+);
+CREATE TABLE IF NOT EXISTS replies (
+    campaign TEXT NOT NULL,
+    event TEXT NOT NULL,
+    email TEXT NOT NULL,
+    partstat TEXT NOT NULL,
+    at TEXT NOT NULL,
+    message_id TEXT,
+    PRIMARY KEY (campaign, event, email)
+);
+CREATE TABLE IF NOT EXISTS inbox (
+    message_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    email TEXT,
+    detail TEXT,
     at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS steps_started (
@@ -431,6 +463,12 @@ class Ledger:
                 [(ts, i) for i in ids],
             )
 
+    def set_ics(self, ids: Iterable[int], sequence: int) -> None:
+        """Remember that these deliveries carry a calendar object at ``sequence``."""
+        self.conn.executemany(
+            "UPDATE deliveries SET ics=1, sequence=? WHERE id=?", [(sequence, i) for i in ids]
+        )
+
     def sent(self, delivery_id: int, code: int, text: str, now: datetime) -> None:
         """The server accepted the mail (2xx): committed before the connection's next DATA."""
         ts = iso(now)
@@ -495,3 +533,125 @@ class Ledger:
 
     def unsuppress(self, email: str) -> bool:
         return self.conn.execute("DELETE FROM suppressions WHERE email=?", (email,)).rowcount > 0
+
+    # -- event revisions (updates and cancellations) -------------------------------------------
+
+    def revisions(self, campaign: str) -> dict[str, tuple[int, str, str]]:
+        """Latest revision per event: ``{event: (sequence, fingerprint, snapshot_json)}``."""
+        cur = self.conn.execute(
+            "SELECT event, sequence, fingerprint, snapshot FROM revisions r WHERE campaign=? AND"
+            " sequence=(SELECT max(sequence) FROM revisions WHERE campaign=r.campaign AND event=r.event)",
+            (campaign,),
+        )
+        return {e: (seq, fp, snap) for e, seq, fp, snap in cur}
+
+    def ics_recipients(self, campaign: str, event: str) -> list[tuple[str, str]]:
+        """``(email, name)`` of everyone who was sent (or may have been sent) a calendar
+        object for ``event`` and whose latest one was not a cancellation."""
+        cur = self.conn.execute(
+            "SELECT email, max(name) FROM deliveries WHERE campaign=? AND event=? AND ics=1"
+            " AND status IN ('sent', 'sending') GROUP BY email ORDER BY email",
+            (campaign, event),
+        )
+        return [(e, n or "") for e, n in cur]
+
+    def add_revision(
+        self,
+        campaign: str,
+        event: str,
+        sequence: int,
+        fingerprint: str,
+        snapshot: str,
+        now: datetime,
+        deliveries: Iterable[tuple[str, str, str]] = (),
+    ) -> None:
+        """Record a new revision and, in the same commit, the pending update or cancellation
+        deliveries ``(step, email, name)`` it causes."""
+        ts = iso(now)
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO revisions (campaign, event, sequence, fingerprint, snapshot, at)"
+                " VALUES (?,?,?,?,?,?)",
+                (campaign, event, sequence, fingerprint, snapshot, ts),
+            )
+            c.executemany(
+                "INSERT OR IGNORE INTO deliveries (campaign, step, event, email, name, status,"
+                " due_at, sequence, created, updated) VALUES (?,?,?,?,?,'pending',?,?,?,?)",
+                [(campaign, st, event, e, n, ts, sequence, ts, ts) for st, e, n in deliveries],
+            )
+
+    def dynamic_steps(self, campaign: str) -> list[tuple[str, str, str, int]]:
+        """Update/cancel steps in the ledger: ``(step, event, due_at, sequence)``."""
+        cur = self.conn.execute(
+            "SELECT step, event, min(due_at), max(sequence) FROM deliveries WHERE campaign=? AND"
+            " step LIKE '%~%' GROUP BY step, event ORDER BY min(due_at)",
+            (campaign,),
+        )
+        return [(s, e, d, q) for s, e, d, q in cur]
+
+    # -- replies, bounces and the inbox ----------------------------------------------------------
+
+    def record_reply(
+        self, campaign: str, event: str, email: str, partstat: str, now: datetime, message_id: str | None
+    ) -> None:
+        """Store an attendee's answer (ACCEPTED, DECLINED, TENTATIVE); the latest one wins."""
+        self.conn.execute(
+            "INSERT INTO replies (campaign, event, email, partstat, at, message_id) VALUES (?,?,?,?,?,?)"
+            " ON CONFLICT (campaign, event, email) DO UPDATE SET partstat=excluded.partstat,"
+            " at=excluded.at, message_id=excluded.message_id",
+            (campaign, event, email, partstat.upper(), iso(now), message_id),
+        )
+
+    def replies(self, campaign: str) -> dict[tuple[str, str], str]:
+        """``{(event, email): PARTSTAT}``."""
+        cur = self.conn.execute("SELECT event, email, partstat FROM replies WHERE campaign=?", (campaign,))
+        return {(e, m): p for e, m, p in cur}
+
+    def reply_counts(self, campaign: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT campaign, event, partstat, count(*) AS n FROM replies"
+        args: tuple[str, ...] = ()
+        if campaign:
+            sql += " WHERE campaign=?"
+            args = (campaign,)
+        cur = self.conn.execute(sql + " GROUP BY campaign, event, partstat", args)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur]
+
+    def bounced(self, email: str, message_id: str | None, code: str, text: str, now: datetime) -> int:
+        """A hard bounce: the delivery with ``message_id`` (or, without it, the latest sent one
+        to ``email``) becomes ``bounced``; the address is suppressed. Returns rows changed."""
+        ts = iso(now)
+        with self.transaction() as c:
+            if message_id:
+                n = c.execute(
+                    "UPDATE deliveries SET status='bounced', reason=?, updated=? WHERE message_id=?"
+                    " AND status IN ('sent','sending')",
+                    (f"bounced: {code} {text}".strip(), ts, message_id),
+                ).rowcount
+            else:
+                n = c.execute(
+                    "UPDATE deliveries SET status='bounced', reason=?, updated=? WHERE id=(SELECT id"
+                    " FROM deliveries WHERE email=? AND status='sent' ORDER BY sent_at DESC LIMIT 1)",
+                    (f"bounced: {code} {text}".strip(), ts, email),
+                ).rowcount
+            c.execute(
+                "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?) ON CONFLICT (email)"
+                " DO UPDATE SET reason=excluded.reason, at=excluded.at",
+                (email, f"hard bounce {code}".strip(), ts),
+            )
+        return n
+
+    def inbox_seen(self, message_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM inbox WHERE message_id=?", (message_id,)).fetchone() is not None
+
+    def mark_inbox(self, message_id: str, kind: str, email: str | None, detail: str, now: datetime) -> None:
+        """Remember a processed inbox message, so it is handled once even if flagging fails."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO inbox (message_id, kind, email, detail, at) VALUES (?,?,?,?,?)",
+            (message_id, kind, email, detail, iso(now)),
+        )
+
+    def suppressions(self) -> list[dict[str, Any]]:
+        cur = self.conn.execute("SELECT email, reason, at FROM suppressions ORDER BY email")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur]

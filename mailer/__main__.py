@@ -1,0 +1,5 @@
+"""``python -m mailer``."""
+
+from .cli import main
+
+main()
