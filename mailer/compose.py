@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -9,6 +11,7 @@ from typing import Literal
 from . import ics, message
 from .config import Campaign, Event, Step
 from .contacts import Contact
+from .planner import changes as planner_changes
 from .templates import Templates, context
 
 __all__ = ["Composed", "Composer"]
@@ -26,10 +29,47 @@ class Composer:
     """Builds mails; the per-event calendar prototype is built once and reused for every
     recipient (issue "Throughput": the email package and icalendar are the slow parts)."""
 
-    def __init__(self, campaign: Campaign, templates: Templates) -> None:
+    def __init__(
+        self,
+        campaign: Campaign,
+        templates: Templates,
+        revisions: Mapping[str, tuple[int, str, str]] | None = None,
+        snapshots: Mapping[tuple[str, int], str] | None = None,
+    ) -> None:
+        """:param revisions: the ledger's latest revision per event (for SEQUENCE).
+        :param snapshots: every revision's snapshot (for the ``changes`` of an update)."""
         self.campaign = campaign
         self.templates = templates
+        self._seq = {ev: rev[0] for ev, rev in (revisions or {}).items()}
+        self._snapshots = dict(snapshots or {})
         self._protos: dict[tuple[str, str, int, datetime], ics.Prototype] = {}
+
+    def sequence(self, event_id: str) -> int:
+        """The SEQUENCE every calendar object for this event carries now."""
+        return self._seq.get(event_id, 0)
+
+    @staticmethod
+    def has_ics(step: Step) -> bool:
+        return step.attach_ics or step.kind in ("update", "cancel")
+
+    def compose_due(
+        self, step: Step, event: Event, contact: Contact, *, when: datetime, sequence: int
+    ) -> Composed:
+        """Compose a planned delivery: invitations and reminders as configured, updates with
+        the list of changes, cancellations with METHOD:CANCEL (RFC 5546 3.2.5)."""
+        extra: dict[str, object] | None = None
+        if step.kind in ("update", "cancel"):
+            before = self._snapshots.get((event.id, sequence - 1))
+            after = self._snapshots.get((event.id, sequence))
+            extra = {
+                "changes": planner_changes(json.loads(before), json.loads(after))
+                if before and after else [],
+                "sequence": sequence,
+            }
+        return self.compose(
+            step, event, contact, when=when, sequence=sequence,
+            method="CANCEL" if step.kind == "cancel" else "REQUEST", extra=extra,
+        )
 
     def message_id(self, step: Step, email: str) -> str:
         return message.message_id(self.campaign.id, step.id, email, self.campaign.sender.domain)
@@ -68,7 +108,7 @@ class Composer:
             ctx.update(extra)
         rendered = self.templates.render(template or step.template, contact.language, ctx)
         payload = None
-        if step.attach_ics or method == "CANCEL":
+        if self.has_ics(step):
             payload = self.prototype(event, method, sequence, when).for_attendee(contact.email, contact.name)
         mid = self.message_id(step, contact.email)
         data = message.build(

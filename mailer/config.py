@@ -80,12 +80,20 @@ class Event:
         return (self.end - timedelta(days=1)).date() if self.all_day else self.end.date()
 
 
+RSVP_STATES = ("accepted", "tentative", "declined", "no-reply")
+
+
 @dataclass(frozen=True)
 class Audience:
-    """Which contacts a step goes to: any of ``lists`` and all of ``tags``; empty = everyone."""
+    """Which contacts a step goes to: any of ``lists`` and all of ``tags``; empty = everyone.
+
+    ``rsvp`` (when not empty) keeps only contacts whose answer to the step's event is one of
+    ``accepted``, ``tentative``, ``declined`` or ``no-reply`` (no answer received).
+    """
 
     lists: frozenset[str] = frozenset()
     tags: frozenset[str] = frozenset()
+    rsvp: frozenset[str] = frozenset()
 
     def matches(self, lists: frozenset[str], tags: frozenset[str]) -> bool:
         if self.lists and not (self.lists & lists):
@@ -104,7 +112,7 @@ class Step:
     at_text: str
     audience: Audience = Audience()
     attach_ics: bool = True
-    kind: Literal["invitation", "reminder"] = "invitation"
+    kind: Literal["invitation", "reminder", "update", "cancel"] = "invitation"
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,8 @@ class Campaign:
     smtp: SmtpSettings = SmtpSettings()
     delivery: Delivery = Delivery()
     unsubscribe: Unsubscribe | None = None
+    update_template: str = "update"
+    cancel_template: str = "cancel"
     _events_by_id: dict[str, Event] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -406,6 +416,7 @@ class _EventModel(_Model):
 class _AudienceModel(_Model):
     lists: list[str] = []
     tags: list[str] = []
+    rsvp: list[Literal["accepted", "tentative", "declined", "no-reply"]] = []
 
 
 class _StepModel(_Model):
@@ -481,6 +492,8 @@ class _CampaignModel(_Model):
     smtp: _SmtpModel = _SmtpModel()
     delivery: _DeliveryModel = _DeliveryModel()
     unsubscribe: _UnsubscribeModel | None = None
+    update_template: str = Field(default="update", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    cancel_template: str = Field(default="cancel", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
     @field_validator("contacts", mode="before")
     @classmethod
@@ -614,7 +627,11 @@ def _build(m: _CampaignModel, path: Path, at: Any) -> Campaign:
                 template=s.template,
                 at=when,
                 at_text=s.at,
-                audience=Audience(frozenset(s.audience.lists), frozenset(s.audience.tags)),
+                audience=Audience(
+                    frozenset(x.strip().lower() for x in s.audience.lists),
+                    frozenset(x.strip().lower() for x in s.audience.tags),
+                    frozenset(s.audience.rsvp),
+                ),
                 attach_ics=s.attach_ics if s.attach_ics is not None else True,
                 kind=s.kind or "invitation",
             )
@@ -669,6 +686,8 @@ def _build(m: _CampaignModel, path: Path, at: Any) -> Campaign:
             max_attempts=d.max_attempts,
         ),
         unsubscribe=Unsubscribe(m.unsubscribe.mailto, m.unsubscribe.url) if m.unsubscribe else None,
+        update_template=m.update_template,
+        cancel_template=m.cancel_template,
     )
 
 

@@ -65,6 +65,8 @@ CREATE INDEX IF NOT EXISTS deliveries_by_status ON deliveries (campaign, step, s
 CREATE INDEX IF NOT EXISTS deliveries_status_only ON deliveries (status, campaign);
 CREATE INDEX IF NOT EXISTS deliveries_by_email ON deliveries (email);
 CREATE INDEX IF NOT EXISTS deliveries_retry ON deliveries (status, next_attempt);
+CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (campaign, event, ics);
+CREATE INDEX IF NOT EXISTS deliveries_by_message_id ON deliveries (message_id);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY,
     delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
@@ -84,6 +86,7 @@ CREATE TABLE IF NOT EXISTS revisions (
     campaign TEXT NOT NULL,
     event TEXT NOT NULL,
     sequence INTEGER NOT NULL,
+    kind TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     snapshot TEXT NOT NULL,
     at TEXT NOT NULL,
@@ -142,9 +145,10 @@ class Row:
     next_attempt: datetime | None
     claimed_at: datetime | None
     message_id: str | None
+    name: str = ""
 
 
-_ROW_COLS = "id, step, email, status, attempts, next_attempt, claimed_at, message_id"
+_ROW_COLS = "id, step, email, status, attempts, next_attempt, claimed_at, message_id, name"
 
 
 def _row(r: Sequence[Any]) -> Row:
@@ -157,6 +161,7 @@ def _row(r: Sequence[Any]) -> Row:
         next_attempt=parse_iso(r[5]) if r[5] else None,
         claimed_at=parse_iso(r[6]) if r[6] else None,
         message_id=r[7],
+        name=r[8] or "",
     )
 
 
@@ -423,35 +428,38 @@ class Ledger:
     def claim(
         self,
         campaign: str,
-        items: Sequence[tuple[str, str, str, str, datetime, str, int]],
+        items: Sequence[tuple[str, str, str, str, datetime, str, int, bool]],
         now: datetime,
-    ) -> list[tuple[int, datetime]]:
+    ) -> list[tuple[int, datetime, int]]:
         """Mark deliveries ``sending`` in one commit, before any of their DATA is sent.
 
-        ``items`` are ``(step, event, email, name, due_at, message_id, sequence)``. A row
+        ``items`` are ``(step, event, email, name, due_at, message_id, sequence, has_ics)``. A row
         already ``sending`` (left by a crash) keeps its ``claimed_at``, so the re-send is
-        byte-identical (same Date, DTSTAMP and Message-ID). Returns ``(row id, claimed_at)``
-        per item, in order.
+        byte-identical (same Date, DTSTAMP, SEQUENCE and Message-ID). Returns
+        ``(row id, claimed_at, sequence)`` per item, in order.
         """
         ts = iso(now)
         out: list[tuple[int, datetime]] = []
         with self.transaction() as c:
-            for step, event, email, name, due, mid, seq in items:
+            for step, event, email, name, due, mid, seq, has_ics in items:
                 c.execute(
                     "INSERT INTO deliveries (campaign, step, event, email, name, status, due_at,"
-                    " message_id, sequence, claimed_at, created, updated)"
-                    " VALUES (?,?,?,?,?,'sending',?,?,?,?,?,?)"
+                    " message_id, sequence, ics, claimed_at, created, updated)"
+                    " VALUES (?,?,?,?,?,'sending',?,?,?,?,?,?,?)"
                     " ON CONFLICT (campaign, step, email) DO UPDATE SET status='sending',"
-                    " message_id=excluded.message_id, sequence=excluded.sequence,"
+                    " message_id=excluded.message_id, ics=excluded.ics,"
+                    " sequence=CASE WHEN deliveries.claimed_at IS NULL THEN excluded.sequence"
+                    " ELSE deliveries.sequence END,"
                     " claimed_at=coalesce(deliveries.claimed_at, excluded.claimed_at),"
                     " updated=excluded.updated",
-                    (campaign, step, event, email, name, iso(due), mid, seq, ts, ts, ts),
+                    (campaign, step, event, email, name, iso(due), mid, seq, int(has_ics), ts, ts, ts),
                 )
-                rid, claimed = c.execute(
-                    "SELECT id, claimed_at FROM deliveries WHERE campaign=? AND step=? AND email=?",
+                rid, claimed, seq_used = c.execute(
+                    "SELECT id, claimed_at, sequence FROM deliveries WHERE campaign=? AND step=?"
+                    " AND email=?",
                     (campaign, step, email),
                 ).fetchone()
-                out.append((rid, parse_iso(claimed)))
+                out.append((rid, parse_iso(claimed), seq_used))
         return out
 
     def release(self, ids: Iterable[int], now: datetime) -> None:
@@ -462,12 +470,6 @@ class Ledger:
                 "UPDATE deliveries SET status='pending', updated=? WHERE id=? AND status='sending'",
                 [(ts, i) for i in ids],
             )
-
-    def set_ics(self, ids: Iterable[int], sequence: int) -> None:
-        """Remember that these deliveries carry a calendar object at ``sequence``."""
-        self.conn.executemany(
-            "UPDATE deliveries SET ics=1, sequence=? WHERE id=?", [(sequence, i) for i in ids]
-        )
 
     def sent(self, delivery_id: int, code: int, text: str, now: datetime) -> None:
         """The server accepted the mail (2xx): committed before the connection's next DATA."""
@@ -545,6 +547,13 @@ class Ledger:
         )
         return {e: (seq, fp, snap) for e, seq, fp, snap in cur}
 
+    def snapshots(self, campaign: str) -> dict[tuple[str, int], str]:
+        """Every recorded revision's snapshot: ``{(event, sequence): json}``."""
+        cur = self.conn.execute(
+            "SELECT event, sequence, snapshot FROM revisions WHERE campaign=?", (campaign,)
+        )
+        return {(e, q): snap for e, q, snap in cur}
+
     def ics_recipients(self, campaign: str, event: str) -> list[tuple[str, str]]:
         """``(email, name)`` of everyone who was sent (or may have been sent) a calendar
         object for ``event`` and whose latest one was not a cancellation."""
@@ -560,19 +569,21 @@ class Ledger:
         campaign: str,
         event: str,
         sequence: int,
+        kind: str,
         fingerprint: str,
         snapshot: str,
         now: datetime,
         deliveries: Iterable[tuple[str, str, str]] = (),
     ) -> None:
-        """Record a new revision and, in the same commit, the pending update or cancellation
-        deliveries ``(step, email, name)`` it causes."""
+        """Record a revision and, in the same commit, the pending update or cancellation
+        deliveries ``(step, email, name)`` it causes. An ``amend`` (nobody has the entry yet)
+        replaces the revision with the same sequence."""
         ts = iso(now)
         with self.transaction() as c:
             c.execute(
-                "INSERT OR REPLACE INTO revisions (campaign, event, sequence, fingerprint, snapshot, at)"
-                " VALUES (?,?,?,?,?,?)",
-                (campaign, event, sequence, fingerprint, snapshot, ts),
+                "INSERT OR REPLACE INTO revisions (campaign, event, sequence, kind, fingerprint,"
+                " snapshot, at) VALUES (?,?,?,?,?,?,?)",
+                (campaign, event, sequence, kind, fingerprint, snapshot, ts),
             )
             c.executemany(
                 "INSERT OR IGNORE INTO deliveries (campaign, step, event, email, name, status,"
@@ -580,14 +591,14 @@ class Ledger:
                 [(campaign, st, event, e, n, ts, sequence, ts, ts) for st, e, n in deliveries],
             )
 
-    def dynamic_steps(self, campaign: str) -> list[tuple[str, str, str, int]]:
-        """Update/cancel steps in the ledger: ``(step, event, due_at, sequence)``."""
+    def revision_steps(self, campaign: str) -> list[tuple[str, str, int, str]]:
+        """Recorded updates and cancellations, oldest first: ``(event, kind, sequence, at)``."""
         cur = self.conn.execute(
-            "SELECT step, event, min(due_at), max(sequence) FROM deliveries WHERE campaign=? AND"
-            " step LIKE '%~%' GROUP BY step, event ORDER BY min(due_at)",
+            "SELECT event, kind, sequence, at FROM revisions WHERE campaign=? AND kind IN"
+            " ('update', 'cancel') ORDER BY at, sequence",
             (campaign,),
         )
-        return [(s, e, d, q) for s, e, d, q in cur]
+        return [(e, k, q, a) for e, k, q, a in cur]
 
     # -- replies, bounces and the inbox ----------------------------------------------------------
 

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from .config import Campaign, Delivery, Event, Step
+from .config import Audience, Campaign, Delivery, Event, Step
 from .contacts import Contact
-from .ledger import FINAL, Row
+from .ledger import FINAL, Row, parse_iso
 
-__all__ = ["Due", "Plan", "Skip", "plan", "plan_step", "retry_at"]
+__all__ = [
+    "Due",
+    "Plan",
+    "Revision",
+    "Skip",
+    "changes",
+    "dynamic_step",
+    "plan",
+    "plan_step",
+    "retry_at",
+    "revisions",
+    "snapshot",
+]
+
+#: What makes a calendar entry change (RFC 5546 2.1.4: a "significant" change raises SEQUENCE).
+SIGNIFICANT = ("title", "start", "end", "all_day", "location", "status")
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,101 @@ def retry_at(policy: Delivery, attempts: int, key: str, now: datetime) -> dateti
     return now + timedelta(seconds=base.total_seconds() * factor)
 
 
+def snapshot(event: Event) -> dict[str, object]:
+    """The significant fields of an event, as plain JSON values."""
+    return {
+        "title": event.title,
+        "start": event.start.isoformat(),
+        "end": event.end.isoformat(),
+        "all_day": event.all_day,
+        "location": event.location,
+        "status": event.status,
+    }
+
+
+def _fingerprint(snap: Mapping[str, object]) -> str:
+    return hashlib.sha256(json.dumps(snap, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A change of an event to record. ``kind`` is ``initial`` (first sight), ``amend`` (changed
+    before anyone got a calendar entry: same SEQUENCE), ``update`` or ``cancel`` (SEQUENCE + 1,
+    sent to everyone who has the entry)."""
+
+    event: str
+    sequence: int
+    kind: Literal["initial", "amend", "update", "cancel"]
+    fingerprint: str
+    snapshot: str
+
+    @property
+    def step_id(self) -> str:
+        # "~" cannot appear in a configured step id, so these never collide.
+        return f"{self.event}~{self.kind}{self.sequence}"
+
+
+def revisions(
+    campaign: Campaign,
+    recorded: Mapping[str, tuple[int, str, str]],
+    has_recipients: Callable[[str], bool],
+) -> list[Revision]:
+    """Which events changed since their last recorded revision.
+
+    :param recorded: ``{event: (sequence, fingerprint, snapshot)}`` from the ledger.
+    :param has_recipients: whether anyone was sent a calendar object for the event.
+    """
+    out: list[Revision] = []
+    for ev in campaign.events:
+        snap = snapshot(ev)
+        fp = _fingerprint(snap)
+        text = json.dumps(snap, sort_keys=True, ensure_ascii=False)
+        if ev.id not in recorded:
+            out.append(Revision(ev.id, 0, "initial", fp, text))
+            continue
+        seq, old_fp, _ = recorded[ev.id]
+        if fp == old_fp:
+            continue
+        if not has_recipients(ev.id):
+            out.append(Revision(ev.id, seq, "amend", fp, text))
+        else:
+            kind: Literal["update", "cancel"] = "cancel" if ev.status == "cancelled" else "update"
+            out.append(Revision(ev.id, seq + 1, kind, fp, text))
+    return out
+
+
+def changes(before: Mapping[str, object], after: Mapping[str, object]) -> list[dict[str, object]]:
+    """What changed between two snapshots: ``[{"field", "before", "after"}]`` for templates
+    (``start``/``end`` as aware datetimes, so the date filters work on them)."""
+
+    def value(k: str, v: object) -> object:
+        return datetime.fromisoformat(v) if k in ("start", "end") and isinstance(v, str) else v
+
+    return [
+        {"field": k, "before": value(k, before.get(k)), "after": value(k, after.get(k))}
+        for k in SIGNIFICANT
+        if before.get(k) != after.get(k)
+    ]
+
+
+def dynamic_step(campaign: Campaign, event: str, kind: str, sequence: int, at: str) -> Step:
+    """The Step of an update or cancellation recorded in the ledger."""
+    return Step(
+        id=f"{event}~{kind}{sequence}",
+        event=event,
+        template=campaign.cancel_template if kind == "cancel" else campaign.update_template,
+        at=parse_iso(at).astimezone(campaign.timezone),
+        at_text="on change",
+        audience=Audience(),
+        attach_ics=True,
+        kind=kind,  # type: ignore[arg-type]
+    )
+
+
+def _answer(replies: Mapping[tuple[str, str], str], event: str, email: str) -> str:
+    return replies.get((event, email), "no-reply").lower()
+
+
 def plan_step(
     campaign: Campaign,
     step: Step,
@@ -85,34 +196,52 @@ def plan_step(
     started_at: datetime | None,
     now: datetime,
     plan: Plan | None = None,
+    *,
+    replies: Mapping[tuple[str, str], str] | None = None,
+    superseded_by: str | None = None,
+    by_email: Mapping[str, Contact] | None = None,
 ) -> Plan:
     """Plan one step whose time has come (``step.at <= now``). See README "Delivery rules".
 
     :param rows: this step's ledger rows by email.
     :param started_at: when a pass first handled this step (None: this is the first pass).
+    :param replies: ``{(event, email): PARTSTAT}`` for ``audience.rsvp``.
+    :param superseded_by: for an update/cancel step, the id of a later one for the same event.
     """
     out = plan if plan is not None else Plan()
     event = campaign.event(step.event)
     policy = campaign.delivery
+    replies = replies or {}
     out.steps_due.append(step)
     in_audience: set[str] = set()
     reminder_late = step.kind == "reminder" and now > step.at + policy.late_after
     started = now >= event.start
     first_pass = started_at is None or started_at >= now
+    dynamic = step.kind in ("update", "cancel")
 
     def skip(email: str, name: str, status: Literal["skipped", "suppressed", "failed"], why: str) -> None:
         out.skips.append(Skip(step, event, email, name, status, why))
 
-    for c in contacts:
-        if not step.audience.matches(c.lists, c.tags):
-            continue
+    if dynamic:
+        # Updates and cancellations go to the people recorded for them (everyone who has the
+        # calendar entry), even if they have since left the contact lists.
+        by_email = by_email if by_email is not None else {c.email: c for c in contacts}
+        audience: Iterable[Contact] = [
+            by_email.get(email) or Contact(email, row.name) for email, row in rows.items()
+        ]
+    else:
+        audience = (c for c in contacts if step.audience.matches(c.lists, c.tags))
+
+    for c in audience:
         in_audience.add(c.email)
         row = rows.get(c.email)
         if row is not None and row.status in FINAL:
             continue
         if c.email in suppressed:
             skip(c.email, c.name, "suppressed", f"address suppressed: {suppressed[c.email]}")
-        elif event.status == "cancelled":
+        elif superseded_by is not None:
+            skip(c.email, c.name, "skipped", f"superseded by {superseded_by}")
+        elif event.status == "cancelled" and step.kind != "cancel":
             skip(c.email, c.name, "skipped", "the event is cancelled")
         elif started:
             if row is not None and row.attempts:
@@ -127,6 +256,10 @@ def plan_step(
                 out.due.append(Due(step, event, c, row))
         elif row is not None and row.status == "sending":
             out.due.append(Due(step, event, c, row))
+        elif step.audience.rsvp and _answer(replies, event.id, c.email) not in step.audience.rsvp:
+            skip(c.email, c.name, "skipped",
+                 f"answered {_answer(replies, event.id, c.email)}; this step is for "
+                 f"{', '.join(sorted(step.audience.rsvp))}")
         elif reminder_late:
             skip(c.email, c.name, "skipped",
                  f"reminder due {step.at:%Y-%m-%d %H:%M} is more than late_after "
@@ -142,7 +275,7 @@ def plan_step(
             why = "no longer in the step's audience (removed from the contacts or lists)"
             if row.status == "sending":
                 why += "; the outcome of its last attempt is unknown"
-            skip(email, "", "skipped", why)
+            skip(email, row.name, "skipped", why)
     return out
 
 
@@ -155,8 +288,10 @@ def plan(
     now: datetime,
     *,
     only_steps: Iterable[str] | None = None,
+    replies: Mapping[tuple[str, str], str] | None = None,
+    dynamic: Sequence[Step] = (),
 ) -> Plan:
-    """Plan every step of ``campaign`` at ``now``.
+    """Plan every step of ``campaign`` at ``now``, then the update/cancel steps ``dynamic``.
 
     ``rows_for(step_id)`` returns that step's ledger rows; it is called only for steps whose
     time has come, so memory holds one step's rows at a time.
@@ -172,7 +307,20 @@ def plan(
             continue
         plan_step(
             campaign, step, contacts, rows_for(step.id), suppressed,
-            steps_started.get(step.id), now, out,
+            steps_started.get(step.id), now, out, replies=replies,
+        )
+    latest: dict[str, Step] = {}
+    for step in dynamic:  # ordered oldest first
+        latest[step.event] = step
+    by_email = {c.email: c for c in contacts} if dynamic else None
+    for step in dynamic:
+        if wanted is not None and step.id not in wanted:
+            continue
+        newer = latest[step.event]
+        plan_step(
+            campaign, step, contacts, rows_for(step.id), suppressed, None, now, out,
+            replies=replies, superseded_by=newer.id if newer is not step else None,
+            by_email=by_email,
         )
     return out
 

@@ -39,6 +39,7 @@ class PassResult:
     next_wake: datetime | None = None
     plan: Plan | None = None
     stopped: bool = False
+    revisions: list[tuple[planner.Revision, int]] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> int:
         return self.counts[key]
@@ -70,6 +71,26 @@ async def run_pass(
     say = log or (lambda msg: None)
     campaign = ws.campaign
     cid = campaign.id
+    result = PassResult(now=now)
+    known = {e.id for e in campaign.events}
+    for rev in planner.revisions(
+        campaign, ledger.revisions(cid), lambda ev: bool(ledger.ics_recipients(cid, ev))
+    ):
+        if rev.kind in ("update", "cancel"):
+            people = ledger.ics_recipients(cid, rev.event)
+            result.revisions.append((rev, len(people)))
+            say(f"event {rev.event} changed: {rev.kind} (SEQUENCE {rev.sequence}) for "
+                f"{len(people)} recipient(s) who have it in their calendar")
+        else:
+            people = []
+        if not dry_run:
+            ledger.add_revision(cid, rev.event, rev.sequence, rev.kind, rev.fingerprint,
+                                rev.snapshot, now, [(rev.step_id, e, n) for e, n in people])
+    dynamic = [
+        planner.dynamic_step(campaign, ev, kind, seq, at)
+        for ev, kind, seq, at in ledger.revision_steps(cid)
+        if ev in known
+    ]
     plan = planner.plan(
         campaign,
         ws.contacts,
@@ -78,13 +99,16 @@ async def run_pass(
         ledger.steps_started(cid),
         now,
         only_steps=steps,
+        replies=ledger.replies(cid),
+        dynamic=dynamic,
     )
-    result = PassResult(now=now, due=len(plan.due), plan=plan, next_wake=plan.next_wake)
+    result.due, result.plan, result.next_wake = len(plan.due), plan, plan.next_wake
     if dry_run:
         return result
 
     for st in plan.steps_due:
-        ledger.mark_step_started(cid, st.id, now)
+        if st.kind not in ("update", "cancel"):
+            ledger.mark_step_started(cid, st.id, now)
     by_outcome: dict[tuple[str, str], list[tuple[str, str, str, str, datetime]]] = {}
     for sk in plan.skips:
         by_outcome.setdefault((sk.status, sk.reason), []).append(
@@ -115,7 +139,7 @@ async def run_pass(
         say(f"re-sending {result.counts['resent']} mail(s) left 'sending' by an interrupted run "
             "(same Message-ID, so mailboxes and calendars collapse any duplicate)")
 
-    composer = Composer(campaign, ws.templates)
+    composer = Composer(campaign, ws.templates, ledger.revisions(cid), ledger.snapshots(cid))
     transport = Transport(settings, log=say)
     queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=settings.connections * 4)
     in_flight: dict[int, Due] = {}  # claimed, no outcome yet
@@ -153,18 +177,20 @@ async def run_pass(
                 cid,
                 [
                     (d.step.id, d.event.id, d.contact.email, d.contact.name, d.step.at,
-                     composer.message_id(d.step, d.contact.email), 0)
+                     composer.message_id(d.step, d.contact.email), composer.sequence(d.event.id),
+                     composer.has_ics(d.step))
                     for d in batch
                 ],
                 t,
             )
-            for d, (rid, claimed_at) in zip(batch, claims, strict=True):
+            for d, (rid, _, _) in zip(batch, claims, strict=True):
                 in_flight[rid] = d
-            for d, (rid, claimed_at) in zip(batch, claims, strict=True):
+            for d, (rid, claimed_at, seq) in zip(batch, claims, strict=True):
                 if stop is not None and stop.is_set():
                     break
                 try:
-                    composed = composer.compose(d.step, d.event, d.contact, when=claimed_at)
+                    composed = composer.compose_due(d.step, d.event, d.contact, when=claimed_at,
+                                                    sequence=seq)
                 except MailerError as exc:
                     in_flight.pop(rid)
                     ledger.failed(rid, None, f"could not build the mail: {exc}", clock())

@@ -18,8 +18,8 @@ from mailer.ledger import Ledger
 T0 = datetime(2018, 1, 4, 9, 0, tzinfo=UTC)
 
 
-def item(email: str, step: str = "invite") -> tuple[str, str, str, str, datetime, str, int]:
-    return (step, "ev", email, email.split("@")[0], T0, f"<{email}.{step}@example.org>", 0)
+def item(email: str, step: str = "invite") -> tuple[str, str, str, str, datetime, str, int, bool]:
+    return (step, "ev", email, email.split("@")[0], T0, f"<{email}.{step}@example.org>", 0, True)
 
 
 def test_file_is_wal_with_schema_version(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_file_is_wal_with_schema_version(tmp_path: Path) -> None:
 
 def test_claim_then_sent_records_attempt(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(rid, claimed)] = led.claim("c", [item("a@example.org")], T0)
+        [(rid, claimed, _)] = led.claim("c", [item("a@example.org")], T0)
         assert claimed == T0
         assert led.get("c", "invite", "a@example.org").status == "sending"  # type: ignore[union-attr]
         led.sent(rid, 250, "250 OK", T0 + timedelta(seconds=1))
@@ -48,7 +48,7 @@ def test_reclaim_of_sending_keeps_claim_time(tmp_path: Path) -> None:
     """A crash leaves 'sending'; the re-send must be byte-identical, so Date/DTSTAMP stay."""
     with Ledger(tmp_path / "l.db") as led:
         led.claim("c", [item("a@example.org")], T0)
-        [(rid, claimed)] = led.claim("c", [item("a@example.org")], T0 + timedelta(hours=1))
+        [(rid, claimed, _)] = led.claim("c", [item("a@example.org")], T0 + timedelta(hours=1))
         assert claimed == T0
 
 
@@ -61,7 +61,7 @@ def test_unique_per_campaign_step_contact(tmp_path: Path) -> None:
 
 def test_record_never_overwrites_final(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(rid, _)] = led.claim("c", [item("a@example.org")], T0)
+        [(rid, _, _)] = led.claim("c", [item("a@example.org")], T0)
         led.sent(rid, 250, "OK", T0)
         n = led.record("c", [("invite", "ev", "a@example.org", "", T0), ("invite", "ev", "b@example.org", "", T0)],
                        status="skipped", reason="late", now=T0)
@@ -72,7 +72,7 @@ def test_record_never_overwrites_final(tmp_path: Path) -> None:
 
 def test_defer_fail_retry(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(ra, _), (rb, _)] = led.claim("c", [item("a@example.org"), item("b@example.org")], T0)
+        [(ra, _, _), (rb, _, _)] = led.claim("c", [item("a@example.org"), item("b@example.org")], T0)
         led.deferred(ra, 451, "try later", T0, T0 + timedelta(minutes=1))
         led.failed(rb, 550, "no such user", T0)
         summary = {(r["step"], r["status"]): r["n"] for r in led.summary("c")}
@@ -84,7 +84,7 @@ def test_defer_fail_retry(tmp_path: Path) -> None:
 
 def test_release_returns_unsent_claims(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(ra, _)] = led.claim("c", [item("a@example.org")], T0)
+        [(ra, _, _)] = led.claim("c", [item("a@example.org")], T0)
         led.release([ra], T0)
         assert led.get("c", "invite", "a@example.org").status == "pending"  # type: ignore[union-attr]
 

@@ -1,0 +1,118 @@
+"""The whole life of an invitation on the shipped campaign: invite, move, cancel, answers."""
+
+from __future__ import annotations
+
+import collections
+import email
+import email.policy
+from datetime import UTC, datetime
+from pathlib import Path
+
+import icalendar
+from click.testing import CliRunner
+from interop import check_message
+
+from mailer.cli import cli
+from mailer.ledger import Ledger
+from mailer.smtpd import SmtpServer
+
+
+def send(now: str, env: dict[str, str]) -> str:
+    r = CliRunner().invoke(cli, ["send", "--now", now], env=env, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def calendar(raw: bytes) -> icalendar.Event:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    part = next(p for p in msg.walk() if p.get_content_type() == "text/calendar")
+    cal = icalendar.Calendar.from_ical(part.get_payload(decode=True))
+    return next(iter(cal.walk("VEVENT")))
+
+
+def test_move_then_cancel_the_meeting(shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
+    received = smtp_server.handler.received
+    cfg = shipped / "schedules.yaml"
+    send("2018-01-04T10:00", smtp_env)
+    invites = [r for r in received if b"uitnodiging-aan-de-slag" in r.data or b"Uitnodiging" in r.data]
+    meeting = [r for r in received if calendar(r.data)["UID"].startswith("aan-de-slag.")]
+    assert len(meeting) == 14 and invites
+    uid = str(calendar(meeting[0].data)["UID"])
+    assert {int(calendar(r.data)["SEQUENCE"]) for r in meeting} == {0}
+
+    # the 22 January session moves by an hour
+    text = cfg.read_text(encoding="utf-8")
+    cfg.write_text(text.replace("start: 2018-01-22 09:30", "start: 2018-01-22 10:30")
+                       .replace("end: 2018-01-22 16:30", "end: 2018-01-22 17:30"), encoding="utf-8")
+    r = CliRunner().invoke(cli, ["check"], catch_exceptions=False)
+    before = len(received)
+    out = send("2018-01-05T09:00", smtp_env)
+    assert "update (SEQUENCE 1) for 14 recipient(s)" in out
+    updates = received[before:]
+    assert len(updates) == 14
+    assert sorted(u.rcpt_tos[0] for u in updates) == sorted(m.rcpt_tos[0] for m in meeting)
+    for u in updates:
+        msg = check_message(u.data, expect_method="REQUEST")
+        ev = calendar(u.data)
+        assert str(ev["UID"]) == uid and int(ev["SEQUENCE"]) == 1
+        assert ev.decoded("DTSTART").astimezone(UTC) == datetime(2018, 1, 22, 9, 30, tzinfo=UTC)
+        body = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        assert "Begin" in body and "10:30" in body and "09:30" in body
+    # exactly one: a second pass sends nothing more
+    assert "0 due" in send("2018-01-05T10:00", smtp_env)
+    assert len(received) == before + 14
+
+    # the reminder a week before carries the new time
+    before = len(received)
+    send("2018-01-15T09:00", smtp_env)
+    bodies = [email.message_from_bytes(r.data, policy=email.policy.default).get_body(("plain",)).get_content()
+              for r in received[before:]]
+    meeting_reminders = [b for b in bodies if "Aan de slag INTEGRATIEPACT" in b]
+    assert len(meeting_reminders) == 14
+    assert all("van 10:30 tot 17:30" in b for b in meeting_reminders), meeting_reminders[0]
+
+    # cancelled: METHOD:CANCEL to the same people, SEQUENCE 2, and no further reminders
+    text = cfg.read_text(encoding="utf-8")
+    cfg.write_text(text.replace("    title: Aan de slag INTEGRATIEPACT\n",
+                                "    title: Aan de slag INTEGRATIEPACT\n    status: cancelled\n"), encoding="utf-8")
+    before = len(received)
+    out = send("2018-01-16T12:00", smtp_env)
+    cancels = received[before:]
+    assert len(cancels) == 14, out
+    for c in cancels:
+        check_message(c.data, expect_method="CANCEL")
+        ev = calendar(c.data)
+        assert str(ev["UID"]) == uid and int(ev["SEQUENCE"]) == 2
+        assert str(ev["STATUS"]) == "CANCELLED"
+    before = len(received)
+    send("2018-01-19T09:00", smtp_env)
+    assert len(received) == before
+    with Ledger(shipped / "mailer.db") as led:
+        skipped = list(led.log(step="herinnering-aan-de-slag-dag"))
+        assert {r["status"] for r in skipped} == {"skipped"}
+        assert {r["reason"] for r in skipped} == {"the event is cancelled"}
+    ids = [email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"] for r in received]
+    assert len(ids) == len(set(ids))
+
+
+def test_reminders_skip_those_who_declined(shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
+    cfg = shipped / "schedules.yaml"
+    cfg.write_text(cfg.read_text(encoding="utf-8").replace(
+        "    at: -7d 09:00\n    audience: {lists: [indieners, lerend-netwerk]}",
+        "    at: -7d 09:00\n    audience: {lists: [indieners, lerend-netwerk], rsvp: [accepted, tentative, no-reply]}"),
+        encoding="utf-8")
+    send("2018-01-04T10:00", smtp_env)
+    with Ledger(shipped / "mailer.db") as led:
+        led.record_reply("integratiepact-2018", "aan-de-slag", "jan.peeters@example.org", "DECLINED",
+                         datetime(2018, 1, 5, tzinfo=UTC), "<r1@example.org>")
+        led.record_reply("integratiepact-2018", "aan-de-slag", "an.declercq@example.be", "ACCEPTED",
+                         datetime(2018, 1, 5, tzinfo=UTC), "<r2@example.org>")
+    before = len(smtp_server.handler.received)
+    send("2018-01-15T09:00", smtp_env)
+    got = collections.Counter(r.rcpt_tos[0] for r in smtp_server.handler.received[before:])
+    assert "jan.peeters@example.org" not in got or got["jan.peeters@example.org"] == 1  # infosessie reminder only
+    with Ledger(shipped / "mailer.db") as led:
+        row = next(led.log(step="herinnering-aan-de-slag-week", email="jan.peeters@example.org"))
+        assert row["status"] == "skipped" and "answered declined" in row["reason"]
+        row = next(led.log(step="herinnering-aan-de-slag-week", email="an.declercq@example.be"))
+        assert row["status"] == "sent"
