@@ -21,7 +21,7 @@ from . import __version__
 from .compose import Composer
 from .config import Campaign
 from .errors import ConfigError, MailerError, Problem
-from .ledger import Ledger, parse_iso
+from .ledger import STATUSES, Ledger, parse_iso
 from .runner import PassResult, run_pass, virtual_clock
 from .transport import TransportSettings
 from .workspace import Workspace, load_workspace
@@ -163,7 +163,7 @@ def check(config_path: Path) -> None:
     ws = load_workspace(config_path)
     c = ws.campaign
     problems = list(ws.problems)
-    composer = Composer(c, ws.templates)
+    composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
     counts: dict[str, int] = {}
     template_broken = {p.where.split(":")[0] for p in ws.errors}
     seen: set[str] = set()
@@ -208,6 +208,7 @@ def check(config_path: Path) -> None:
         f"{len(ws.contacts)} contacts: "
         + ", ".join(f"{k} {v}" for k, v in sorted(lists.items()))
     )
+    _pending_changes(c)
     _problems(problems)
     n_err = sum(p.severity == "error" for p in problems)
     n_warn = len(problems) - n_err
@@ -235,7 +236,7 @@ def preview(config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...
     if unknown:
         raise MailerError(f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}")
     wanted = {e.strip().lower() for e in emails}
-    composer = Composer(c, ws.templates)
+    composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
     written = 0
     for step in c.steps:
         if step_ids and step.id not in step_ids:
@@ -251,6 +252,27 @@ def preview(config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...
     if wanted and not written:
         raise MailerError(f"no recipient matches --contact {', '.join(sorted(wanted))}")
     out.print(f"Wrote {written} mail(s) under {out_dir}/ (nothing was sent).", markup=False)
+
+
+def _pending_changes(c: Campaign) -> None:
+    """Say what an edit of an event will send on the next pass (read-only look at the ledger)."""
+    if not c.ledger.exists():
+        return
+    import json
+
+    from . import planner
+
+    with Ledger(c.ledger) as ledger:
+        recorded = ledger.revisions(c.id)
+        for rev in planner.revisions(c, recorded, lambda ev: bool(ledger.ics_recipients(c.id, ev))):
+            if rev.kind not in ("update", "cancel"):
+                continue
+            n = len(ledger.ics_recipients(c.id, rev.event))
+            diff = planner.changes(json.loads(recorded[rev.event][2]), json.loads(rev.snapshot))
+            what = "; ".join(f"{d['field']}: {d['before']} -> {d['after']}" for d in diff)
+            out.print(f"Event {rev.event} changed since its invitations went out ({what}): the next "
+                      f"pass sends {'a cancellation' if rev.kind == 'cancel' else 'an update'} "
+                      f"(SEQUENCE {rev.sequence}) to {n} recipient(s).", markup=False)
 
 
 def _safe_name(email: str) -> str:
@@ -303,7 +325,8 @@ def _send_with_progress(ws: Workspace, ledger: Ledger, now: datetime, settings: 
         return asyncio.run(
             run_pass(ws, ledger, now, settings=settings, clock=virtual_clock(now), limit=limit,
                      steps=steps, dry_run=dry_run, progress=progress,
-                     log=lambda m: err.print(m, markup=False))
+                     log=lambda m: err.print(m, markup=False),
+                     unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
         )
 
 
@@ -342,8 +365,9 @@ def status(config_path: Path, db_path: Path | None) -> None:
         raise MailerError(f"{path}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
     with Ledger(path) as ledger:
         rows = ledger.summary()
+        answers = ledger.reply_counts()
     tz = campaign.timezone if campaign else UTC
-    cols = ("sent", "deferred", "failed", "skipped", "suppressed", "pending")
+    cols = ("sent", "deferred", "failed", "bounced", "skipped", "suppressed", "pending")
     per: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
         k = (r["campaign"], r["step"])
@@ -366,12 +390,22 @@ def status(config_path: Path, db_path: Path | None) -> None:
         nxt = _when(d["next"].astimezone(tz)) if d["next"] else ""
         table.add_row(camp, step, *(str(d[c]) for c in cols), nxt)
     out.print(table)
+    if answers:
+        t2 = Table(title="Answers per event (iMIP replies)", title_justify="left")
+        for col in ("campaign", "event", "accepted", "tentative", "declined"):
+            t2.add_column(col)
+        per_ev: dict[tuple[str, str], dict[str, int]] = {}
+        for a in answers:
+            per_ev.setdefault((a["campaign"], a["event"]), {})[a["partstat"].lower()] = a["n"]
+        for (camp, ev), d in sorted(per_ev.items()):
+            t2.add_row(camp, ev, *(str(d.get(k, 0)) for k in ("accepted", "tentative", "declined")))
+        out.print(t2)
 
 
 @cli.command()
 @config_option
 @db_option
-@click.option("--status", "status_", type=click.Choice(["pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed"]))
+@click.option("--status", "status_", type=click.Choice(list(STATUSES)))
 @click.option("--email", help="Only this address.")
 @click.option("--step", help="Only this step.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N rows.")
@@ -405,7 +439,7 @@ def log(config_path: Path, db_path: Path | None, status_: str | None, email: str
 @config_option
 @db_option
 @click.option("--status", "status_", default="failed", show_default=True,
-              type=click.Choice(["pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed"]))
+              type=click.Choice(list(STATUSES)))
 @click.option("--step", help="Only this step.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="CSV file to write (usable as a contacts: list).")
@@ -439,6 +473,82 @@ def retry(config_path: Path, db_path: Path | None, step: str | None) -> None:
     with Ledger(path) as ledger:
         n = ledger.retry(None, step, datetime.now(UTC))
     out.print(f"{n} failed deliver{'y' if n == 1 else 'ies'} will be sent again on the next pass.")
+
+
+@cli.group()
+def suppress() -> None:
+    """Addresses that are never mailed again (bounces, unsubscribes, by hand)."""
+
+
+@suppress.command("add")
+@config_option
+@db_option
+@click.argument("emails", nargs=-1)
+@click.option("--reason", default="added by hand", show_default=True)
+@click.option("--link", "links", multiple=True,
+              help="An unsubscribe link (or its token) from a mail: verified with "
+                   "MAILER_UNSUBSCRIBE_SECRET, then its address is suppressed.")
+@handle_errors
+def suppress_add(config_path: Path, db_path: Path | None, emails: tuple[str, ...], reason: str,
+                 links: tuple[str, ...]) -> None:
+    """Suppress EMAILS: every later delivery to them is recorded as suppressed, not sent."""
+    from . import unsubscribe
+    from .contacts import normalise_address
+
+    if not emails and not links:
+        raise MailerError("give at least one address or --link")
+    secret = os.environ.get("MAILER_UNSUBSCRIBE_SECRET")
+    found = list(emails)
+    for ln in links:
+        if not secret:
+            raise MailerError("--link needs MAILER_UNSUBSCRIBE_SECRET (the secret the links were signed with)")
+        checked = unsubscribe.verify(secret, ln)
+        if checked is None:
+            raise MailerError(f"{ln}: not a valid unsubscribe link (forged, damaged or another secret)")
+        found.append(checked[1])
+        reason = "unsubscribed (one-click link)"
+    path = _ledger_path(db_path, config_path)
+    with Ledger(path) as ledger:
+        for e in found:
+            addr = normalise_address(e)
+            ledger.suppress(addr, reason, datetime.now(UTC))
+            out.print(f"suppressed {addr}", markup=False)
+
+
+@suppress.command("remove")
+@config_option
+@db_option
+@click.argument("emails", nargs=-1, required=True)
+@handle_errors
+def suppress_remove(config_path: Path, db_path: Path | None, emails: tuple[str, ...]) -> None:
+    """Allow EMAILS again (deliveries already recorded as suppressed stay so)."""
+    from .contacts import normalise_address
+
+    with Ledger(_ledger_path(db_path, config_path)) as ledger:
+        for e in emails:
+            addr = normalise_address(e)
+            found = ledger.unsuppress(addr)
+            out.print(f"{'removed' if found else 'not suppressed:'} {addr}", markup=False)
+
+
+@suppress.command("list")
+@config_option
+@db_option
+@handle_errors
+def suppress_list(config_path: Path, db_path: Path | None) -> None:
+    """List suppressed addresses with the reason and time."""
+    path = _ledger_path(db_path, config_path)
+    if not path.exists():
+        raise MailerError(f"{path}: no ledger yet")
+    with Ledger(path) as ledger:
+        rows = ledger.suppressions()
+    table = Table(title_justify="left")
+    for col in ("email", "reason", "since (UTC)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["email"], r["reason"], r["at"])
+    out.print(table)
+    out.print(f"{len(rows)} suppressed address(es).")
 
 
 # --------------------------------------------------------------------------------------

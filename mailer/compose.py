@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from . import ics, message
+from . import ics, message, unsubscribe
 from .config import Campaign, Event, Step
 from .contacts import Contact
+from .errors import ConfigError, Problem
 from .planner import changes as planner_changes
 from .templates import Templates, context
 
@@ -35,9 +36,21 @@ class Composer:
         templates: Templates,
         revisions: Mapping[str, tuple[int, str, str]] | None = None,
         snapshots: Mapping[tuple[str, int], str] | None = None,
+        *,
+        unsubscribe_secret: str | None = None,
     ) -> None:
         """:param revisions: the ledger's latest revision per event (for SEQUENCE).
-        :param snapshots: every revision's snapshot (for the ``changes`` of an update)."""
+        :param snapshots: every revision's snapshot (for the ``changes`` of an update).
+        :param unsubscribe_secret: signs one-click unsubscribe links when ``unsubscribe.url``
+            is set (from MAILER_UNSUBSCRIBE_SECRET).
+        :raises ConfigError: ``unsubscribe.url`` is set but there is no secret."""
+        unsub = campaign.unsubscribe
+        if unsub is not None and unsub.url and not unsubscribe_secret:
+            raise ConfigError([Problem(
+                str(campaign.config_path.name),
+                "unsubscribe.url is set but MAILER_UNSUBSCRIBE_SECRET is not; set it to a long "
+                "random string (the links are signed with it)", field="unsubscribe.url")])
+        self._secret = unsubscribe_secret
         self.campaign = campaign
         self.templates = templates
         self._seq = {ev: rev[0] for ev, rev in (revisions or {}).items()}
@@ -104,6 +117,11 @@ class Composer:
         :raises TemplateError: the template fails for this contact.
         """
         ctx = context(self.campaign, event, step, contact)
+        unsub_url = None
+        if self._secret and self.campaign.unsubscribe and self.campaign.unsubscribe.url:
+            unsub_url = unsubscribe.link(self.campaign.unsubscribe.url, self._secret,
+                                         self.campaign.id, contact.email)
+            ctx["campaign"] = {**ctx["campaign"], "unsubscribe_url": unsub_url}
         if extra:
             ctx.update(extra)
         rendered = self.templates.render(template or step.template, contact.language, ctx)
@@ -123,5 +141,6 @@ class Composer:
             date=when,
             ics=payload,
             method=method,
+            unsubscribe_url=unsub_url,
         )
         return Composed(mid, contact.email, rendered.subject, data)

@@ -14,9 +14,9 @@ from typing import Literal
 
 from email_validator import EmailNotValidError, validate_email
 
-from .errors import Problem
+from .errors import ContactsError, Problem
 
-__all__ = ["Contact", "ContactList", "load_contacts"]
+__all__ = ["Contact", "ContactList", "load_contacts", "normalise_address"]
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,17 @@ def _address(raw: str) -> str:
             return f"{local}@{checked[0]}"
     v = validate_email(raw, check_deliverability=False)
     return f"{v.local_part}@{v.domain.lower()}"
+
+
+def normalise_address(raw: str) -> str:
+    """An address in the form the ledger stores it (as contact lists are loaded).
+
+    :raises ContactsError: not a valid address.
+    """
+    try:
+        return _address(raw.strip())
+    except EmailNotValidError as exc:
+        raise ContactsError([Problem(raw, f"not a valid address: {exc}")]) from None
 
 
 @lru_cache(maxsize=1024)

@@ -54,8 +54,10 @@ def _snapshot(ws: Workspace) -> dict[Path, float]:
 class Daemon:
     """Wakes at each step's time and each retry time, runs a pass, reloads on edits."""
 
-    def __init__(self, config_path: Path, ws: Workspace, ledger: Ledger, settings: TransportSettings) -> None:
+    def __init__(self, config_path: Path, ws: Workspace, ledger: Ledger, settings: TransportSettings,
+                 environ: Mapping[str, str]) -> None:
         self.config_path = config_path
+        self.environ = environ
         self.ws = ws
         self.ledger = ledger
         self.settings = settings
@@ -92,7 +94,8 @@ class Daemon:
                     log.info("step due: %s (%s)", s.id, s.at.astimezone(c.timezone).isoformat(timespec="minutes"))
             try:
                 result = await run_pass(self.ws, self.ledger, now, settings=self.settings,
-                                        log=lambda m: log.info("%s", m), stop=self.stop)
+                                        log=lambda m: log.info("%s", m), stop=self.stop,
+                                        unsubscribe_secret=self.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
             except TransportFatalError as exc:
                 log.error("stopping: %s", exc)
                 self.fatal = str(exc)
@@ -184,7 +187,7 @@ def run_daemon(config_path: Path, db_path: Path | None, *, environ: Mapping[str,
         ledger.close()
         raise
     try:
-        return asyncio.run(Daemon(config_path, ws, ledger, settings).main())
+        return asyncio.run(Daemon(config_path, ws, ledger, settings, environ).main())
     finally:
         ledger.close()
 

@@ -308,7 +308,7 @@ class Ledger:
         return _row(r) if r else None
 
     def suppressed(self) -> dict[str, str]:
-        """Suppressed addresses with their reason."""
+        """Suppressed addresses (lower-cased) with their reason."""
         return dict(self.conn.execute("SELECT email, reason FROM suppressions"))
 
     def steps_started(self, campaign: str) -> dict[str, datetime]:
@@ -527,6 +527,9 @@ class Ledger:
             return c.execute(sql, args).rowcount
 
     def suppress(self, email: str, reason: str, now: datetime) -> None:
+        """Never mail ``email`` again. Stored lower-cased: providers treat the local part
+        case-insensitively in practice, and a bounce may spell it differently."""
+        email = email.lower()
         self.conn.execute(
             "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?)"
             " ON CONFLICT (email) DO UPDATE SET reason=excluded.reason, at=excluded.at",
@@ -534,7 +537,7 @@ class Ledger:
         )
 
     def unsuppress(self, email: str) -> bool:
-        return self.conn.execute("DELETE FROM suppressions WHERE email=?", (email,)).rowcount > 0
+        return self.conn.execute("DELETE FROM suppressions WHERE email=?", (email.lower(),)).rowcount > 0
 
     # -- event revisions (updates and cancellations) -------------------------------------------
 
@@ -648,7 +651,7 @@ class Ledger:
             c.execute(
                 "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?) ON CONFLICT (email)"
                 " DO UPDATE SET reason=excluded.reason, at=excluded.at",
-                (email, f"hard bounce {code}".strip(), ts),
+                (email.lower(), f"hard bounce {code}".strip(), ts),
             )
         return n
 

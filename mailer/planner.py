@@ -237,8 +237,8 @@ def plan_step(
         row = rows.get(c.email)
         if row is not None and row.status in FINAL:
             continue
-        if c.email in suppressed:
-            skip(c.email, c.name, "suppressed", f"address suppressed: {suppressed[c.email]}")
+        if c.email.lower() in suppressed:
+            skip(c.email, c.name, "suppressed", f"address suppressed: {suppressed[c.email.lower()]}")
         elif superseded_by is not None:
             skip(c.email, c.name, "skipped", f"superseded by {superseded_by}")
         elif event.status == "cancelled" and step.kind != "cancel":

@@ -58,6 +58,7 @@ async def run_pass(
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    unsubscribe_secret: str | None = None,
 ) -> PassResult:
     """Send everything due at ``now``. The caller holds the ledger lock.
 
@@ -139,7 +140,8 @@ async def run_pass(
         say(f"re-sending {result.counts['resent']} mail(s) left 'sending' by an interrupted run "
             "(same Message-ID, so mailboxes and calendars collapse any duplicate)")
 
-    composer = Composer(campaign, ws.templates, ledger.revisions(cid), ledger.snapshots(cid))
+    composer = Composer(campaign, ws.templates, ledger.revisions(cid), ledger.snapshots(cid),
+                        unsubscribe_secret=unsubscribe_secret)
     transport = Transport(settings, log=say)
     queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=settings.connections * 4)
     in_flight: dict[int, Due] = {}  # claimed, no outcome yet

@@ -377,3 +377,33 @@ def test_speed(shipped: Campaign) -> None:
     per = (time.perf_counter() - t0) / n
     print(f"for_attendee + message_id + build: {per * 1e6:.0f} µs per mail")
     assert per < 2e-3
+
+
+def test_one_click_unsubscribe_link_is_signed(tmp_path: Path) -> None:
+    """RFC 8058: with unsubscribe.url and a secret, every mail carries its own signed link."""
+    from mailer import unsubscribe
+    from mailer.compose import Composer
+    from mailer.contacts import Contact
+    from mailer.errors import ConfigError
+    from mailer.templates import Templates
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "schedules.yaml").read_text(encoding="utf-8").replace(
+        "  mailto: afmelden@example.be", "  mailto: afmelden@example.be\n  url: https://example.be/afmelden")
+    camp = config.loads(text, root / "schedules.yaml")
+    tpl = Templates(camp.templates_dir, camp.language)
+    with pytest.raises(ConfigError, match="MAILER_UNSUBSCRIBE_SECRET"):
+        Composer(camp, tpl)
+    comp = Composer(camp, tpl, unsubscribe_secret="k" * 32)
+    step = camp.steps[0]
+    who = Contact("jan@example.org", "Jan")
+    raw = comp.compose(step, camp.event(step.event), who, when=step.at).data
+    msg = check_message(raw, expect_method="REQUEST")
+    header = str(msg["List-Unsubscribe"])
+    assert "<mailto:afmelden@example.be" in header and "<https://example.be/afmelden?t=" in header
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    link = header.split("<https://")[1].split(">")[0]
+    assert unsubscribe.verify("k" * 32, "https://" + link) == (camp.id, "jan@example.org")
+    assert unsubscribe.verify("wrong", "https://" + link) is None
+    html = msg.get_body(("html",)).get_content()
+    assert "https://example.be/afmelden?t=" in html

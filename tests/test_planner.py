@@ -91,6 +91,12 @@ def test_suppressed_recorded_not_dropped(tmp_path: Path) -> None:
     assert s.status == "suppressed" and "hard bounce" in s.reason
 
 
+def test_suppression_ignores_case(tmp_path: Path) -> None:
+    c = Contact("A@example.org", "A", lists=frozenset({"x"}))
+    p = planner.plan(camp(tmp_path), [c], lambda s: {}, {"a@example.org": "unsubscribed"}, {}, T(4, 10))
+    assert [(s.email, s.status) for s in p.skips] == [("A@example.org", "suppressed")] and not p.due
+
+
 def test_late_contacts_off(tmp_path: Path) -> None:
     c = camp(tmp_path, late=False)
     rows = [row("invite", A.email, "sent")]
