@@ -63,8 +63,11 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             _problems(exc.problems)
-            err.print(f"{len(exc.problems)} problem(s); fix them and run `mailer check` again. "
-                      "Nothing was sent.", markup=False)
+            err.print(
+                f"{len(exc.problems)} problem(s); fix them and run `mailer check` again. "
+                "Nothing was sent.",
+                markup=False,
+            )
             raise SystemExit(1) from None
         except MailerError as exc:
             raise Failed(str(exc)) from None
@@ -163,7 +166,9 @@ def check(config_path: Path) -> None:
     ws = load_workspace(config_path)
     c = ws.campaign
     problems = list(ws.problems)
-    composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
+    composer = Composer(
+        c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET")
+    )
     counts: dict[str, int] = {}
     template_broken = {p.where.split(":")[0] for p in ws.errors}
     seen: set[str] = set()
@@ -182,13 +187,17 @@ def check(config_path: Path) -> None:
                         problems.append(Problem(contact.source, f"step {step.id}: {line}"))
 
     out.print(f"[bold]{c.name}[/bold] ({c.id}), time zone {c.timezone.key}, language {c.language}")
-    out.print(f"From {c.sender.name} <{c.sender.address}>, organizer {c.sender.organizer}", markup=False)
+    out.print(
+        f"From {c.sender.name} <{c.sender.address}>, organizer {c.sender.organizer}", markup=False
+    )
     events = Table(title="Events", title_justify="left")
     for col in ("id", "when", "where", "status"):
         events.add_column(col)
     for e in c.events:
         if e.all_day:
-            days = f"{e.start:%a %Y-%m-%d}" + (f" to {e.last_date:%Y-%m-%d}" if e.last_date != e.start_date else "")
+            days = f"{e.start:%a %Y-%m-%d}" + (
+                f" to {e.last_date:%Y-%m-%d}" if e.last_date != e.start_date else ""
+            )
             when = f"{days} (all day)"
         else:
             when = f"{e.start:%a %Y-%m-%d %H:%M}-{e.end:%H:%M} {e.start.tzname()}"
@@ -198,15 +207,22 @@ def check(config_path: Path) -> None:
     for col in ("step", "event", "kind", "sends at", "rule", "recipients", "ics"):
         steps.add_column(col)
     for s in c.steps:
-        steps.add_row(s.id, s.event, s.kind, _when(s.at), s.at_text, str(counts[s.id]), "yes" if s.attach_ics else "no")
+        steps.add_row(
+            s.id,
+            s.event,
+            s.kind,
+            _when(s.at),
+            s.at_text,
+            str(counts[s.id]),
+            "yes" if s.attach_ics else "no",
+        )
     out.print(steps)
     lists: dict[str, int] = {}
     for ct in ws.contacts:
         for name in ct.lists or {"(no list)"}:
             lists[name] = lists.get(name, 0) + 1
     out.print(
-        f"{len(ws.contacts)} contacts: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(lists.items()))
+        f"{len(ws.contacts)} contacts: " + ", ".join(f"{k} {v}" for k, v in sorted(lists.items()))
     )
     _pending_changes(c)
     _problems(problems)
@@ -222,10 +238,17 @@ def check(config_path: Path) -> None:
 @config_option
 @click.option("--step", "step_ids", multiple=True, help="Only this step (repeatable).")
 @click.option("--contact", "emails", multiple=True, help="Only this address (repeatable).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder to write DIR/<step>/<address>.eml into.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder to write DIR/<step>/<address>.eml into.",
+)
 @handle_errors
-def preview(config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...], out_dir: Path) -> None:
+def preview(
+    config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...], out_dir: Path
+) -> None:
     """Write every mail each recipient will get as .eml files. Sends nothing.
 
     The Date header and calendar DTSTAMP are the step's send time.
@@ -234,9 +257,13 @@ def preview(config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...
     c = ws.campaign
     unknown = [s for s in step_ids if s not in {st.id for st in c.steps}]
     if unknown:
-        raise MailerError(f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}")
+        raise MailerError(
+            f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}"
+        )
     wanted = {e.strip().lower() for e in emails}
-    composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
+    composer = Composer(
+        c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET")
+    )
     written = 0
     for step in c.steps:
         if step_ids and step.id not in step_ids:
@@ -270,9 +297,12 @@ def _pending_changes(c: Campaign) -> None:
             n = len(ledger.ics_recipients(c.id, rev.event))
             diff = planner.changes(json.loads(recorded[rev.event][2]), json.loads(rev.snapshot))
             what = "; ".join(f"{d['field']}: {d['before']} -> {d['after']}" for d in diff)
-            out.print(f"Event {rev.event} changed since its invitations went out ({what}): the next "
-                      f"pass sends {'a cancellation' if rev.kind == 'cancel' else 'an update'} "
-                      f"(SEQUENCE {rev.sequence}) to {n} recipient(s).", markup=False)
+            out.print(
+                f"Event {rev.event} changed since its invitations went out ({what}): the next "
+                f"pass sends {'a cancellation' if rev.kind == 'cancel' else 'an update'} "
+                f"(SEQUENCE {rev.sequence}) to {n} recipient(s).",
+                markup=False,
+            )
 
 
 def _safe_name(email: str) -> str:
@@ -292,8 +322,14 @@ def _safe_name(email: str) -> str:
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most N mails in this pass.")
 @click.option("--step", "step_ids", multiple=True, help="Only this step (repeatable).")
 @handle_errors
-def send(config_path: Path, db_path: Path | None, now_text: str | None, dry_run: bool,
-         limit: int | None, step_ids: tuple[str, ...]) -> None:
+def send(
+    config_path: Path,
+    db_path: Path | None,
+    now_text: str | None,
+    dry_run: bool,
+    limit: int | None,
+    step_ids: tuple[str, ...],
+) -> None:
     """Send what is due now, once, and exit (the daemon `mailer run` repeats this).
 
     SMTP settings come from schedules.yaml and MAILER_SMTP_HOST, MAILER_SMTP_PORT,
@@ -303,7 +339,9 @@ def send(config_path: Path, db_path: Path | None, now_text: str | None, dry_run:
     c = ws.campaign
     unknown = [s for s in step_ids if s not in {st.id for st in c.steps}]
     if unknown:
-        raise MailerError(f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}")
+        raise MailerError(
+            f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}"
+        )
     now = _parse_now(now_text, c)
     settings = TransportSettings.from_config(c.smtp, os.environ)
     with Ledger(db_path or c.ledger) as ledger:
@@ -313,27 +351,52 @@ def send(config_path: Path, db_path: Path | None, now_text: str | None, dry_run:
     _report(result, c, dry_run)
 
 
-def _send_with_progress(ws: Workspace, ledger: Ledger, now: datetime, settings: TransportSettings,
-                        limit: int | None, steps: tuple[str, ...] | None, dry_run: bool) -> PassResult:
-    with Progress(TextColumn("sending"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err, transient=True, disable=dry_run or not err.is_terminal) as bar:
+def _send_with_progress(
+    ws: Workspace,
+    ledger: Ledger,
+    now: datetime,
+    settings: TransportSettings,
+    limit: int | None,
+    steps: tuple[str, ...] | None,
+    dry_run: bool,
+) -> PassResult:
+    with Progress(
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=dry_run or not err.is_terminal,
+    ) as bar:
         task = bar.add_task("send", total=None)
 
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
         return asyncio.run(
-            run_pass(ws, ledger, now, settings=settings, clock=virtual_clock(now), limit=limit,
-                     steps=steps, dry_run=dry_run, progress=progress,
-                     log=lambda m: err.print(m, markup=False),
-                     unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
+            run_pass(
+                ws,
+                ledger,
+                now,
+                settings=settings,
+                clock=virtual_clock(now),
+                limit=limit,
+                steps=steps,
+                dry_run=dry_run,
+                progress=progress,
+                log=lambda m: err.print(m, markup=False),
+                unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"),
+            )
         )
 
 
 def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
     local = result.now.astimezone(c.timezone)
     if dry_run and result.plan is not None:
-        table = Table(title=f"Due at {_when(local)} (dry run: nothing sent or recorded)", title_justify="left")
+        table = Table(
+            title=f"Due at {_when(local)} (dry run: nothing sent or recorded)", title_justify="left"
+        )
         for col in ("step", "recipient", "note"):
             table.add_column(col)
         for d in result.plan.due:
@@ -341,8 +404,15 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
         for s in result.plan.skips:
             table.add_row(s.step.id, s.email, f"{s.status}: {s.reason}")
         out.print(table)
-    parts = [f"{k} {result.counts[k]}" for k in ("sent", "deferred", "failed", "skipped", "suppressed", "resent") if result.counts[k]]
-    out.print(f"At {_when(local)}: {result.due} due; " + (", ".join(parts) or "nothing sent") + ".", markup=False)
+    parts = [
+        f"{k} {result.counts[k]}"
+        for k in ("sent", "deferred", "failed", "skipped", "suppressed", "resent")
+        if result.counts[k]
+    ]
+    out.print(
+        f"At {_when(local)}: {result.due} due; " + (", ".join(parts) or "nothing sent") + ".",
+        markup=False,
+    )
     if result.next_wake:
         out.print(f"Next send time: {_when(result.next_wake.astimezone(c.timezone))}", markup=False)
 
@@ -362,7 +432,9 @@ def status(config_path: Path, db_path: Path | None) -> None:
         campaign = None
     path = db_path or (campaign.ledger if campaign else Path("mailer.db"))
     if not path.exists():
-        raise MailerError(f"{path}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
+        raise MailerError(
+            f"{path}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)"
+        )
     with Ledger(path) as ledger:
         rows = ledger.summary()
         answers = ledger.reply_counts()
@@ -386,7 +458,9 @@ def status(config_path: Path, db_path: Path | None) -> None:
     for col in ("campaign", "step", *cols, "next send"):
         table.add_column(col, justify="right" if col in cols else "left")
     order = {s.id: i for i, s in enumerate(campaign.steps)} if campaign else {}
-    for (camp, step), d in sorted(per.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 999), kv[0][1])):
+    for (camp, step), d in sorted(
+        per.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 999), kv[0][1])
+    ):
         nxt = _when(d["next"].astimezone(tz)) if d["next"] else ""
         table.add_row(camp, step, *(str(d[c]) for c in cols), nxt)
     out.print(table)
@@ -411,8 +485,15 @@ def status(config_path: Path, db_path: Path | None) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N rows.")
 @click.option("--attempts", "show_attempts", is_flag=True, help="Also list every SMTP attempt.")
 @handle_errors
-def log(config_path: Path, db_path: Path | None, status_: str | None, email: str | None,
-        step: str | None, limit: int | None, show_attempts: bool) -> None:
+def log(
+    config_path: Path,
+    db_path: Path | None,
+    status_: str | None,
+    email: str | None,
+    step: str | None,
+    limit: int | None,
+    show_attempts: bool,
+) -> None:
     """The delivery rows: who got what, when, and what the server said."""
     path = _ledger_path(db_path, config_path)
     if not path.exists():
@@ -422,15 +503,30 @@ def log(config_path: Path, db_path: Path | None, status_: str | None, email: str
         for col in ("step", "email", "status", "tries", "updated (UTC)", "reply / reason"):
             table.add_column(col, overflow="fold")
         n = 0
-        for r in ledger.log(status=status_, email=email.strip().lower() if email else None, step=step, limit=limit):
+        for r in ledger.log(
+            status=status_, email=email.strip().lower() if email else None, step=step, limit=limit
+        ):
             n += 1
             reply = " ".join(str(x) for x in (r["smtp_code"], r["smtp_text"]) if x is not None)
             why = r["reason"] or ""
-            table.add_row(r["step"], r["email"], r["status"], str(r["attempts"]), r["updated"],
-                          "; ".join(x for x in (reply, why) if x))
+            table.add_row(
+                r["step"],
+                r["email"],
+                r["status"],
+                str(r["attempts"]),
+                r["updated"],
+                "; ".join(x for x in (reply, why) if x),
+            )
             if show_attempts:
                 for a in ledger.attempts(r["id"]):
-                    table.add_row("", "", f"  {a['outcome']}", "", a["at"], f"{a['code'] or ''} {a['text'] or ''}")
+                    table.add_row(
+                        "",
+                        "",
+                        f"  {a['outcome']}",
+                        "",
+                        a["at"],
+                        f"{a['code'] or ''} {a['text'] or ''}",
+                    )
     out.print(table)
     out.print(f"{n} row(s).")
 
@@ -438,13 +534,21 @@ def log(config_path: Path, db_path: Path | None, status_: str | None, email: str
 @cli.command()
 @config_option
 @db_option
-@click.option("--status", "status_", default="failed", show_default=True,
-              type=click.Choice(list(STATUSES)))
+@click.option(
+    "--status", "status_", default="failed", show_default=True, type=click.Choice(list(STATUSES))
+)
 @click.option("--step", help="Only this step.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="CSV file to write (usable as a contacts: list).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="CSV file to write (usable as a contacts: list).",
+)
 @handle_errors
-def export(config_path: Path, db_path: Path | None, status_: str, step: str | None, output: Path) -> None:
+def export(
+    config_path: Path, db_path: Path | None, status_: str, step: str | None, output: Path
+) -> None:
     """Write deliveries with a status as a CSV that `contacts:` accepts, to re-send elsewhere."""
     path = _ledger_path(db_path, config_path)
     if not path.exists():
@@ -452,10 +556,22 @@ def export(config_path: Path, db_path: Path | None, status_: str, step: str | No
     n = 0
     with Ledger(path) as ledger, output.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated"])
+        w.writerow(
+            ["email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated"]
+        )
         for r in ledger.log(status=status_, step=step):
-            w.writerow([r["email"], r["name"], r["step"], r["status"], r["smtp_code"] or "",
-                        r["smtp_text"] or "", r["reason"] or "", r["updated"]])
+            w.writerow(
+                [
+                    r["email"],
+                    r["name"],
+                    r["step"],
+                    r["status"],
+                    r["smtp_code"] or "",
+                    r["smtp_text"] or "",
+                    r["reason"] or "",
+                    r["updated"],
+                ]
+            )
             n += 1
     out.print(f"Wrote {n} row(s) to {output}.", markup=False)
 
@@ -485,12 +601,21 @@ def suppress() -> None:
 @db_option
 @click.argument("emails", nargs=-1)
 @click.option("--reason", default="added by hand", show_default=True)
-@click.option("--link", "links", multiple=True,
-              help="An unsubscribe link (or its token) from a mail: verified with "
-                   "MAILER_UNSUBSCRIBE_SECRET, then its address is suppressed.")
+@click.option(
+    "--link",
+    "links",
+    multiple=True,
+    help="An unsubscribe link (or its token) from a mail: verified with "
+    "MAILER_UNSUBSCRIBE_SECRET, then its address is suppressed.",
+)
 @handle_errors
-def suppress_add(config_path: Path, db_path: Path | None, emails: tuple[str, ...], reason: str,
-                 links: tuple[str, ...]) -> None:
+def suppress_add(
+    config_path: Path,
+    db_path: Path | None,
+    emails: tuple[str, ...],
+    reason: str,
+    links: tuple[str, ...],
+) -> None:
     """Suppress EMAILS: every later delivery to them is recorded as suppressed, not sent."""
     from . import unsubscribe
     from .contacts import normalise_address
@@ -501,10 +626,14 @@ def suppress_add(config_path: Path, db_path: Path | None, emails: tuple[str, ...
     found = list(emails)
     for ln in links:
         if not secret:
-            raise MailerError("--link needs MAILER_UNSUBSCRIBE_SECRET (the secret the links were signed with)")
+            raise MailerError(
+                "--link needs MAILER_UNSUBSCRIBE_SECRET (the secret the links were signed with)"
+            )
         checked = unsubscribe.verify(secret, ln)
         if checked is None:
-            raise MailerError(f"{ln}: not a valid unsubscribe link (forged, damaged or another secret)")
+            raise MailerError(
+                f"{ln}: not a valid unsubscribe link (forged, damaged or another secret)"
+            )
         found.append(checked[1])
         reason = "unsubscribed (one-click link)"
     path = _ledger_path(db_path, config_path)
@@ -571,8 +700,14 @@ def run(config_path: Path, db_path: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-              show_default=True, help="Where the Maildir, the ledger and the log go.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+    help="Where the Maildir, the ledger and the log go.",
+)
 @config_option
 @handle_errors
 def demo(out_dir: Path, config_path: Path) -> None:

@@ -46,10 +46,16 @@ class Composer:
         :raises ConfigError: ``unsubscribe.url`` is set but there is no secret."""
         unsub = campaign.unsubscribe
         if unsub is not None and unsub.url and not unsubscribe_secret:
-            raise ConfigError([Problem(
-                str(campaign.config_path.name),
-                "unsubscribe.url is set but MAILER_UNSUBSCRIBE_SECRET is not; set it to a long "
-                "random string (the links are signed with it)", field="unsubscribe.url")])
+            raise ConfigError(
+                [
+                    Problem(
+                        str(campaign.config_path.name),
+                        "unsubscribe.url is set but MAILER_UNSUBSCRIBE_SECRET is not; set it to a long "
+                        "random string (the links are signed with it)",
+                        field="unsubscribe.url",
+                    )
+                ]
+            )
         self._secret = unsubscribe_secret
         self.campaign = campaign
         self.templates = templates
@@ -76,12 +82,18 @@ class Composer:
             after = self._snapshots.get((event.id, sequence))
             extra = {
                 "changes": planner_changes(json.loads(before), json.loads(after))
-                if before and after else [],
+                if before and after
+                else [],
                 "sequence": sequence,
             }
         return self.compose(
-            step, event, contact, when=when, sequence=sequence,
-            method="CANCEL" if step.kind == "cancel" else "REQUEST", extra=extra,
+            step,
+            event,
+            contact,
+            when=when,
+            sequence=sequence,
+            method="CANCEL" if step.kind == "cancel" else "REQUEST",
+            extra=extra,
         )
 
     def message_id(self, step: Step, email: str) -> str:
@@ -95,7 +107,9 @@ class Composer:
         if proto is None:
             if len(self._protos) > 256:  # dtstamps change per claim batch; keep this bounded
                 self._protos.clear()
-            proto = ics.prototype(self.campaign, event, method=method, sequence=sequence, dtstamp=dtstamp)
+            proto = ics.prototype(
+                self.campaign, event, method=method, sequence=sequence, dtstamp=dtstamp
+            )
             self._protos[key] = proto
         return proto
 
@@ -119,15 +133,18 @@ class Composer:
         ctx = context(self.campaign, event, step, contact)
         unsub_url = None
         if self._secret and self.campaign.unsubscribe and self.campaign.unsubscribe.url:
-            unsub_url = unsubscribe.link(self.campaign.unsubscribe.url, self._secret,
-                                         self.campaign.id, contact.email)
+            unsub_url = unsubscribe.link(
+                self.campaign.unsubscribe.url, self._secret, self.campaign.id, contact.email
+            )
             ctx["campaign"] = {**ctx["campaign"], "unsubscribe_url": unsub_url}
         if extra:
             ctx.update(extra)
         rendered = self.templates.render(template or step.template, contact.language, ctx)
         payload = None
         if self.has_ics(step):
-            payload = self.prototype(event, method, sequence, when).for_attendee(contact.email, contact.name)
+            payload = self.prototype(event, method, sequence, when).for_attendee(
+                contact.email, contact.name
+            )
         mid = self.message_id(step, contact.email)
         data = message.build(
             campaign=self.campaign,

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-from email_validator import EmailNotValidError, validate_email
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from .errors import ConfigError, Problem
+from .schema import CampaignModel, EventModel
+from .times import parse_date, parse_duration, parse_local, resolve_local, resolve_step_time
+from .yamlsource import YamlPath, fmt_path, line_for, load_yaml
 
 __all__ = [
     "Audience",
@@ -205,303 +204,6 @@ class Campaign:
 
 
 # --------------------------------------------------------------------------------------
-# Time helpers (pure).
-# --------------------------------------------------------------------------------------
-
-_DURATION = re.compile(r"^\s*(?:(\d+)\s*w)?\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*$")
-_RELATIVE = re.compile(
-    r"^\s*-\s*(?:(?P<d>\d+)\s*d)?\s*(?:(?P<h>\d+)\s*h)?\s*(?:(?P<m>\d+)\s*m)?"
-    r"\s*(?:(?P<hh>\d{1,2}):(?P<mm>\d{2}))?\s*$"
-)
-_LOCAL_DT = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})[ T](\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
-_DATE = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})\s*$")
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parse ``1d``, ``2h``, ``30m``, ``1w 2d``.
-
-    >>> parse_duration("1d 2h")
-    datetime.timedelta(days=1, seconds=7200)
-    """
-    m = _DURATION.match(text)
-    if not m or not any(m.groups()):
-        raise ValueError(f"{text!r} is not a duration; write e.g. 30m, 2h, 1d or 1w")
-    w, d, h, mi = (int(g or 0) for g in m.groups())
-    return timedelta(weeks=w, days=d, hours=h, minutes=mi)
-
-
-def resolve_local(naive: datetime, tz: ZoneInfo) -> datetime:
-    """Attach ``tz`` to a wall-clock time, refusing times that do not exist or are ambiguous.
-
-    :raises ValueError: in a DST gap (the clock skips it) or a DST overlap (it happens twice).
-    """
-    a = naive.replace(tzinfo=tz, fold=0)
-    b = naive.replace(tzinfo=tz, fold=1)
-    if a.utcoffset() != b.utcoffset():
-        # Either a gap (neither round-trips) or an overlap (both exist).
-        back = a.astimezone(ZoneInfo("UTC")).astimezone(tz).replace(tzinfo=None)
-        if back != naive:
-            raise ValueError(
-                f"{naive:%Y-%m-%d %H:%M} does not exist in {tz.key} (the clocks skip it "
-                "for daylight saving time); pick another time"
-            )
-        raise ValueError(
-            f"{naive:%Y-%m-%d %H:%M} happens twice in {tz.key} (the clocks go back); "
-            "pick another time"
-        )
-    return a
-
-
-def _parse_local(text: str) -> datetime:
-    m = _LOCAL_DT.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a local time; write YYYY-MM-DD HH:MM")
-    d = date.fromisoformat(m.group(1))
-    return datetime.combine(d, time(int(m.group(2)), int(m.group(3)), int(m.group(4) or 0)))
-
-
-def _parse_date(text: str) -> date:
-    m = _DATE.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a date; write YYYY-MM-DD")
-    return date.fromisoformat(m.group(1))
-
-
-def resolve_step_time(text: str, event: Event, tz: ZoneInfo) -> datetime:
-    """Resolve a step's ``at:`` into an aware datetime.
-
-    ``YYYY-MM-DD HH:MM`` is a local time; ``-7d 09:00`` is 09:00 local seven days before the
-    event's start date; ``-1d`` is the same wall-clock time one day earlier; ``-2h`` / ``-30m``
-    are exact durations before the start.
-    """
-    if _LOCAL_DT.match(text):
-        return resolve_local(_parse_local(text), tz)
-    m = _RELATIVE.match(text)
-    if not m or not any(m.group(k) for k in ("d", "h", "m", "hh")):
-        raise ValueError(
-            f"{text!r} is not a send time; write an absolute local time (2018-01-08 09:00) "
-            "or one relative to the event start (-7d 09:00, -1d, -2h, -30m)"
-        )
-    local_start = event.start.replace(tzinfo=None)
-    days = int(m.group("d") or 0)
-    wall = local_start - timedelta(days=days)
-    if m.group("hh") is not None:
-        hh, mm = int(m.group("hh")), int(m.group("mm"))
-        if hh > 23 or mm > 59:
-            raise ValueError(f"{text!r}: {hh:02d}:{mm:02d} is not a time of day")
-        wall = datetime.combine(wall.date(), time(hh, mm))
-    at = resolve_local(wall, tz)
-    delta = timedelta(hours=int(m.group("h") or 0), minutes=int(m.group("m") or 0))
-    if delta:
-        utc = ZoneInfo("UTC")
-        at = (at.astimezone(utc) - delta).astimezone(tz)
-    return at
-
-
-# --------------------------------------------------------------------------------------
-# YAML loading with line numbers.
-# --------------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that leaves dates and times as strings, so that we parse them with
-    the campaign's time zone and report our own errors."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-Path_ = tuple[str | int, ...]
-
-
-def _lines(node: yaml.Node, path: Path_ = ()) -> Iterator[tuple[Path_, int]]:
-    yield path, node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.start_mark)
-            yield (*path, key), k.start_mark.line + 1
-            for sub, line in _lines(v, (*path, key)):
-                if sub != (*path, key):
-                    yield sub, line
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            yield from _lines(v, (*path, i))
-
-
-def _load_yaml(text: str, where: str) -> tuple[Any, dict[Path_, int]]:
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        msg = " ".join(str(x) for x in (exc.context, exc.problem) if x)
-        raise ConfigError(
-            [Problem(f"{where}{line}", f"not valid YAML: {msg}; check indentation and quoting")]
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([Problem(where, f"not valid YAML: {exc}")]) from None
-    lines = dict(_lines(node)) if node is not None else {}
-    return data, lines
-
-
-def _fmt_path(loc: Path_) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _line_for(lines: dict[Path_, int], loc: Path_) -> int | None:
-    loc = tuple(loc)
-    while loc:
-        if loc in lines:
-            return lines[loc]
-        loc = loc[:-1]
-    return lines.get(())
-
-
-# --------------------------------------------------------------------------------------
-# The schema (pydantic). Unknown keys are rejected everywhere.
-# --------------------------------------------------------------------------------------
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-
-def _email(value: str) -> str:
-    try:
-        return validate_email(value, check_deliverability=False).normalized
-    except EmailNotValidError as exc:
-        raise ValueError(f"{value!r} is not a valid address: {exc}") from None
-
-
-class _SenderModel(_Model):
-    from_: str = Field(alias="from")
-    name: str = ""
-    reply_to: str | None = None
-    organizer: str | None = None
-    organizer_name: str | None = None
-
-    _check_from = field_validator("from_")(lambda cls, v: _email(v))
-    _check_reply = field_validator("reply_to", "organizer")(
-        lambda cls, v: None if v is None else _email(v)
-    )
-
-    @field_validator("name", "organizer_name")
-    @classmethod
-    def _one_line(cls, v: str | None) -> str | None:
-        if v is not None and ("\n" in v or "\r" in v):
-            raise ValueError("must be on one line")
-        return v
-
-
-class _EventModel(_Model):
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
-    title: str = Field(min_length=1)
-    start: str | None = None
-    end: str | None = None
-    date: str | None = None
-    end_date: str | None = None
-    location: str | None = None
-    description: str | None = None
-    url: str | None = None
-    status: Literal["confirmed", "cancelled"] = "confirmed"
-    uid: str | None = None
-
-
-class _AudienceModel(_Model):
-    lists: list[str] = []
-    tags: list[str] = []
-    rsvp: list[Literal["accepted", "tentative", "declined", "no-reply"]] = []
-
-
-class _StepModel(_Model):
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
-    event: str
-    template: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    at: str
-    kind: Literal["invitation", "reminder"] | None = None
-    audience: _AudienceModel = _AudienceModel()
-    attach_ics: bool | None = None
-
-
-class _SmtpModel(_Model):
-    host: str = "localhost"
-    port: int | None = Field(default=None, ge=1, le=65535)
-    tls: Literal["starttls", "tls", "none"] = "starttls"
-    ca_file: str | None = None
-    timeout: float = Field(default=30.0, gt=0)
-    connections: int = Field(default=2, ge=1, le=64)
-    rate: str | float | None = None
-    per_hour: int | None = Field(default=None, ge=1)
-    local_hostname: str | None = None
-
-    @field_validator("rate")
-    @classmethod
-    def _rate(cls, v: str | float | None) -> float | None:
-        if v is None:
-            return None
-        if isinstance(v, int | float):
-            value = float(v)
-        else:
-            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute)\s*", v)
-            if not m:
-                raise ValueError(f"{v!r} is not a rate; write e.g. 10/s or 300/min")
-            value = float(m.group(1)) / (60.0 if m.group(2).startswith("m") else 1.0)
-        if value <= 0:
-            raise ValueError("rate must be above zero")
-        return value
-
-
-class _DeliveryModel(_Model):
-    late_after: str = "1d"
-    late_contacts: bool = True
-    retry_base: str = "1m"
-    retry_max: str = "1h"
-    max_attempts: int = Field(default=10, ge=1)
-
-    @field_validator("late_after", "retry_base", "retry_max")
-    @classmethod
-    def _dur(cls, v: str) -> str:
-        parse_duration(v)
-        return v
-
-
-class _UnsubscribeModel(_Model):
-    mailto: str | None = None
-    url: str | None = Field(default=None, pattern=r"^https://\S+$")
-
-    _check_mailto = field_validator("mailto")(lambda cls, v: None if v is None else _email(v))
-
-
-class _CampaignModel(_Model):
-    campaign: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
-    name: str | None = None
-    timezone: str
-    language: str = Field(default="en", pattern=r"^[a-z]{2,3}(?:[_-][A-Za-z]{2})?$")
-    sender: _SenderModel
-    events: list[_EventModel] = Field(min_length=1)
-    steps: list[_StepModel] = Field(min_length=1)
-    contacts: list[str] = Field(min_length=1)
-    templates: str = "templates"
-    ledger: str = "mailer.db"
-    smtp: _SmtpModel = _SmtpModel()
-    delivery: _DeliveryModel = _DeliveryModel()
-    unsubscribe: _UnsubscribeModel | None = None
-    update_template: str = Field(default="update", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    cancel_template: str = Field(default="cancel", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-    @field_validator("contacts", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-
-# --------------------------------------------------------------------------------------
 # Building a Campaign.
 # --------------------------------------------------------------------------------------
 
@@ -527,16 +229,18 @@ def loads(text: str, path: str | Path = "schedules.yaml") -> Campaign:
     """Validate campaign YAML ``text`` as if read from ``path`` (relative paths resolve there)."""
     path = Path(path).absolute()
     where = _display(path)
-    data, lines = _load_yaml(text, where)
+    data, lines = load_yaml(text, where)
     if not isinstance(data, dict):
-        raise ConfigError([Problem(f"{where}:1", "expected a mapping of keys (campaign:, events:, ...)")])
+        raise ConfigError(
+            [Problem(f"{where}:1", "expected a mapping of keys (campaign:, events:, ...)")]
+        )
 
-    def at(loc: Path_) -> str:
-        line = _line_for(lines, loc)
+    def at(loc: YamlPath) -> str:
+        line = line_for(lines, loc)
         return f"{where}:{line}" if line else where
 
     try:
-        model = _CampaignModel.model_validate(data)
+        model = CampaignModel.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -547,7 +251,7 @@ def loads(text: str, path: str | Path = "schedules.yaml") -> Campaign:
             elif err["type"] == "missing":
                 msg = "required key is missing"
             loc = tuple("from" if p == "from_" else p for p in loc)
-            problems.append(Problem(at(loc), msg, field=_fmt_path(loc)))
+            problems.append(Problem(at(loc), msg, field=fmt_path(loc)))
         raise ConfigError(problems) from None
     return _build(model, path, at)
 
@@ -559,16 +263,19 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _build(m: _CampaignModel, path: Path, at: Any) -> Campaign:
+def _build(m: CampaignModel, path: Path, at: Any) -> Campaign:
     problems: list[Problem] = []
 
-    def bad(loc: Path_, msg: str) -> None:
-        problems.append(Problem(at(loc), msg, field=_fmt_path(loc)))
+    def bad(loc: YamlPath, msg: str) -> None:
+        problems.append(Problem(at(loc), msg, field=fmt_path(loc)))
 
     try:
         tz = ZoneInfo(m.timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        bad(("timezone",), f"unknown time zone {m.timezone!r}; use an IANA name such as Europe/Brussels")
+        bad(
+            ("timezone",),
+            f"unknown time zone {m.timezone!r}; use an IANA name such as Europe/Brussels",
+        )
         raise ConfigError(problems) from None
 
     base = path.parent
@@ -583,7 +290,7 @@ def _build(m: _CampaignModel, path: Path, at: Any) -> Campaign:
     events: list[Event] = []
     seen: dict[str, int] = {}
     for i, e in enumerate(m.events):
-        loc: Path_ = ("events", i)
+        loc: YamlPath = ("events", i)
         if e.id in seen:
             bad((*loc, "id"), f"duplicate event id {e.id!r} (also events[{seen[e.id]}])")
             continue
@@ -609,7 +316,7 @@ def _build(m: _CampaignModel, path: Path, at: Any) -> Campaign:
             continue
         ev = by_id[s.event]
         try:
-            when = resolve_step_time(s.at, ev, tz)
+            when = resolve_step_time(s.at, ev.start, tz)
         except ValueError as exc:
             bad((*loc, "at"), str(exc))
             continue
@@ -697,7 +404,7 @@ class _FieldError(ValueError):
         self.key = key
 
 
-def _event(e: _EventModel, tz: ZoneInfo, domain: str, campaign_id: str) -> Event:
+def _event(e: EventModel, tz: ZoneInfo, domain: str, campaign_id: str) -> Event:
     uid = e.uid or f"{e.id}.{campaign_id}@{domain}"
     common = dict(
         id=e.id,
@@ -712,11 +419,11 @@ def _event(e: _EventModel, tz: ZoneInfo, domain: str, campaign_id: str) -> Event
         if e.start is not None or e.end is not None:
             raise _FieldError("date", "give either date (all-day) or start/end, not both")
         try:
-            first = _parse_date(e.date)
+            first = parse_date(e.date)
         except ValueError as exc:
             raise _FieldError("date", str(exc)) from None
         try:
-            last = _parse_date(e.end_date) if e.end_date else first
+            last = parse_date(e.end_date) if e.end_date else first
         except ValueError as exc:
             raise _FieldError("end_date", str(exc)) from None
         if last < first:
@@ -736,11 +443,11 @@ def _event(e: _EventModel, tz: ZoneInfo, domain: str, campaign_id: str) -> Event
             "an event needs start: and end: (YYYY-MM-DD HH:MM), or date: for an all-day event",
         )
     try:
-        start = resolve_local(_parse_local(e.start), tz)
+        start = resolve_local(parse_local(e.start), tz)
     except ValueError as exc:
         raise _FieldError("start", str(exc)) from None
     try:
-        end = resolve_local(_parse_local(e.end), tz)
+        end = resolve_local(parse_local(e.end), tz)
     except ValueError as exc:
         raise _FieldError("end", str(exc)) from None
     if end <= start:

@@ -33,7 +33,9 @@ SWEEP_SECONDS = 60.0
 def _setup_logging() -> None:
     if not log.handlers:
         h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s mailer %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+        h.setFormatter(
+            logging.Formatter("%(asctime)s mailer %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+        )
         log.addHandler(h)
         log.setLevel(logging.INFO)
         log.propagate = False
@@ -54,8 +56,14 @@ def _snapshot(ws: Workspace) -> dict[Path, float]:
 class Daemon:
     """Wakes at each step's time and each retry time, runs a pass, reloads on edits."""
 
-    def __init__(self, config_path: Path, ws: Workspace, ledger: Ledger, settings: TransportSettings,
-                 environ: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        ws: Workspace,
+        ledger: Ledger,
+        settings: TransportSettings,
+        environ: Mapping[str, str],
+    ) -> None:
         self.config_path = config_path
         self.environ = environ
         self.ws = ws
@@ -77,9 +85,13 @@ class Daemon:
         job = self.scheduler.get_job("wake")
         if job is not None and job.next_run_time is not None and job.next_run_time <= at:
             return
-        self.scheduler.add_job(self.tick, DateTrigger(run_date=at, timezone=UTC), id="wake",
-                               replace_existing=True)
-        log.info("next wake-up %s", at.astimezone(self.ws.campaign.timezone).isoformat(timespec="seconds"))
+        self.scheduler.add_job(
+            self.tick, DateTrigger(run_date=at, timezone=UTC), id="wake", replace_existing=True
+        )
+        log.info(
+            "next wake-up %s",
+            at.astimezone(self.ws.campaign.timezone).isoformat(timespec="seconds"),
+        )
 
     async def tick(self) -> None:
         """One pass at the clock's time (the only place the daemon reads the clock)."""
@@ -91,11 +103,21 @@ class Daemon:
             started = self.ledger.steps_started(c.id)
             for s in c.steps:
                 if s.at <= now and s.id not in started:
-                    log.info("step due: %s (%s)", s.id, s.at.astimezone(c.timezone).isoformat(timespec="minutes"))
+                    log.info(
+                        "step due: %s (%s)",
+                        s.id,
+                        s.at.astimezone(c.timezone).isoformat(timespec="minutes"),
+                    )
             try:
-                result = await run_pass(self.ws, self.ledger, now, settings=self.settings,
-                                        log=lambda m: log.info("%s", m), stop=self.stop,
-                                        unsubscribe_secret=self.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
+                result = await run_pass(
+                    self.ws,
+                    self.ledger,
+                    now,
+                    settings=self.settings,
+                    log=lambda m: log.info("%s", m),
+                    stop=self.stop,
+                    unsubscribe_secret=self.environ.get("MAILER_UNSUBSCRIBE_SECRET"),
+                )
             except TransportFatalError as exc:
                 log.error("stopping: %s", exc)
                 self.fatal = str(exc)
@@ -109,8 +131,11 @@ class Daemon:
 
     def _report(self, r: PassResult) -> None:
         if r.due or any(r.counts.values()):
-            log.info("batch: %d due, %s", r.due,
-                     ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()) if v) or "nothing sent")
+            log.info(
+                "batch: %d due, %s",
+                r.due,
+                ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()) if v) or "nothing sent",
+            )
 
     async def watch(self) -> None:
         """Reload when schedules.yaml, a contact file or a template changes. An invalid edit
@@ -119,10 +144,14 @@ class Daemon:
             ws = load_workspace(self.config_path)
         except ConfigError as exc:
             current = _snapshot(self.ws)
-            current[self.config_path.absolute()] = self.config_path.stat().st_mtime_ns if self.config_path.exists() else -1
+            current[self.config_path.absolute()] = (
+                self.config_path.stat().st_mtime_ns if self.config_path.exists() else -1
+            )
             if current != self._files:
                 self._files = current
-                log.error("reload refused, schedules.yaml is invalid; still running the previous version:")
+                log.error(
+                    "reload refused, schedules.yaml is invalid; still running the previous version:"
+                )
                 for p in exc.problems:
                     log.error("  %s", p)
             return
@@ -136,8 +165,11 @@ class Daemon:
                 log.error("  %s", p)
             return
         if ws.campaign.id != self.ws.campaign.id:
-            log.error("reload refused: the campaign id changed (%s -> %s); restart the daemon with the new ledger",
-                      self.ws.campaign.id, ws.campaign.id)
+            log.error(
+                "reload refused: the campaign id changed (%s -> %s); restart the daemon with the new ledger",
+                self.ws.campaign.id,
+                ws.campaign.id,
+            )
             return
         self.ws = ws
         log.info("reload: %d steps, %d contacts", len(ws.campaign.steps), len(ws.contacts))
@@ -146,16 +178,26 @@ class Daemon:
         await self.tick()
 
     def _add_periodic(self) -> None:
-        self.scheduler.add_job(self.watch, "interval", seconds=WATCH_SECONDS, id="watch", replace_existing=True)
-        self.scheduler.add_job(self.tick, "interval", seconds=SWEEP_SECONDS, id="sweep", replace_existing=True)
+        self.scheduler.add_job(
+            self.watch, "interval", seconds=WATCH_SECONDS, id="watch", replace_existing=True
+        )
+        self.scheduler.add_job(
+            self.tick, "interval", seconds=SWEEP_SECONDS, id="sweep", replace_existing=True
+        )
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         c = self.ws.campaign
-        log.info("start: campaign %s, %d steps, %d contacts, ledger %s, %s", c.id, len(c.steps),
-                 len(self.ws.contacts), self.ledger.path, self.settings.describe())
+        log.info(
+            "start: campaign %s, %d steps, %d contacts, ledger %s, %s",
+            c.id,
+            len(c.steps),
+            len(self.ws.contacts),
+            self.ledger.path,
+            self.settings.describe(),
+        )
         self.scheduler.start()
         self._add_periodic()
         await self.tick()  # catch up on whatever is due
@@ -178,7 +220,9 @@ def run_daemon(config_path: Path, db_path: Path | None, *, environ: Mapping[str,
     for p in ws.problems:
         (log.error if p.severity == "error" else log.warning)("%s", p)
     if ws.blocking:
-        raise MailerError(f"{len(ws.blocking)} problem(s) stop the daemon from starting; fix them and run `mailer check`")
+        raise MailerError(
+            f"{len(ws.blocking)} problem(s) stop the daemon from starting; fix them and run `mailer check`"
+        )
     settings = TransportSettings.from_config(ws.campaign.smtp, environ)
     ledger = Ledger(db_path or ws.campaign.ledger)
     try:
@@ -215,22 +259,32 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
     handler = MaildirHandler(maildir)
     with SmtpServer(handler) as server, Ledger(db) as ledger:
         ledger.lock()
-        settings = TransportSettings(host=server.host, port=server.port, tls="none",
-                                     connections=c.smtp.connections)
-        console.print(f"[bold]Demo of {c.name}[/bold]: {len(c.steps)} steps, {len(ws.contacts)} contacts, "
-                      f"embedded SMTP server on {server.host}:{server.port}")
+        settings = TransportSettings(
+            host=server.host, port=server.port, tls="none", connections=c.smtp.connections
+        )
+        console.print(
+            f"[bold]Demo of {c.name}[/bold]: {len(c.steps)} steps, {len(ws.contacts)} contacts, "
+            f"embedded SMTP server on {server.host}:{server.port}"
+        )
         now: datetime | None = min(s.at for s in c.steps) - timedelta(minutes=1)
         passes = 0
         while now is not None and passes < 1000:
             passes += 1
-            result = asyncio.run(run_pass(ws, ledger, now, settings=settings, clock=virtual_clock(now)))
+            result = asyncio.run(
+                run_pass(ws, ledger, now, settings=settings, clock=virtual_clock(now))
+            )
             sent = result.counts["sent"]
             if result.due or any(result.counts.values()):
                 local = now.astimezone(c.timezone)
                 steps = sorted({d.step.id for d in result.plan.due}) if result.plan else []
-                console.print(f"  {local:%a %d %b %Y %H:%M %Z}: {', '.join(steps) or '(records only)'}: "
-                              f"sent {sent}" + "".join(f", {k} {v}" for k, v in sorted(result.counts.items())
-                                                       if k != "sent" and v), markup=False)
+                console.print(
+                    f"  {local:%a %d %b %Y %H:%M %Z}: {', '.join(steps) or '(records only)'}: "
+                    f"sent {sent}"
+                    + "".join(
+                        f", {k} {v}" for k, v in sorted(result.counts.items()) if k != "sent" and v
+                    ),
+                    markup=False,
+                )
             now = result.next_wake
         table = Table(title="Delivery ledger", title_justify="left")
         for col in ("step", "sent", "deferred", "failed", "skipped", "suppressed"):
@@ -240,7 +294,13 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
             per.setdefault(r["step"], {})[r["status"]] = r["n"]
         for s in c.steps:
             d = per.get(s.id, {})
-            table.add_row(s.id, *(str(d.get(k, 0)) for k in ("sent", "deferred", "failed", "skipped", "suppressed")))
+            table.add_row(
+                s.id,
+                *(
+                    str(d.get(k, 0))
+                    for k in ("sent", "deferred", "failed", "skipped", "suppressed")
+                ),
+            )
         console.print(table)
         who = Table(title="What each recipient received", title_justify="left")
         who.add_column("recipient")
@@ -251,7 +311,10 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
         for email in sorted(got):
             who.add_row(email, ", ".join(got[email]))
         console.print(who)
-    console.print(f"{len(handler.received)} mails are in {maildir}/new (open them with any mail client), "
-                  f"the ledger is {db}.", markup=False)
+    console.print(
+        f"{len(handler.received)} mails are in {maildir}/new (open them with any mail client), "
+        f"the ledger is {db}.",
+        markup=False,
+    )
     console.print(f"Read the log: mailer status --db {db}   |   mailer log --db {db}", markup=False)
     return 0

@@ -29,7 +29,14 @@ Status = Literal[
     "pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed", "bounced"
 ]
 STATUSES: tuple[str, ...] = (
-    "pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed", "bounced"
+    "pending",
+    "sending",
+    "sent",
+    "deferred",
+    "failed",
+    "skipped",
+    "suppressed",
+    "bounced",
 )
 #: Statuses a row never leaves on its own (``mailer retry`` turns failed back into pending).
 FINAL: frozenset[str] = frozenset({"sent", "failed", "skipped", "suppressed", "bounced"})
@@ -232,7 +239,9 @@ class Ledger:
 
     @property
     def schema_version(self) -> int:
-        return int(self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        return int(
+            self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+        )
 
     # -- locking ----------------------------------------------------------------------------
 
@@ -353,7 +362,12 @@ class Ledger:
     ) -> Iterator[dict[str, Any]]:
         """Delivery rows matching the filters, oldest update first."""
         clauses, args = [], []
-        for col, val in (("campaign", campaign), ("status", status), ("email", email), ("step", step)):
+        for col, val in (
+            ("campaign", campaign),
+            ("status", status),
+            ("email", email),
+            ("step", step),
+        ):
             if val is not None:
                 clauses.append(f"{col}=?")
                 args.append(val)
@@ -452,7 +466,20 @@ class Ledger:
                     " ELSE deliveries.sequence END,"
                     " claimed_at=coalesce(deliveries.claimed_at, excluded.claimed_at),"
                     " updated=excluded.updated",
-                    (campaign, step, event, email, name, iso(due), mid, seq, int(has_ics), ts, ts, ts),
+                    (
+                        campaign,
+                        step,
+                        event,
+                        email,
+                        name,
+                        iso(due),
+                        mid,
+                        seq,
+                        int(has_ics),
+                        ts,
+                        ts,
+                        ts,
+                    ),
                 )
                 rid, claimed, seq_used = c.execute(
                     "SELECT id, claimed_at, sequence FROM deliveries WHERE campaign=? AND step=?"
@@ -537,7 +564,10 @@ class Ledger:
         )
 
     def unsuppress(self, email: str) -> bool:
-        return self.conn.execute("DELETE FROM suppressions WHERE email=?", (email.lower(),)).rowcount > 0
+        return (
+            self.conn.execute("DELETE FROM suppressions WHERE email=?", (email.lower(),)).rowcount
+            > 0
+        )
 
     # -- event revisions (updates and cancellations) -------------------------------------------
 
@@ -606,7 +636,13 @@ class Ledger:
     # -- replies, bounces and the inbox ----------------------------------------------------------
 
     def record_reply(
-        self, campaign: str, event: str, email: str, partstat: str, now: datetime, message_id: str | None
+        self,
+        campaign: str,
+        event: str,
+        email: str,
+        partstat: str,
+        now: datetime,
+        message_id: str | None,
     ) -> None:
         """Store an attendee's answer (ACCEPTED, DECLINED, TENTATIVE); the latest one wins."""
         self.conn.execute(
@@ -618,7 +654,9 @@ class Ledger:
 
     def replies(self, campaign: str) -> dict[tuple[str, str], str]:
         """``{(event, email): PARTSTAT}``."""
-        cur = self.conn.execute("SELECT event, email, partstat FROM replies WHERE campaign=?", (campaign,))
+        cur = self.conn.execute(
+            "SELECT event, email, partstat FROM replies WHERE campaign=?", (campaign,)
+        )
         return {(e, m): p for e, m, p in cur}
 
     def reply_counts(self, campaign: str | None = None) -> list[dict[str, Any]]:
@@ -631,7 +669,9 @@ class Ledger:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r, strict=True)) for r in cur]
 
-    def bounced(self, email: str, message_id: str | None, code: str, text: str, now: datetime) -> int:
+    def bounced(
+        self, email: str, message_id: str | None, code: str, text: str, now: datetime
+    ) -> int:
         """A hard bounce: the delivery with ``message_id`` (or, without it, the latest sent one
         to ``email``) becomes ``bounced``; the address is suppressed. Returns rows changed."""
         ts = iso(now)
@@ -656,9 +696,14 @@ class Ledger:
         return n
 
     def inbox_seen(self, message_id: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM inbox WHERE message_id=?", (message_id,)).fetchone() is not None
+        return (
+            self.conn.execute("SELECT 1 FROM inbox WHERE message_id=?", (message_id,)).fetchone()
+            is not None
+        )
 
-    def mark_inbox(self, message_id: str, kind: str, email: str | None, detail: str, now: datetime) -> None:
+    def mark_inbox(
+        self, message_id: str, kind: str, email: str | None, detail: str, now: datetime
+    ) -> None:
         """Remember a processed inbox message, so it is handled once even if flagging fails."""
         self.conn.execute(
             "INSERT OR IGNORE INTO inbox (message_id, kind, email, detail, at) VALUES (?,?,?,?,?)",

@@ -87,7 +87,9 @@ def retry_at(policy: Delivery, attempts: int, key: str, now: datetime) -> dateti
     """
     base = policy.retry_base * (2 ** max(0, attempts - 1))
     base = min(base, policy.retry_max)
-    h = int.from_bytes(hashlib.blake2b(f"{key}\0{attempts}".encode(), digest_size=4).digest(), "big")
+    h = int.from_bytes(
+        hashlib.blake2b(f"{key}\0{attempts}".encode(), digest_size=4).digest(), "big"
+    )
     factor = 0.8 + 0.4 * (h / 0xFFFFFFFF)
     return now + timedelta(seconds=base.total_seconds() * factor)
 
@@ -219,7 +221,9 @@ def plan_step(
     first_pass = started_at is None or started_at >= now
     dynamic = step.kind in ("update", "cancel")
 
-    def skip(email: str, name: str, status: Literal["skipped", "suppressed", "failed"], why: str) -> None:
+    def skip(
+        email: str, name: str, status: Literal["skipped", "suppressed", "failed"], why: str
+    ) -> None:
         out.skips.append(Skip(step, event, email, name, status, why))
 
     if dynamic:
@@ -238,15 +242,21 @@ def plan_step(
         if row is not None and row.status in FINAL:
             continue
         if c.email.lower() in suppressed:
-            skip(c.email, c.name, "suppressed", f"address suppressed: {suppressed[c.email.lower()]}")
+            skip(
+                c.email, c.name, "suppressed", f"address suppressed: {suppressed[c.email.lower()]}"
+            )
         elif superseded_by is not None:
             skip(c.email, c.name, "skipped", f"superseded by {superseded_by}")
         elif event.status == "cancelled" and step.kind != "cancel":
             skip(c.email, c.name, "skipped", "the event is cancelled")
         elif started:
             if row is not None and row.attempts:
-                skip(c.email, c.name, "failed",
-                     f"gave up after {row.attempts} attempt(s): the event has started")
+                skip(
+                    c.email,
+                    c.name,
+                    "failed",
+                    f"gave up after {row.attempts} attempt(s): the event has started",
+                )
             else:
                 skip(c.email, c.name, "skipped", "the event had started before this could be sent")
         elif row is not None and row.status == "deferred":
@@ -257,16 +267,28 @@ def plan_step(
         elif row is not None and row.status == "sending":
             out.due.append(Due(step, event, c, row))
         elif step.audience.rsvp and _answer(replies, event.id, c.email) not in step.audience.rsvp:
-            skip(c.email, c.name, "skipped",
-                 f"answered {_answer(replies, event.id, c.email)}; this step is for "
-                 f"{', '.join(sorted(step.audience.rsvp))}")
+            skip(
+                c.email,
+                c.name,
+                "skipped",
+                f"answered {_answer(replies, event.id, c.email)}; this step is for "
+                f"{', '.join(sorted(step.audience.rsvp))}",
+            )
         elif reminder_late:
-            skip(c.email, c.name, "skipped",
-                 f"reminder due {step.at:%Y-%m-%d %H:%M} is more than late_after "
-                 f"({_fmt(policy.late_after)}) in the past")
+            skip(
+                c.email,
+                c.name,
+                "skipped",
+                f"reminder due {step.at:%Y-%m-%d %H:%M} is more than late_after "
+                f"({_fmt(policy.late_after)}) in the past",
+            )
         elif row is None and not first_pass and not policy.late_contacts:
-            skip(c.email, c.name, "skipped",
-                 "added to the contacts after the step went out (delivery.late_contacts is off)")
+            skip(
+                c.email,
+                c.name,
+                "skipped",
+                "added to the contacts after the step went out (delivery.late_contacts is off)",
+            )
         else:
             out.due.append(Due(step, event, c, row))
 
@@ -306,8 +328,15 @@ def plan(
                 out._wake(step.at)
             continue
         plan_step(
-            campaign, step, contacts, rows_for(step.id), suppressed,
-            steps_started.get(step.id), now, out, replies=replies,
+            campaign,
+            step,
+            contacts,
+            rows_for(step.id),
+            suppressed,
+            steps_started.get(step.id),
+            now,
+            out,
+            replies=replies,
         )
     latest: dict[str, Step] = {}
     for step in dynamic:  # ordered oldest first
@@ -318,8 +347,16 @@ def plan(
             continue
         newer = latest[step.event]
         plan_step(
-            campaign, step, contacts, rows_for(step.id), suppressed, None, now, out,
-            replies=replies, superseded_by=newer.id if newer is not step else None,
+            campaign,
+            step,
+            contacts,
+            rows_for(step.id),
+            suppressed,
+            None,
+            now,
+            out,
+            replies=replies,
+            superseded_by=newer.id if newer is not step else None,
             by_email=by_email,
         )
     return out

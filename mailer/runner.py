@@ -80,13 +80,23 @@ async def run_pass(
         if rev.kind in ("update", "cancel"):
             people = ledger.ics_recipients(cid, rev.event)
             result.revisions.append((rev, len(people)))
-            say(f"event {rev.event} changed: {rev.kind} (SEQUENCE {rev.sequence}) for "
-                f"{len(people)} recipient(s) who have it in their calendar")
+            say(
+                f"event {rev.event} changed: {rev.kind} (SEQUENCE {rev.sequence}) for "
+                f"{len(people)} recipient(s) who have it in their calendar"
+            )
         else:
             people = []
         if not dry_run:
-            ledger.add_revision(cid, rev.event, rev.sequence, rev.kind, rev.fingerprint,
-                                rev.snapshot, now, [(rev.step_id, e, n) for e, n in people])
+            ledger.add_revision(
+                cid,
+                rev.event,
+                rev.sequence,
+                rev.kind,
+                rev.fingerprint,
+                rev.snapshot,
+                now,
+                [(rev.step_id, e, n) for e, n in people],
+            )
     dynamic = [
         planner.dynamic_step(campaign, ev, kind, seq, at)
         for ev, kind, seq, at in ledger.revision_steps(cid)
@@ -125,7 +135,9 @@ async def run_pass(
         # Every due mail gets its row now, so `mailer status` shows it as pending even when
         # --limit or a stop leaves it for a later pass.
         ledger.add_pending(
-            cid, [(d.step.id, d.event.id, d.contact.email, d.contact.name, d.step.at) for d in fresh], now
+            cid,
+            [(d.step.id, d.event.id, d.contact.email, d.contact.name, d.step.at) for d in fresh],
+            now,
         )
     due = plan.due[:limit] if limit is not None else plan.due
     if not due:
@@ -137,11 +149,18 @@ async def run_pass(
         if d.resend:
             result.counts["resent"] += 1
     if result.counts["resent"]:
-        say(f"re-sending {result.counts['resent']} mail(s) left 'sending' by an interrupted run "
-            "(same Message-ID, so mailboxes and calendars collapse any duplicate)")
+        say(
+            f"re-sending {result.counts['resent']} mail(s) left 'sending' by an interrupted run "
+            "(same Message-ID, so mailboxes and calendars collapse any duplicate)"
+        )
 
-    composer = Composer(campaign, ws.templates, ledger.revisions(cid), ledger.snapshots(cid),
-                        unsubscribe_secret=unsubscribe_secret)
+    composer = Composer(
+        campaign,
+        ws.templates,
+        ledger.revisions(cid),
+        ledger.snapshots(cid),
+        unsubscribe_secret=unsubscribe_secret,
+    )
     transport = Transport(settings, log=say)
     queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=settings.connections * 4)
     in_flight: dict[int, Due] = {}  # claimed, no outcome yet
@@ -162,9 +181,17 @@ async def run_pass(
             ledger.deferred(job.key, res.code, res.text, t, nxt)
             result.next_wake = min(filter(None, (result.next_wake, nxt)))
         else:
-            text = res.text if res.outcome == "failed" else f"gave up after {attempts} attempts: {res.text}"
+            text = (
+                res.text
+                if res.outcome == "failed"
+                else f"gave up after {attempts} attempts: {res.text}"
+            )
             ledger.failed(job.key, res.code, text, t)
-        result.counts["failed" if res.outcome == "deferred" and attempts >= policy.max_attempts else res.outcome] += 1
+        result.counts[
+            "failed"
+            if res.outcome == "deferred" and attempts >= policy.max_attempts
+            else res.outcome
+        ] += 1
         done += 1
         if progress:
             progress(done, len(due))
@@ -178,9 +205,16 @@ async def run_pass(
             claims = ledger.claim(
                 cid,
                 [
-                    (d.step.id, d.event.id, d.contact.email, d.contact.name, d.step.at,
-                     composer.message_id(d.step, d.contact.email), composer.sequence(d.event.id),
-                     composer.has_ics(d.step))
+                    (
+                        d.step.id,
+                        d.event.id,
+                        d.contact.email,
+                        d.contact.name,
+                        d.step.at,
+                        composer.message_id(d.step, d.contact.email),
+                        composer.sequence(d.event.id),
+                        composer.has_ics(d.step),
+                    )
                     for d in batch
                 ],
                 t,
@@ -191,8 +225,9 @@ async def run_pass(
                 if stop is not None and stop.is_set():
                     break
                 try:
-                    composed = composer.compose_due(d.step, d.event, d.contact, when=claimed_at,
-                                                    sequence=seq)
+                    composed = composer.compose_due(
+                        d.step, d.event, d.contact, when=claimed_at, sequence=seq
+                    )
                 except MailerError as exc:
                     in_flight.pop(rid)
                     ledger.failed(rid, None, f"could not build the mail: {exc}", clock())

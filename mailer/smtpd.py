@@ -53,8 +53,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 class SmtpServer:
     """aiosmtpd on a free loopback port, in its own thread (``with SmtpServer() as s:``)."""
 
-    def __init__(self, handler: Any | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 **smtp_kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        **smtp_kwargs: Any,
+    ) -> None:
         self.handler = handler if handler is not None else MaildirHandler()
         # decode_data=False keeps the bytes exactly as sent (CRLF, 8-bit).
         smtp_kwargs.setdefault("decode_data", False)

@@ -64,20 +64,24 @@ def load_workspace(config_path: str | Path) -> Workspace:
     problems.extend(cl.problems)
     templates = Templates(campaign.templates_dir, campaign.language)
     names = sorted({s.template for s in campaign.steps})
-    for name, what in ((campaign.update_template, "an update"), (campaign.cancel_template, "a cancellation")):
+    for name, what in (
+        (campaign.update_template, "an update"),
+        (campaign.cancel_template, "a cancellation"),
+    ):
         if templates.languages(name):
             names.append(name)
         else:
-            problems.append(Problem(
-                _rel(campaign.templates_dir / name),
-                f"no {name!r} template: if an event changes after its invitations went out, "
-                f"{what} cannot be sent; add {name}/{campaign.language}/ (see README)",
-                severity="warning",
-            ))
+            problems.append(
+                Problem(
+                    _rel(campaign.templates_dir / name),
+                    f"no {name!r} template: if an event changes after its invitations went out, "
+                    f"{what} cannot be sent; add {name}/{campaign.language}/ (see README)",
+                    severity="warning",
+                )
+            )
     problems.extend(templates.check(names))
     files = [campaign.config_path, *paths, *sorted(campaign.templates_dir.rglob("*"))]
     return Workspace(campaign, cl.contacts, templates, problems, [f for f in files if f.is_file()])
-
 
 
 def _rel(path: Path) -> str:

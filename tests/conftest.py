@@ -69,8 +69,10 @@ def write_campaign(
             smtp: {connections: 2}
             """
         )
-        + "events:\n" + textwrap.indent(textwrap.dedent(events), "  ")
-        + "steps:\n" + textwrap.indent(textwrap.dedent(steps), "  ")
+        + "events:\n"
+        + textwrap.indent(textwrap.dedent(events), "  ")
+        + "steps:\n"
+        + textwrap.indent(textwrap.dedent(steps), "  ")
         + textwrap.dedent(extra),
         encoding="utf-8",
     )
@@ -93,8 +95,14 @@ class FaultyHandler(MaildirHandler):
     data_delay: float = 0.0
     rcpt_seen: list[str] = field(default_factory=list)
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         self.rcpt_seen.append(address)
         reply = self.rcpt_replies.get(address)
         if reply:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from interop import check_message
 
 from mailer.cli import cli
-
-from interop import check_message
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +25,9 @@ def test_every_command_has_help() -> None:
     code, text = invoke("--help")
     assert code == 0
     commands = list(cli.commands)  # type: ignore[attr-defined]
-    assert {"check", "preview", "send", "status", "log", "export", "retry", "run", "demo"} <= set(commands)
+    assert {"check", "preview", "send", "status", "log", "export", "retry", "run", "demo"} <= set(
+        commands
+    )
     for name in commands:
         code, text = invoke(name, "--help")
         assert code == 0 and "Usage: " in text and len(text.splitlines()) > 4, name
@@ -38,9 +39,14 @@ def test_check_shipped_campaign(shipped: Path) -> None:
     # both sessions and every step at the right Brussels time
     assert "infosessie" in text and "Tue 2018-01-16 (all day)" in text and "(no location)" in text
     assert "Mon 2018-01-22 09:30-16:30 CET" in text and "Arduinkaai 7" in text
-    for line in ("uitnodiging-infosessie", "Thu 2018-01-04 09:00 CET",
-                 "herinnering-aan-de-slag-week", "Mon 2018-01-15 09:00 CET",
-                 "herinnering-aan-de-slag-dag", "Fri 2018-01-19 09:00 CET"):
+    for line in (
+        "uitnodiging-infosessie",
+        "Thu 2018-01-04 09:00 CET",
+        "herinnering-aan-de-slag-week",
+        "Mon 2018-01-15 09:00 CET",
+        "herinnering-aan-de-slag-dag",
+        "Fri 2018-01-19 09:00 CET",
+    ):
         assert line in text
     assert "OK: 0 warning(s)" in text
 
@@ -72,7 +78,15 @@ def test_preview_shipped_campaign_golden(shipped: Path, tmp_path: Path) -> None:
 
 
 def test_preview_one_contact_one_step(shipped: Path, tmp_path: Path) -> None:
-    code, text = invoke("preview", "--step", "uitnodiging-aan-de-slag", "--contact", "NOBODY@example.org", "--out", str(tmp_path / "p"))
+    code, text = invoke(
+        "preview",
+        "--step",
+        "uitnodiging-aan-de-slag",
+        "--contact",
+        "NOBODY@example.org",
+        "--out",
+        str(tmp_path / "p"),
+    )
     assert code == 1 and "no recipient matches" in text
     code, text = invoke("preview", "--step", "nope", "--out", str(tmp_path / "p"))
     assert code == 1 and "unknown step(s) nope" in text
@@ -81,8 +95,13 @@ def test_preview_one_contact_one_step(shipped: Path, tmp_path: Path) -> None:
 BASE_YAML = (ROOT / "schedules.yaml").read_text(encoding="utf-8")
 
 
-def _campaign(folder: Path, *, yaml_text: str | None = None, csv: bytes | None = None,
-              template_edit: tuple[str, str] | None = None) -> None:
+def _campaign(
+    folder: Path,
+    *,
+    yaml_text: str | None = None,
+    csv: bytes | None = None,
+    template_edit: tuple[str, str] | None = None,
+) -> None:
     import shutil
 
     for name in ("contacts", "templates"):
@@ -98,30 +117,155 @@ def _campaign(folder: Path, *, yaml_text: str | None = None, csv: bytes | None =
 HDR = b"email,name,language,lists\n"
 BAD_INPUTS = [
     # (id, yaml replace (old, new) | None, csv bytes | None, template edit | None, exit code, expected fragments)
-    ("malformed yaml", ("events:", "events: ["), None, None, 1, ["schedules.yaml:", "not valid YAML"]),
-    ("unknown key", ("language: nl", "language: nl\nlanguages: [nl]"), None, None, 1, ["schedules.yaml:7: languages: unknown key"]),
-    ("bad time zone", ("Europe/Brussels", "Europe/Bruxelles"), None, None, 1, ["timezone: unknown time zone 'Europe/Bruxelles'"]),
-    ("dst gap", ("at: 2018-01-04 09:00", "at: 2018-03-25 02:30"), None, None, 1, ["steps[0].at", "does not exist in Europe/Brussels"]),
-    ("unknown event", ("event: infosessie\n    template: uitnodiging-infosessie", "event: info\n    template: uitnodiging-infosessie"), None, None, 1, ["steps[0].event: unknown event 'info'"]),
-    ("missing template", ("template: herinnering\n    at: -7d", "template: herinering\n    at: -7d"), None, None, 1, ["herinering"]),
-    ("undefined variable", None, None, ("herinnering/nl/subject.txt", "Herinnering {{ contact.nickname }}"), 1, ["herinnering/nl/subject.txt:1", "nickname"]),
+    (
+        "malformed yaml",
+        ("events:", "events: ["),
+        None,
+        None,
+        1,
+        ["schedules.yaml:", "not valid YAML"],
+    ),
+    (
+        "unknown key",
+        ("language: nl", "language: nl\nlanguages: [nl]"),
+        None,
+        None,
+        1,
+        ["schedules.yaml:7: languages: unknown key"],
+    ),
+    (
+        "bad time zone",
+        ("Europe/Brussels", "Europe/Bruxelles"),
+        None,
+        None,
+        1,
+        ["timezone: unknown time zone 'Europe/Bruxelles'"],
+    ),
+    (
+        "dst gap",
+        ("at: 2018-01-04 09:00", "at: 2018-03-25 02:30"),
+        None,
+        None,
+        1,
+        ["steps[0].at", "does not exist in Europe/Brussels"],
+    ),
+    (
+        "unknown event",
+        (
+            "event: infosessie\n    template: uitnodiging-infosessie",
+            "event: info\n    template: uitnodiging-infosessie",
+        ),
+        None,
+        None,
+        1,
+        ["steps[0].event: unknown event 'info'"],
+    ),
+    (
+        "missing template",
+        ("template: herinnering\n    at: -7d", "template: herinering\n    at: -7d"),
+        None,
+        None,
+        1,
+        ["herinering"],
+    ),
+    (
+        "undefined variable",
+        None,
+        None,
+        ("herinnering/nl/subject.txt", "Herinnering {{ contact.nickname }}"),
+        1,
+        ["herinnering/nl/subject.txt:1", "nickname"],
+    ),
     ("csv without email column", None, b"naam,taal\nJan,nl\n", None, 1, ["extra.csv", "email"]),
-    ("bad address", None, HDR + b"jan@@example.be,Jan,nl,indieners\n", None, 1, ["extra.csv:row 2", "jan@@example.be"]),
-    ("duplicate address", None, HDR + b"x1@example.org,A,nl,indieners\nX1@example.org,B,nl,indieners\n", None, 0, ["extra.csv:row 3", "merged"]),
-    ("semicolon csv with bom", None, "\ufeffemail;name;language;lists\nsemi@example.org;Zoë;nl;indieners\n".encode(), None, 0, ["OK: 0 warning(s)"]),
-    ("cp1252 file", None, HDR + "cp@example.org,Ren\u00e9e,nl,indieners\n".encode("cp1252"), None, 0, ["extra.csv", "Windows-1252"]),
-    ("name with cr/lf", None, HDR + b'crlf@example.org,"Evil\r\nBcc: x@example.com",nl,indieners\n', None, 0, ["extra.csv:row 2", "line breaks"]),
-    ("name with html", None, HDR + b"html@example.org,<b>Bold</b>,nl,indieners\n", None, 0, ["OK: 0 warning(s)"]),
-    ("comma in name", None, HDR + b'comma@example.org,"Peeters, Jan",nl,indieners\n', None, 0, ["OK: 0 warning(s)"]),
-    ("step after event", ("at: -3d 09:00", "at: 2018-01-23 09:00"), None, None, 1, ["after event 'aan-de-slag' ends"]),
-    ("template syntax error", None, None, ("herinnering/nl/body.txt", "{% if %}"), 1, ["herinnering/nl/body.txt:1"]),
+    (
+        "bad address",
+        None,
+        HDR + b"jan@@example.be,Jan,nl,indieners\n",
+        None,
+        1,
+        ["extra.csv:row 2", "jan@@example.be"],
+    ),
+    (
+        "duplicate address",
+        None,
+        HDR + b"x1@example.org,A,nl,indieners\nX1@example.org,B,nl,indieners\n",
+        None,
+        0,
+        ["extra.csv:row 3", "merged"],
+    ),
+    (
+        "semicolon csv with bom",
+        None,
+        "\ufeffemail;name;language;lists\nsemi@example.org;Zoë;nl;indieners\n".encode(),
+        None,
+        0,
+        ["OK: 0 warning(s)"],
+    ),
+    (
+        "cp1252 file",
+        None,
+        HDR + "cp@example.org,Ren\u00e9e,nl,indieners\n".encode("cp1252"),
+        None,
+        0,
+        ["extra.csv", "Windows-1252"],
+    ),
+    (
+        "name with cr/lf",
+        None,
+        HDR + b'crlf@example.org,"Evil\r\nBcc: x@example.com",nl,indieners\n',
+        None,
+        0,
+        ["extra.csv:row 2", "line breaks"],
+    ),
+    (
+        "name with html",
+        None,
+        HDR + b"html@example.org,<b>Bold</b>,nl,indieners\n",
+        None,
+        0,
+        ["OK: 0 warning(s)"],
+    ),
+    (
+        "comma in name",
+        None,
+        HDR + b'comma@example.org,"Peeters, Jan",nl,indieners\n',
+        None,
+        0,
+        ["OK: 0 warning(s)"],
+    ),
+    (
+        "step after event",
+        ("at: -3d 09:00", "at: 2018-01-23 09:00"),
+        None,
+        None,
+        1,
+        ["after event 'aan-de-slag' ends"],
+    ),
+    (
+        "template syntax error",
+        None,
+        None,
+        ("herinnering/nl/body.txt", "{% if %}"),
+        1,
+        ["herinnering/nl/body.txt:1"],
+    ),
 ]
 
 
-@pytest.mark.parametrize(("replace", "csv", "tedit", "code", "fragments"),
-                         [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_table(replace: tuple[str, str] | None, csv: bytes | None, tedit: tuple[str, str] | None,
-                         code: int, fragments: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("replace", "csv", "tedit", "code", "fragments"),
+    [c[1:] for c in BAD_INPUTS],
+    ids=[c[0] for c in BAD_INPUTS],
+)
+def test_bad_input_table(
+    replace: tuple[str, str] | None,
+    csv: bytes | None,
+    tedit: tuple[str, str] | None,
+    code: int,
+    fragments: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     yaml_text = BASE_YAML.replace(*replace, 1) if replace else None
     if replace:
         assert yaml_text != BASE_YAML, "the replacement must apply"
@@ -134,10 +278,14 @@ def test_bad_input_table(replace: tuple[str, str] | None, csv: bytes | None, ted
         assert frag in text, text
 
 
-def test_hostile_names_are_safe_in_the_mail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    csv = HDR + (b'crlf@example.org,"Evil\r\nBcc: x@example.com",nl,indieners\n'
-                 b"html@example.org,<script>alert(1)</script>,nl,indieners\n"
-                 b'comma@example.org,"Peeters, Jan",nl,indieners\n')
+def test_hostile_names_are_safe_in_the_mail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    csv = HDR + (
+        b'crlf@example.org,"Evil\r\nBcc: x@example.com",nl,indieners\n'
+        b"html@example.org,<script>alert(1)</script>,nl,indieners\n"
+        b'comma@example.org,"Peeters, Jan",nl,indieners\n'
+    )
     _campaign(tmp_path, csv=csv)
     monkeypatch.chdir(tmp_path)
     code, text = invoke("preview", "--step", "uitnodiging-infosessie", "--out", "p")
@@ -153,9 +301,16 @@ def test_hostile_names_are_safe_in_the_mail(tmp_path: Path, monkeypatch: pytest.
     assert parsed["To"].addresses[0].display_name == "Peeters, Jan"
 
 
-def test_send_refuses_when_a_contact_file_is_unusable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_send_refuses_when_a_contact_file_is_unusable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _campaign(tmp_path, csv=b"naam\nJan\n")
     monkeypatch.chdir(tmp_path)
-    code, text = invoke("send", "--now", "2018-01-04T10:00", env={"MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": "9", "MAILER_SMTP_TLS": "none"})
+    code, text = invoke(
+        "send",
+        "--now",
+        "2018-01-04T10:00",
+        env={"MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": "9", "MAILER_SMTP_TLS": "none"},
+    )
     assert code == 1 and "Nothing was sent" in text
     assert not (tmp_path / "mailer.db").exists() or "sent" not in text

@@ -70,7 +70,9 @@ def test_relative_times(rule: str, local: datetime, tmp_path: Path) -> None:
 def test_relative_days_keep_wall_clock_across_dst(tmp_path: Path) -> None:
     # Event on Monday 26 March 2018, after the switch to summer time on the 25th:
     # "-7d 09:00" is 09:00 local (CET, UTC+1) on the 19th, not 08:00 or 10:00.
-    text = BASE.replace("2018-01-22 09:30", "2018-03-26 09:30").replace("2018-01-22 16:30", "2018-03-26 16:30")
+    text = BASE.replace("2018-01-22 09:30", "2018-03-26 09:30").replace(
+        "2018-01-22 16:30", "2018-03-26 16:30"
+    )
     c = config.loads(text, tmp_path / "s.yaml")
     assert c.steps[0].at.utcoffset() == timedelta(hours=1)
     assert c.steps[0].at.hour == 9
@@ -85,25 +87,83 @@ def _err(text: str, tmp_path: Path) -> list[str]:
 
 BAD = [
     ("malformed yaml", BASE + "steps: [\n", ["schedules.yaml:", "not valid YAML"]),
-    ("unknown key", BASE.replace("language: nl", "language: nl\ncolour: red"), ["schedules.yaml:4: colour: unknown key"]),
-    ("unknown key in a step", BASE + "    atx: 1\n", ["schedules.yaml:16: steps[0].atx: unknown key"]),
-    ("bad time zone", BASE.replace("Europe/Brussels", "Europe/Brussel"), ["schedules.yaml:2: timezone: unknown time zone 'Europe/Brussel'"]),
-    ("dst gap", BASE.replace("-7d 09:00", "2018-03-25 02:30"), ["steps[0].at", "does not exist in Europe/Brussels"]),
-    ("dst overlap", BASE.replace("-7d 09:00", "2017-10-29 02:30"), ["steps[0].at", "happens twice"]),
-    ("unknown event", BASE.replace("event: ev", "event: nope"), ["schedules.yaml:13: steps[0].event: unknown event 'nope'; known events: ev"]),
-    ("step after event", BASE.replace("-7d 09:00", "2018-01-23 09:00"), ["steps[0].at", "after event 'ev' ends"]),
-    ("end before start", BASE.replace("end: 2018-01-22 16:30", "end: 2018-01-22 08:00"), ["events[0].end: end must be after start"]),
-    ("missing key", BASE.replace("    title: Event\n", ""), ["events[0].title: required key is missing"]),
-    ("bad send time", BASE.replace("-7d 09:00", "next week"), ["steps[0].at", "is not a send time"]),
-    ("bad sender", BASE.replace("a@example.org", "not-an-address"), ["sender.from", "not a valid address"]),
-    ("date and start", BASE.replace("    start: 2018-01-22 09:30\n", "    start: 2018-01-22 09:30\n    date: 2018-01-22\n"), ["events[0].date: give either date"]),
-    ("duplicate step", BASE + "  - {id: s1, event: ev, template: invite, at: -1d}\n", ["steps[1].id: duplicate step id 's1'"]),
+    (
+        "unknown key",
+        BASE.replace("language: nl", "language: nl\ncolour: red"),
+        ["schedules.yaml:4: colour: unknown key"],
+    ),
+    (
+        "unknown key in a step",
+        BASE + "    atx: 1\n",
+        ["schedules.yaml:16: steps[0].atx: unknown key"],
+    ),
+    (
+        "bad time zone",
+        BASE.replace("Europe/Brussels", "Europe/Brussel"),
+        ["schedules.yaml:2: timezone: unknown time zone 'Europe/Brussel'"],
+    ),
+    (
+        "dst gap",
+        BASE.replace("-7d 09:00", "2018-03-25 02:30"),
+        ["steps[0].at", "does not exist in Europe/Brussels"],
+    ),
+    (
+        "dst overlap",
+        BASE.replace("-7d 09:00", "2017-10-29 02:30"),
+        ["steps[0].at", "happens twice"],
+    ),
+    (
+        "unknown event",
+        BASE.replace("event: ev", "event: nope"),
+        ["schedules.yaml:13: steps[0].event: unknown event 'nope'; known events: ev"],
+    ),
+    (
+        "step after event",
+        BASE.replace("-7d 09:00", "2018-01-23 09:00"),
+        ["steps[0].at", "after event 'ev' ends"],
+    ),
+    (
+        "end before start",
+        BASE.replace("end: 2018-01-22 16:30", "end: 2018-01-22 08:00"),
+        ["events[0].end: end must be after start"],
+    ),
+    (
+        "missing key",
+        BASE.replace("    title: Event\n", ""),
+        ["events[0].title: required key is missing"],
+    ),
+    (
+        "bad send time",
+        BASE.replace("-7d 09:00", "next week"),
+        ["steps[0].at", "is not a send time"],
+    ),
+    (
+        "bad sender",
+        BASE.replace("a@example.org", "not-an-address"),
+        ["sender.from", "not a valid address"],
+    ),
+    (
+        "date and start",
+        BASE.replace(
+            "    start: 2018-01-22 09:30\n", "    start: 2018-01-22 09:30\n    date: 2018-01-22\n"
+        ),
+        ["events[0].date: give either date"],
+    ),
+    (
+        "duplicate step",
+        BASE + "  - {id: s1, event: ev, template: invite, at: -1d}\n",
+        ["steps[1].id: duplicate step id 's1'"],
+    ),
     ("bad rate", BASE + "smtp: {rate: fast}\n", ["smtp.rate", "is not a rate"]),
 ]
 
 
-@pytest.mark.parametrize(("text", "expected"), [(t, e) for _, t, e in BAD], ids=[n for n, _, _ in BAD])
-def test_bad_config(text: str, expected: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("text", "expected"), [(t, e) for _, t, e in BAD], ids=[n for n, _, _ in BAD]
+)
+def test_bad_config(
+    text: str, expected: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     problems = _err(text, tmp_path)
     joined = "\n".join(problems)
@@ -113,7 +173,10 @@ def test_bad_config(text: str, expected: list[str], tmp_path: Path, monkeypatch:
 
 def test_all_problems_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    text = BASE.replace("event: ev", "event: nope") + "  - {id: s2, event: ev, template: x, at: 2018-03-25 02:30}\n"
+    text = (
+        BASE.replace("event: ev", "event: nope")
+        + "  - {id: s2, event: ev, template: x, at: 2018-03-25 02:30}\n"
+    )
     problems = _err(text, tmp_path)
     assert any("unknown event" in p for p in problems)
     assert any("does not exist" in p for p in problems)
@@ -126,7 +189,10 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_all_day_multi_day(tmp_path: Path) -> None:
-    text = BASE.replace("    start: 2018-01-22 09:30\n    end: 2018-01-22 16:30\n", "    date: 2018-01-22\n    end_date: 2018-01-23\n")
+    text = BASE.replace(
+        "    start: 2018-01-22 09:30\n    end: 2018-01-22 16:30\n",
+        "    date: 2018-01-22\n    end_date: 2018-01-23\n",
+    )
     c = config.loads(text, tmp_path / "s.yaml")
     ev = c.event("ev")
     assert ev.all_day and ev.last_date.isoformat() == "2018-01-23"

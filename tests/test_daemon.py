@@ -40,8 +40,12 @@ class Daemon:
     def __init__(self, cfg: Path, env: dict[str, str]) -> None:
         self.log = cfg.parent / f"daemon-{time.monotonic_ns()}.log"
         self.fh = self.log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mailer", "run", "--config", str(cfg)],
-                                     env={**os.environ, **env}, stdout=self.fh, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailer", "run", "--config", str(cfg)],
+            env={**os.environ, **env},
+            stdout=self.fh,
+            stderr=subprocess.STDOUT,
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -54,9 +58,12 @@ class Daemon:
             self.fh.close()
 
 
-def test_daemon_sends_on_time_reloads_and_stops(tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
+def test_daemon_sends_on_time_reloads_and_stops(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
     start = datetime.now(TZ).replace(microsecond=0)
-    first_at = start + timedelta(seconds=4)
+    # far enough ahead that the daemon is up and waiting (not catching up) when it falls due
+    first_at = start + timedelta(seconds=8)
     event = start + timedelta(days=1)
     events = f'- {{id: ev, title: Soon, start: "{local(event)}", end: "{local(event + timedelta(hours=2))}"}}\n'
     steps = f'- {{id: invite, event: ev, template: invite, at: "{local(first_at)}"}}\n'
@@ -67,19 +74,29 @@ def test_daemon_sends_on_time_reloads_and_stops(tmp_path: Path, smtp_server: Smt
     d = Daemon(cfg, smtp_env)
     try:
         assert wait_for(lambda: "start:" in d.text(), 15), d.text()
+        assert time.time() < first_at.timestamp() - 0.5, "the daemon took too long to start"
         # a second daemon on the same ledger is refused
-        other = subprocess.run([sys.executable, "-m", "mailer", "run", "--config", str(cfg)],
-                               env={**os.environ, **smtp_env}, capture_output=True, text=True, timeout=30)
+        other = subprocess.run(
+            [sys.executable, "-m", "mailer", "run", "--config", str(cfg)],
+            env={**os.environ, **smtp_env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert other.returncode == 1 and "in use by another mailer process" in other.stderr
         assert wait_for(lambda: len(received) >= 2, 20), d.text()
         arrival["invite"] = time.time()
-        assert arrival["invite"] - first_at.timestamp() < 2.0, "mails arrive within 2 s of their time"
+        assert arrival["invite"] - first_at.timestamp() < 2.0, (
+            "mails arrive within 2 s of their time"
+        )
         assert arrival["invite"] >= first_at.timestamp() - 0.05, "not early"
 
         # an edit that adds a step is picked up
         second_at = datetime.now(TZ).replace(microsecond=0) + timedelta(seconds=5)
         text = cfg.read_text()
-        cfg.write_text(text + f'  - {{id: remind, event: ev, template: remind, at: "{local(second_at)}"}}\n')
+        cfg.write_text(
+            text + f'  - {{id: remind, event: ev, template: remind, at: "{local(second_at)}"}}\n'
+        )
         assert wait_for(lambda: "reload" in d.text(), 10), d.text()
         assert wait_for(lambda: len(received) >= 4, 15), d.text()
         assert time.time() - second_at.timestamp() < 2.5
@@ -105,5 +122,8 @@ def test_daemon_sends_on_time_reloads_and_stops(tmp_path: Path, smtp_server: Smt
         time.sleep(1.5)
     finally:
         assert d2.stop() == 0
-    ids = [email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"] for r in received]
+    ids = [
+        email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"]
+        for r in received
+    ]
     assert len(ids) == len(set(ids)) == 4

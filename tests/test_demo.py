@@ -31,10 +31,16 @@ def test_demo_runs_the_whole_campaign(shipped: Path, tmp_path: Path) -> None:
         msg = email.message_from_bytes(raw, policy=email.policy.default)
         row = by_id[msg["Message-ID"]]
         per_step[row["step"]] += 1
-        check_message(raw, expect_method="REQUEST" if row["step"].startswith("uitnodiging") else None)
+        check_message(
+            raw, expect_method="REQUEST" if row["step"].startswith("uitnodiging") else None
+        )
     assert per_step == {
-        "uitnodiging-infosessie": 8, "herinnering-infosessie-week": 8, "herinnering-infosessie-dag": 8,
-        "uitnodiging-aan-de-slag": 14, "herinnering-aan-de-slag-week": 14, "herinnering-aan-de-slag-dag": 14,
+        "uitnodiging-infosessie": 8,
+        "herinnering-infosessie-week": 8,
+        "herinnering-infosessie-dag": 8,
+        "uitnodiging-aan-de-slag": 14,
+        "herinnering-aan-de-slag-week": 14,
+        "herinnering-aan-de-slag-dag": 14,
     }
     # running the demo again starts from scratch and gives the same result
     r = CliRunner().invoke(cli, ["demo", "--out", str(out)], catch_exceptions=False)

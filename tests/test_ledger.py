@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -63,8 +61,13 @@ def test_record_never_overwrites_final(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
         [(rid, _, _)] = led.claim("c", [item("a@example.org")], T0)
         led.sent(rid, 250, "OK", T0)
-        n = led.record("c", [("invite", "ev", "a@example.org", "", T0), ("invite", "ev", "b@example.org", "", T0)],
-                       status="skipped", reason="late", now=T0)
+        n = led.record(
+            "c",
+            [("invite", "ev", "a@example.org", "", T0), ("invite", "ev", "b@example.org", "", T0)],
+            status="skipped",
+            reason="late",
+            now=T0,
+        )
         assert n == 1
         assert led.get("c", "invite", "a@example.org").status == "sent"  # type: ignore[union-attr]
         assert led.get("c", "invite", "b@example.org").status == "skipped"  # type: ignore[union-attr]
@@ -72,7 +75,9 @@ def test_record_never_overwrites_final(tmp_path: Path) -> None:
 
 def test_defer_fail_retry(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(ra, _, _), (rb, _, _)] = led.claim("c", [item("a@example.org"), item("b@example.org")], T0)
+        [(ra, _, _), (rb, _, _)] = led.claim(
+            "c", [item("a@example.org"), item("b@example.org")], T0
+        )
         led.deferred(ra, 451, "try later", T0, T0 + timedelta(minutes=1))
         led.failed(rb, 550, "no such user", T0)
         summary = {(r["step"], r["status"]): r["n"] for r in led.summary("c")}
@@ -92,10 +97,14 @@ def test_release_returns_unsent_claims(tmp_path: Path) -> None:
 def test_lock_refuses_second_process(tmp_path: Path) -> None:
     db = tmp_path / "l.db"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         f"from mailer.ledger import Ledger\nl=Ledger({str(db)!r}); l.lock(); print('locked', flush=True)\n"
-         "import time; time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"from mailer.ledger import Ledger\nl=Ledger({str(db)!r}); l.lock(); print('locked', flush=True)\n"
+            "import time; time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
@@ -126,9 +135,17 @@ def test_not_a_ledger(tmp_path: Path) -> None:
 
 def test_status_queries_use_indexes(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        plan = " ".join(str(r) for r in led.conn.execute(
-            "EXPLAIN QUERY PLAN SELECT * FROM deliveries WHERE status='failed'"))
+        plan = " ".join(
+            str(r)
+            for r in led.conn.execute(
+                "EXPLAIN QUERY PLAN SELECT * FROM deliveries WHERE status='failed'"
+            )
+        )
         assert "USING INDEX" in plan
-        plan = " ".join(str(r) for r in led.conn.execute(
-            "EXPLAIN QUERY PLAN SELECT campaign, step, status, count(*) FROM deliveries GROUP BY campaign, step, status"))
+        plan = " ".join(
+            str(r)
+            for r in led.conn.execute(
+                "EXPLAIN QUERY PLAN SELECT campaign, step, status, count(*) FROM deliveries GROUP BY campaign, step, status"
+            )
+        )
         assert "COVERING INDEX" in plan or "USING INDEX" in plan

@@ -30,11 +30,15 @@ def calendar(raw: bytes) -> icalendar.Event:
     return next(iter(cal.walk("VEVENT")))
 
 
-def test_move_then_cancel_the_meeting(shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
+def test_move_then_cancel_the_meeting(
+    shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
     received = smtp_server.handler.received
     cfg = shipped / "schedules.yaml"
     send("2018-01-04T10:00", smtp_env)
-    invites = [r for r in received if b"uitnodiging-aan-de-slag" in r.data or b"Uitnodiging" in r.data]
+    invites = [
+        r for r in received if b"uitnodiging-aan-de-slag" in r.data or b"Uitnodiging" in r.data
+    ]
     meeting = [r for r in received if calendar(r.data)["UID"].startswith("aan-de-slag.")]
     assert len(meeting) == 14 and invites
     uid = str(calendar(meeting[0].data)["UID"])
@@ -42,9 +46,15 @@ def test_move_then_cancel_the_meeting(shipped: Path, smtp_server: SmtpServer, sm
 
     # the 22 January session moves by an hour
     text = cfg.read_text(encoding="utf-8")
-    cfg.write_text(text.replace("start: 2018-01-22 09:30", "start: 2018-01-22 10:30")
-                       .replace("end: 2018-01-22 16:30", "end: 2018-01-22 17:30"), encoding="utf-8")
+    cfg.write_text(
+        text.replace("start: 2018-01-22 09:30", "start: 2018-01-22 10:30").replace(
+            "end: 2018-01-22 16:30", "end: 2018-01-22 17:30"
+        ),
+        encoding="utf-8",
+    )
     r = CliRunner().invoke(cli, ["check"], catch_exceptions=False)
+    assert "Event aan-de-slag changed since its invitations went out" in r.output
+    assert "sends an update (SEQUENCE 1) to 14 recipient(s)" in r.output
     before = len(received)
     out = send("2018-01-05T09:00", smtp_env)
     assert "update (SEQUENCE 1) for 14 recipient(s)" in out
@@ -65,16 +75,25 @@ def test_move_then_cancel_the_meeting(shipped: Path, smtp_server: SmtpServer, sm
     # the reminder a week before carries the new time
     before = len(received)
     send("2018-01-15T09:00", smtp_env)
-    bodies = [email.message_from_bytes(r.data, policy=email.policy.default).get_body(("plain",)).get_content()
-              for r in received[before:]]
+    bodies = [
+        email.message_from_bytes(r.data, policy=email.policy.default)
+        .get_body(("plain",))
+        .get_content()
+        for r in received[before:]
+    ]
     meeting_reminders = [b for b in bodies if "Arduinkaai 7" in b]
     assert len(meeting_reminders) == 14 and len(bodies) == 14 + 8
     assert all("van 10:30 tot 17:30" in b for b in meeting_reminders), meeting_reminders[0]
 
     # cancelled: METHOD:CANCEL to the same people, SEQUENCE 2, and no further reminders
     text = cfg.read_text(encoding="utf-8")
-    cfg.write_text(text.replace("    title: Aan de slag INTEGRATIEPACT\n",
-                                "    title: Aan de slag INTEGRATIEPACT\n    status: cancelled\n"), encoding="utf-8")
+    cfg.write_text(
+        text.replace(
+            "    title: Aan de slag INTEGRATIEPACT\n",
+            "    title: Aan de slag INTEGRATIEPACT\n    status: cancelled\n",
+        ),
+        encoding="utf-8",
+    )
     before = len(received)
     out = send("2018-01-16T12:00", smtp_env)
     cancels = received[before:]
@@ -91,26 +110,48 @@ def test_move_then_cancel_the_meeting(shipped: Path, smtp_server: SmtpServer, sm
         skipped = list(led.log(step="herinnering-aan-de-slag-dag"))
         assert {r["status"] for r in skipped} == {"skipped"}
         assert {r["reason"] for r in skipped} == {"the event is cancelled"}
-    ids = [email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"] for r in received]
+    ids = [
+        email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"]
+        for r in received
+    ]
     assert len(ids) == len(set(ids))
 
 
-def test_reminders_skip_those_who_declined(shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
+def test_reminders_skip_those_who_declined(
+    shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
     cfg = shipped / "schedules.yaml"
-    cfg.write_text(cfg.read_text(encoding="utf-8").replace(
-        "    at: -7d 09:00\n    audience: {lists: [indieners, lerend-netwerk]}",
-        "    at: -7d 09:00\n    audience: {lists: [indieners, lerend-netwerk], rsvp: [accepted, tentative, no-reply]}"),
-        encoding="utf-8")
+    cfg.write_text(
+        cfg.read_text(encoding="utf-8").replace(
+            "    at: -7d 09:00\n    audience: {lists: [indieners, lerend-netwerk]}",
+            "    at: -7d 09:00\n    audience: {lists: [indieners, lerend-netwerk], rsvp: [accepted, tentative, no-reply]}",
+        ),
+        encoding="utf-8",
+    )
     send("2018-01-04T10:00", smtp_env)
     with Ledger(shipped / "mailer.db") as led:
-        led.record_reply("integratiepact-2018", "aan-de-slag", "jan.peeters@example.org", "DECLINED",
-                         datetime(2018, 1, 5, tzinfo=UTC), "<r1@example.org>")
-        led.record_reply("integratiepact-2018", "aan-de-slag", "an.declercq@example.be", "ACCEPTED",
-                         datetime(2018, 1, 5, tzinfo=UTC), "<r2@example.org>")
+        led.record_reply(
+            "integratiepact-2018",
+            "aan-de-slag",
+            "jan.peeters@example.org",
+            "DECLINED",
+            datetime(2018, 1, 5, tzinfo=UTC),
+            "<r1@example.org>",
+        )
+        led.record_reply(
+            "integratiepact-2018",
+            "aan-de-slag",
+            "an.declercq@example.be",
+            "ACCEPTED",
+            datetime(2018, 1, 5, tzinfo=UTC),
+            "<r2@example.org>",
+        )
     before = len(smtp_server.handler.received)
     send("2018-01-15T09:00", smtp_env)
     got = collections.Counter(r.rcpt_tos[0] for r in smtp_server.handler.received[before:])
-    assert "jan.peeters@example.org" not in got or got["jan.peeters@example.org"] == 1  # infosessie reminder only
+    assert (
+        "jan.peeters@example.org" not in got or got["jan.peeters@example.org"] == 1
+    )  # infosessie reminder only
     with Ledger(shipped / "mailer.db") as led:
         row = next(led.log(step="herinnering-aan-de-slag-week", email="jan.peeters@example.org"))
         assert row["status"] == "skipped" and "answered declined" in row["reason"]

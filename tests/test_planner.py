@@ -41,12 +41,19 @@ def row(step: str, email: str, status: str, attempts: int = 0, nxt: datetime | N
     return Row(1, step, email, status, attempts, nxt, None, None)
 
 
-def run(c: config.Campaign, rows: list[Row], now: datetime, suppressed: dict[str, str] | None = None,
-        started: dict[str, datetime] | None = None) -> planner.Plan:
+def run(
+    c: config.Campaign,
+    rows: list[Row],
+    now: datetime,
+    suppressed: dict[str, str] | None = None,
+    started: dict[str, datetime] | None = None,
+) -> planner.Plan:
     by_step: dict[str, dict[str, Row]] = {}
     for r in rows:
         by_step.setdefault(r.step, {})[r.email] = r
-    return planner.plan(c, [A, B], lambda s: by_step.get(s, {}), suppressed or {}, started or {}, now)
+    return planner.plan(
+        c, [A, B], lambda s: by_step.get(s, {}), suppressed or {}, started or {}, now
+    )
 
 
 def due(p: planner.Plan) -> set[tuple[str, str]]:
@@ -60,25 +67,94 @@ def skips(p: planner.Plan) -> set[tuple[str, str, str]]:
 CASES = [
     # (name, rows, now, expected due, expected skips)
     ("before anything", [], T(3), set(), set()),
-    ("invitation time", [], T(4, 10), {("invite", "a@example.org"), ("invite", "b@example.org")}, set()),
-    ("already sent", [row("invite", "a@example.org", "sent")], T(4, 10, 5), {("invite", "b@example.org")}, set()),
-    ("both steps due", [], T(15, 9, 0), {("invite", A.email), ("invite", B.email), ("remind", A.email), ("remind", B.email)}, set()),
-    ("reminder late", [row("invite", A.email, "sent"), row("invite", B.email, "sent")], T(16, 9, 1), set(),
-     {("remind", A.email, "skipped"), ("remind", B.email, "skipped")}),
-    ("invitation late but event ahead", [], T(21), {("invite", A.email), ("invite", B.email)},
-     {("remind", A.email, "skipped"), ("remind", B.email, "skipped")}),
-    ("event started", [row("invite", A.email, "deferred", 3, T(22, 9))], T(22, 10), set(),
-     {("invite", A.email, "failed"), ("invite", B.email, "skipped"), ("remind", A.email, "skipped"), ("remind", B.email, "skipped")}),
-    ("deferred not yet", [row("invite", A.email, "deferred", 1, T(4, 11)), row("invite", B.email, "sent")], T(4, 10, 30), set(), set()),
-    ("deferred ready", [row("invite", A.email, "deferred", 1, T(4, 11)), row("invite", B.email, "sent")], T(4, 11), {("invite", A.email)}, set()),
-    ("sending after crash is re-sent", [row("invite", A.email, "sending"), row("invite", B.email, "sent")], T(4, 11), {("invite", A.email)}, set()),
-    ("removed contact", [row("invite", "gone@example.org", "pending"), row("invite", A.email, "sent"), row("invite", B.email, "sent")], T(4, 11), set(),
-     {("invite", "gone@example.org", "skipped")}),
+    (
+        "invitation time",
+        [],
+        T(4, 10),
+        {("invite", "a@example.org"), ("invite", "b@example.org")},
+        set(),
+    ),
+    (
+        "already sent",
+        [row("invite", "a@example.org", "sent")],
+        T(4, 10, 5),
+        {("invite", "b@example.org")},
+        set(),
+    ),
+    (
+        "both steps due",
+        [],
+        T(15, 9, 0),
+        {("invite", A.email), ("invite", B.email), ("remind", A.email), ("remind", B.email)},
+        set(),
+    ),
+    (
+        "reminder late",
+        [row("invite", A.email, "sent"), row("invite", B.email, "sent")],
+        T(16, 9, 1),
+        set(),
+        {("remind", A.email, "skipped"), ("remind", B.email, "skipped")},
+    ),
+    (
+        "invitation late but event ahead",
+        [],
+        T(21),
+        {("invite", A.email), ("invite", B.email)},
+        {("remind", A.email, "skipped"), ("remind", B.email, "skipped")},
+    ),
+    (
+        "event started",
+        [row("invite", A.email, "deferred", 3, T(22, 9))],
+        T(22, 10),
+        set(),
+        {
+            ("invite", A.email, "failed"),
+            ("invite", B.email, "skipped"),
+            ("remind", A.email, "skipped"),
+            ("remind", B.email, "skipped"),
+        },
+    ),
+    (
+        "deferred not yet",
+        [row("invite", A.email, "deferred", 1, T(4, 11)), row("invite", B.email, "sent")],
+        T(4, 10, 30),
+        set(),
+        set(),
+    ),
+    (
+        "deferred ready",
+        [row("invite", A.email, "deferred", 1, T(4, 11)), row("invite", B.email, "sent")],
+        T(4, 11),
+        {("invite", A.email)},
+        set(),
+    ),
+    (
+        "sending after crash is re-sent",
+        [row("invite", A.email, "sending"), row("invite", B.email, "sent")],
+        T(4, 11),
+        {("invite", A.email)},
+        set(),
+    ),
+    (
+        "removed contact",
+        [
+            row("invite", "gone@example.org", "pending"),
+            row("invite", A.email, "sent"),
+            row("invite", B.email, "sent"),
+        ],
+        T(4, 11),
+        set(),
+        {("invite", "gone@example.org", "skipped")},
+    ),
 ]
 
 
-@pytest.mark.parametrize(("rows", "now", "exp_due", "exp_skips"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_plan_table(rows: list[Row], now: datetime, exp_due: set, exp_skips: set, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("rows", "now", "exp_due", "exp_skips"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_plan_table(
+    rows: list[Row], now: datetime, exp_due: set, exp_skips: set, tmp_path: Path
+) -> None:
     p = run(camp(tmp_path), rows, now)
     assert due(p) == exp_due
     assert skips(p) == exp_skips
@@ -93,7 +169,9 @@ def test_suppressed_recorded_not_dropped(tmp_path: Path) -> None:
 
 def test_suppression_ignores_case(tmp_path: Path) -> None:
     c = Contact("A@example.org", "A", lists=frozenset({"x"}))
-    p = planner.plan(camp(tmp_path), [c], lambda s: {}, {"a@example.org": "unsubscribed"}, {}, T(4, 10))
+    p = planner.plan(
+        camp(tmp_path), [c], lambda s: {}, {"a@example.org": "unsubscribed"}, {}, T(4, 10)
+    )
     assert [(s.email, s.status) for s in p.skips] == [("A@example.org", "suppressed")] and not p.due
 
 
@@ -105,18 +183,26 @@ def test_late_contacts_off(tmp_path: Path) -> None:
     assert skips(p) == {("invite", B.email, "skipped")}
     assert "late_contacts" in p.skips[0].reason
     # with the default (on) the newcomer still gets the invitation
-    assert due(run(camp(tmp_path), rows, T(5), started={"invite": T(4, 10)})) == {("invite", B.email)}
+    assert due(run(camp(tmp_path), rows, T(5), started={"invite": T(4, 10)})) == {
+        ("invite", B.email)
+    }
 
 
 def test_next_wake(tmp_path: Path) -> None:
     c = camp(tmp_path)
     assert run(c, [], T(3)).next_wake == T(4, 10)
-    p = run(c, [row("invite", A.email, "deferred", 1, T(4, 11)), row("invite", B.email, "sent")], T(4, 10, 30))
+    p = run(
+        c,
+        [row("invite", A.email, "deferred", 1, T(4, 11)), row("invite", B.email, "sent")],
+        T(4, 10, 30),
+    )
     assert p.next_wake == T(4, 11)
 
 
 def test_cancelled_event(tmp_path: Path) -> None:
-    text = YAML.replace("LATE", "true").replace("end: 2018-01-22 16:30}", "end: 2018-01-22 16:30, status: cancelled}")
+    text = YAML.replace("LATE", "true").replace(
+        "end: 2018-01-22 16:30}", "end: 2018-01-22 16:30, status: cancelled}"
+    )
     c = config.loads(text, tmp_path / "s.yaml")
     p = run(c, [], T(4, 10))
     assert due(p) == set() and {s.reason for s in p.skips} == {"the event is cancelled"}

@@ -37,8 +37,9 @@ def contacts(n: int) -> str:
 
 
 def send(cfg: Path, now: str, env: dict[str, str], *extra: str) -> tuple[int, str]:
-    r = CliRunner().invoke(cli, ["send", "--config", str(cfg), "--now", now, *extra], env=env,
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        cli, ["send", "--config", str(cfg), "--now", now, *extra], env=env, catch_exceptions=False
+    )
     return r.exit_code, r.output
 
 
@@ -48,10 +49,15 @@ def rows(cfg: Path) -> dict[tuple[str, str], dict]:
 
 
 def ids(handler: FaultyHandler) -> list[str]:
-    return [email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"] for r in handler.received]
+    return [
+        email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"]
+        for r in handler.received
+    ]
 
 
-def test_send_once_then_nothing(tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
+def test_send_once_then_nothing(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS)
     code, out = send(cfg, "2018-01-04T10:00", smtp_env)
     assert code == 0, out
@@ -67,7 +73,10 @@ def test_send_once_then_nothing(tmp_path: Path, smtp_server: SmtpServer, smtp_en
     assert len(handler.received) == 2
     # ledger agrees with the server
     led = rows(cfg)
-    assert {k: r["status"] for k, r in led.items()} == {("invite", "ann@example.org"): "sent", ("invite", "bob@example.org"): "sent"}
+    assert {k: r["status"] for k, r in led.items()} == {
+        ("invite", "ann@example.org"): "sent",
+        ("invite", "bob@example.org"): "sent",
+    }
     assert {r["message_id"] for r in led.values()} == set(ids(handler))
     # the reminder at its time, without a calendar
     code, out = send(cfg, "2018-01-21T09:00", smtp_env)
@@ -76,7 +85,9 @@ def test_send_once_then_nothing(tmp_path: Path, smtp_server: SmtpServer, smtp_en
         check_message(r.data, expect_method=None)
 
 
-def test_faults_each_outcome(tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
+def test_faults_each_outcome(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
     handler = smtp_server.handler
     assert isinstance(handler, FaultyHandler)
     handler.rcpt_replies = {
@@ -119,6 +130,7 @@ def test_faults_each_outcome(tmp_path: Path, smtp_server: SmtpServer, smtp_env: 
     assert collections.Counter(r["status"] for r in led.values()) == {"sent": 11, "failed": 1}
     # the exported failed list is a contact list mailer accepts
     from mailer.contacts import load_contacts
+
     assert [c.email for c in load_contacts([out_csv]).contacts] == ["p0001@example.org"]
     # mailer retry makes the failed one due again
     r = CliRunner().invoke(cli, ["retry", "--config", str(cfg)])
@@ -129,10 +141,14 @@ def test_faults_each_outcome(tmp_path: Path, smtp_server: SmtpServer, smtp_env: 
     assert len(ids(handler)) == len(set(ids(handler)))
 
 
-def test_slow_server_times_out_and_is_deferred(tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
+def test_slow_server_times_out_and_is_deferred(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
     smtp_server.handler.data_delay = 2.0
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, extra="delivery: {retry_base: 1m}\n")
-    cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 2, timeout: 0.5}"))
+    cfg.write_text(
+        cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 2, timeout: 0.5}")
+    )
     code, out = send(cfg, "2018-01-04T10:00", smtp_env)
     assert code == 0, out
     assert {r["status"] for r in rows(cfg).values()} == {"deferred"}
@@ -151,15 +167,28 @@ def test_tls_verified_and_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     def authenticator(server, session, envelope, mechanism, auth_data):  # noqa: ANN001, ANN202
         ok = isinstance(auth_data, LoginPassword) and auth_data.password == b"right-secret"
         # an explicit reply: this aiosmtpd version sends none for a bare failed AuthResult
-        return AuthResult(success=ok, handled=False,
-                          message=None if ok else "535 5.7.8 Authentication credentials invalid")
+        return AuthResult(
+            success=ok,
+            handled=False,
+            message=None if ok else "535 5.7.8 Authentication credentials invalid",
+        )
 
     handler = FaultyHandler()
-    with SmtpServer(handler, tls_context=server_ctx, require_starttls=True, authenticator=authenticator,
-                    auth_require_tls=True) as server:
+    with SmtpServer(
+        handler,
+        tls_context=server_ctx,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_require_tls=True,
+    ) as server:
         cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS)
-        env = {"MAILER_SMTP_HOST": "localhost", "MAILER_SMTP_PORT": str(server.port), "MAILER_SMTP_TLS": "starttls",
-               "MAILER_SMTP_USER": "mailer", "MAILER_SMTP_PASSWORD": "wrong-secret"}
+        env = {
+            "MAILER_SMTP_HOST": "localhost",
+            "MAILER_SMTP_PORT": str(server.port),
+            "MAILER_SMTP_TLS": "starttls",
+            "MAILER_SMTP_USER": "mailer",
+            "MAILER_SMTP_PASSWORD": "wrong-secret",
+        }
         # 1. certificate not trusted: stop, nothing sent, nothing marked sent
         code, out = send(cfg, "2018-01-04T10:00", env)
         assert code == 1 and "TLS failed" in out and "Traceback" not in out
@@ -183,16 +212,24 @@ def _sender_cmd(cfg: Path, now: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [1, 9, 23])
-def test_crash_then_restart_sends_everything_once(kill_after: int, tmp_path: Path, smtp_server: SmtpServer,
-                                                  smtp_env: dict[str, str]) -> None:
+def test_crash_then_restart_sends_everything_once(
+    kill_after: int, tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
     handler = smtp_server.handler
     handler.data_delay = 0.03
     n = 40
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=contacts(n))
     env = {**os.environ, **smtp_env}
-    proc = subprocess.Popen(_sender_cmd(cfg, "2018-01-04T10:00"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        _sender_cmd(cfg, "2018-01-04T10:00"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 30
-    while len(handler.received) < kill_after and time.monotonic() < deadline and proc.poll() is None:
+    while (
+        len(handler.received) < kill_after and time.monotonic() < deadline and proc.poll() is None
+    ):
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -201,7 +238,9 @@ def test_crash_then_restart_sends_everything_once(kill_after: int, tmp_path: Pat
     with Ledger(cfg.parent / "ledger.db") as led:
         sending = [r["message_id"] for r in led.log(status="sending")]
     # restart: everything due is delivered
-    done = subprocess.run(_sender_cmd(cfg, "2018-01-04T10:00"), env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        _sender_cmd(cfg, "2018-01-04T10:00"), env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     received = ids(handler)
     counts = collections.Counter(received)
@@ -218,12 +257,26 @@ def test_crash_then_restart_sends_everything_once(kill_after: int, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_two_senders_at_once_never_duplicate(tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
+def test_two_senders_at_once_never_duplicate(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
     smtp_server.handler.data_delay = 0.01
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=contacts(30))
     env = {**os.environ, **smtp_env}
-    a = subprocess.Popen(_sender_cmd(cfg, "2018-01-04T10:00"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    b = subprocess.Popen(_sender_cmd(cfg, "2018-01-04T10:00"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = subprocess.Popen(
+        _sender_cmd(cfg, "2018-01-04T10:00"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    b = subprocess.Popen(
+        _sender_cmd(cfg, "2018-01-04T10:00"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     outs = [p.communicate(timeout=60) for p in (a, b)]
     codes = sorted(p.returncode for p in (a, b))
     received = ids(smtp_server.handler)

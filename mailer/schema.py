@@ -1,0 +1,146 @@
+"""The schedules.yaml schema (pydantic): types, ranges and unknown keys rejected everywhere."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .times import parse_duration
+
+__all__ = ["CampaignModel", "EventModel", "StepModel"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def _email(value: str) -> str:
+    try:
+        return validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValueError(f"{value!r} is not a valid address: {exc}") from None
+
+
+class _SenderModel(_Model):
+    from_: str = Field(alias="from")
+    name: str = ""
+    reply_to: str | None = None
+    organizer: str | None = None
+    organizer_name: str | None = None
+
+    _check_from = field_validator("from_")(lambda cls, v: _email(v))
+    _check_reply = field_validator("reply_to", "organizer")(
+        lambda cls, v: None if v is None else _email(v)
+    )
+
+    @field_validator("name", "organizer_name")
+    @classmethod
+    def _one_line(cls, v: str | None) -> str | None:
+        if v is not None and ("\n" in v or "\r" in v):
+            raise ValueError("must be on one line")
+        return v
+
+
+class EventModel(_Model):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    title: str = Field(min_length=1)
+    start: str | None = None
+    end: str | None = None
+    date: str | None = None
+    end_date: str | None = None
+    location: str | None = None
+    description: str | None = None
+    url: str | None = None
+    status: Literal["confirmed", "cancelled"] = "confirmed"
+    uid: str | None = None
+
+
+class _AudienceModel(_Model):
+    lists: list[str] = []
+    tags: list[str] = []
+    rsvp: list[Literal["accepted", "tentative", "declined", "no-reply"]] = []
+
+
+class StepModel(_Model):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    event: str
+    template: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    at: str
+    kind: Literal["invitation", "reminder"] | None = None
+    audience: _AudienceModel = _AudienceModel()
+    attach_ics: bool | None = None
+
+
+class _SmtpModel(_Model):
+    host: str = "localhost"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: Literal["starttls", "tls", "none"] = "starttls"
+    ca_file: str | None = None
+    timeout: float = Field(default=30.0, gt=0)
+    connections: int = Field(default=2, ge=1, le=64)
+    rate: str | float | None = None
+    per_hour: int | None = Field(default=None, ge=1)
+    local_hostname: str | None = None
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str | float | None) -> float | None:
+        if v is None:
+            return None
+        if isinstance(v, int | float):
+            value = float(v)
+        else:
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute)\s*", v)
+            if not m:
+                raise ValueError(f"{v!r} is not a rate; write e.g. 10/s or 300/min")
+            value = float(m.group(1)) / (60.0 if m.group(2).startswith("m") else 1.0)
+        if value <= 0:
+            raise ValueError("rate must be above zero")
+        return value
+
+
+class _DeliveryModel(_Model):
+    late_after: str = "1d"
+    late_contacts: bool = True
+    retry_base: str = "1m"
+    retry_max: str = "1h"
+    max_attempts: int = Field(default=10, ge=1)
+
+    @field_validator("late_after", "retry_base", "retry_max")
+    @classmethod
+    def _dur(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+
+class _UnsubscribeModel(_Model):
+    mailto: str | None = None
+    url: str | None = Field(default=None, pattern=r"^https://\S+$")
+
+    _check_mailto = field_validator("mailto")(lambda cls, v: None if v is None else _email(v))
+
+
+class CampaignModel(_Model):
+    campaign: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    name: str | None = None
+    timezone: str
+    language: str = Field(default="en", pattern=r"^[a-z]{2,3}(?:[_-][A-Za-z]{2})?$")
+    sender: _SenderModel
+    events: list[EventModel] = Field(min_length=1)
+    steps: list[StepModel] = Field(min_length=1)
+    contacts: list[str] = Field(min_length=1)
+    templates: str = "templates"
+    ledger: str = "mailer.db"
+    smtp: _SmtpModel = _SmtpModel()
+    delivery: _DeliveryModel = _DeliveryModel()
+    unsubscribe: _UnsubscribeModel | None = None
+    update_template: str = Field(default="update", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    cancel_template: str = Field(default="cancel", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+    @field_validator("contacts", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v

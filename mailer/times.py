@@ -1,0 +1,98 @@
+"""Local times in a campaign's time zone: parsing, DST checks, relative send times (pure)."""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+__all__ = ["parse_date", "parse_duration", "parse_local", "resolve_local", "resolve_step_time"]
+
+_DURATION = re.compile(r"^\s*(?:(\d+)\s*w)?\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*$")
+_RELATIVE = re.compile(
+    r"^\s*-\s*(?:(?P<d>\d+)\s*d)?\s*(?:(?P<h>\d+)\s*h)?\s*(?:(?P<m>\d+)\s*m)?"
+    r"\s*(?:(?P<hh>\d{1,2}):(?P<mm>\d{2}))?\s*$"
+)
+_LOCAL_DT = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})[ T](\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
+_DATE = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})\s*$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``1d``, ``2h``, ``30m``, ``1w 2d``.
+
+    >>> parse_duration("1d 2h")
+    datetime.timedelta(days=1, seconds=7200)
+    """
+    m = _DURATION.match(text)
+    if not m or not any(m.groups()):
+        raise ValueError(f"{text!r} is not a duration; write e.g. 30m, 2h, 1d or 1w")
+    w, d, h, mi = (int(g or 0) for g in m.groups())
+    return timedelta(weeks=w, days=d, hours=h, minutes=mi)
+
+
+def resolve_local(naive: datetime, tz: ZoneInfo) -> datetime:
+    """Attach ``tz`` to a wall-clock time, refusing times that do not exist or are ambiguous.
+
+    :raises ValueError: in a DST gap (the clock skips it) or a DST overlap (it happens twice).
+    """
+    a = naive.replace(tzinfo=tz, fold=0)
+    b = naive.replace(tzinfo=tz, fold=1)
+    if a.utcoffset() != b.utcoffset():
+        # Either a gap (neither round-trips) or an overlap (both exist).
+        back = a.astimezone(ZoneInfo("UTC")).astimezone(tz).replace(tzinfo=None)
+        if back != naive:
+            raise ValueError(
+                f"{naive:%Y-%m-%d %H:%M} does not exist in {tz.key} (the clocks skip it "
+                "for daylight saving time); pick another time"
+            )
+        raise ValueError(
+            f"{naive:%Y-%m-%d %H:%M} happens twice in {tz.key} (the clocks go back); "
+            "pick another time"
+        )
+    return a
+
+
+def parse_local(text: str) -> datetime:
+    m = _LOCAL_DT.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a local time; write YYYY-MM-DD HH:MM")
+    d = date.fromisoformat(m.group(1))
+    return datetime.combine(d, time(int(m.group(2)), int(m.group(3)), int(m.group(4) or 0)))
+
+
+def parse_date(text: str) -> date:
+    m = _DATE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a date; write YYYY-MM-DD")
+    return date.fromisoformat(m.group(1))
+
+
+def resolve_step_time(text: str, start: datetime, tz: ZoneInfo) -> datetime:
+    """Resolve a step's ``at:`` into an aware datetime.
+
+    ``YYYY-MM-DD HH:MM`` is a local time; ``-7d 09:00`` is 09:00 local seven days before the
+    event's start date; ``-1d`` is the same wall-clock time one day earlier; ``-2h`` / ``-30m``
+    are exact durations before the start.
+    """
+    if _LOCAL_DT.match(text):
+        return resolve_local(parse_local(text), tz)
+    m = _RELATIVE.match(text)
+    if not m or not any(m.group(k) for k in ("d", "h", "m", "hh")):
+        raise ValueError(
+            f"{text!r} is not a send time; write an absolute local time (2018-01-08 09:00) "
+            "or one relative to the event start (-7d 09:00, -1d, -2h, -30m)"
+        )
+    local_start = start.replace(tzinfo=None)
+    days = int(m.group("d") or 0)
+    wall = local_start - timedelta(days=days)
+    if m.group("hh") is not None:
+        hh, mm = int(m.group("hh")), int(m.group("mm"))
+        if hh > 23 or mm > 59:
+            raise ValueError(f"{text!r}: {hh:02d}:{mm:02d} is not a time of day")
+        wall = datetime.combine(wall.date(), time(hh, mm))
+    at = resolve_local(wall, tz)
+    delta = timedelta(hours=int(m.group("h") or 0), minutes=int(m.group("m") or 0))
+    if delta:
+        utc = ZoneInfo("UTC")
+        at = (at.astimezone(utc) - delta).astimezone(tz)
+    return at
