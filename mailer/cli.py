@@ -124,6 +124,14 @@ def _workspace(config_path: Path, *, for_sending: bool) -> Workspace:
     return ws
 
 
+def _known_steps(c: Campaign, step_ids: tuple[str, ...]) -> None:
+    unknown = [s for s in step_ids if s not in {st.id for st in c.steps}]
+    if unknown:
+        raise MailerError(
+            f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}"
+        )
+
+
 def _ledger_path(db_path: Path | None, config_path: Path) -> Path:
     if db_path is not None:
         return db_path
@@ -255,11 +263,7 @@ def preview(
     """
     ws = _workspace(config_path, for_sending=True)
     c = ws.campaign
-    unknown = [s for s in step_ids if s not in {st.id for st in c.steps}]
-    if unknown:
-        raise MailerError(
-            f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}"
-        )
+    _known_steps(c, step_ids)
     wanted = {e.strip().lower() for e in emails}
     composer = Composer(
         c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET")
@@ -337,11 +341,7 @@ def send(
     """
     ws = _workspace(config_path, for_sending=True)
     c = ws.campaign
-    unknown = [s for s in step_ids if s not in {st.id for st in c.steps}]
-    if unknown:
-        raise MailerError(
-            f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}"
-        )
+    _known_steps(c, step_ids)
     now = _parse_now(now_text, c)
     settings = TransportSettings.from_config(c.smtp, os.environ)
     with Ledger(db_path or c.ledger) as ledger:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from email_validator import EmailNotValidError, validate_email
 
-from .errors import ContactsError, Problem
+from .errors import ContactsError, HasProblems, Problem
 
 __all__ = ["Contact", "ContactList", "load_contacts", "normalise_address"]
 
@@ -34,19 +34,11 @@ class Contact:
 
 
 @dataclass
-class ContactList:
+class ContactList(HasProblems):
     """What loading gives: the usable contacts (sorted by email) and every problem found."""
 
     contacts: list[Contact]
     problems: list[Problem]
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
 
 
 # Header names (trimmed, lower-cased, inner whitespace collapsed) -> the column's role.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "HasProblems",
     "Problem",
     "MailerError",
     "ConfigError",
@@ -41,6 +42,20 @@ class Problem:
             parts.append(self.field)
         parts.append(self.message)
         return ": ".join(parts)
+
+
+class HasProblems:
+    """Splits a ``problems`` list into errors and warnings (for results that carry one)."""
+
+    problems: list[Problem]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
 
 
 class MailerError(Exception):

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from .config import Campaign, Step, load
 from .contacts import Contact, load_contacts
-from .errors import Problem
+from .errors import HasProblems, Problem
 from .templates import Templates
 
 __all__ = ["Workspace", "load_workspace"]
 
 
 @dataclass
-class Workspace:
+class Workspace(HasProblems):
     """Everything a pass needs. ``problems`` holds contact and template problems (config
     problems raise :class:`~mailer.errors.ConfigError` instead, since nothing works without it)."""
 
@@ -24,13 +24,6 @@ class Workspace:
     problems: list[Problem] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
 
     @property
     def blocking(self) -> list[Problem]:
