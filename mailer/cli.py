@@ -64,8 +64,7 @@ def handle_errors(fn: F) -> F:
         except ConfigError as exc:
             _problems(exc.problems)
             err.print(
-                f"{len(exc.problems)} problem(s); fix them and run `mailer check` again. "
-                "Nothing was sent.",
+                f"{len(exc.problems)} problem(s); fix them and run `mailer check` again. Nothing was sent.",
                 markup=False,
             )
             raise SystemExit(1) from None
@@ -127,9 +126,7 @@ def _workspace(config_path: Path, *, for_sending: bool) -> Workspace:
 def _known_steps(c: Campaign, step_ids: tuple[str, ...]) -> None:
     unknown = [s for s in step_ids if s not in {st.id for st in c.steps}]
     if unknown:
-        raise MailerError(
-            f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}"
-        )
+        raise MailerError(f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}")
 
 
 def _ledger_path(db_path: Path | None, config_path: Path) -> Path:
@@ -174,9 +171,7 @@ def check(config_path: Path) -> None:
     ws = load_workspace(config_path)
     c = ws.campaign
     problems = list(ws.problems)
-    composer = Composer(
-        c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET")
-    )
+    composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
     counts: dict[str, int] = {}
     template_broken = {p.where.split(":")[0] for p in ws.errors}
     seen: set[str] = set()
@@ -195,9 +190,7 @@ def check(config_path: Path) -> None:
                         problems.append(Problem(contact.source, f"step {step.id}: {line}"))
 
     out.print(f"[bold]{c.name}[/bold] ({c.id}), time zone {c.timezone.key}, language {c.language}")
-    out.print(
-        f"From {c.sender.name} <{c.sender.address}>, organizer {c.sender.organizer}", markup=False
-    )
+    out.print(f"From {c.sender.name} <{c.sender.address}>, organizer {c.sender.organizer}", markup=False)
     events = Table(title="Events", title_justify="left")
     for col in ("id", "when", "where", "status"):
         events.add_column(col)
@@ -229,9 +222,7 @@ def check(config_path: Path) -> None:
     for ct in ws.contacts:
         for name in ct.lists or {"(no list)"}:
             lists[name] = lists.get(name, 0) + 1
-    out.print(
-        f"{len(ws.contacts)} contacts: " + ", ".join(f"{k} {v}" for k, v in sorted(lists.items()))
-    )
+    out.print(f"{len(ws.contacts)} contacts: " + ", ".join(f"{k} {v}" for k, v in sorted(lists.items())))
     _pending_changes(c)
     _problems(problems)
     n_err = sum(p.severity == "error" for p in problems)
@@ -254,9 +245,7 @@ def check(config_path: Path) -> None:
     help="Folder to write DIR/<step>/<address>.eml into.",
 )
 @handle_errors
-def preview(
-    config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...], out_dir: Path
-) -> None:
+def preview(config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...], out_dir: Path) -> None:
     """Write every mail each recipient will get as .eml files. Sends nothing.
 
     The Date header and calendar DTSTAMP are the step's send time.
@@ -265,9 +254,7 @@ def preview(
     c = ws.campaign
     _known_steps(c, step_ids)
     wanted = {e.strip().lower() for e in emails}
-    composer = Composer(
-        c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET")
-    )
+    composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
     written = 0
     for step in c.steps:
         if step_ids and step.id not in step_ids:
@@ -432,9 +419,7 @@ def status(config_path: Path, db_path: Path | None) -> None:
         campaign = None
     path = db_path or (campaign.ledger if campaign else Path("mailer.db"))
     if not path.exists():
-        raise MailerError(
-            f"{path}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)"
-        )
+        raise MailerError(f"{path}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
     with Ledger(path) as ledger:
         rows = ledger.summary()
         answers = ledger.reply_counts()
@@ -458,9 +443,7 @@ def status(config_path: Path, db_path: Path | None) -> None:
     for col in ("campaign", "step", *cols, "next send"):
         table.add_column(col, justify="right" if col in cols else "left")
     order = {s.id: i for i, s in enumerate(campaign.steps)} if campaign else {}
-    for (camp, step), d in sorted(
-        per.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 999), kv[0][1])
-    ):
+    for (camp, step), d in sorted(per.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 999), kv[0][1])):
         nxt = _when(d["next"].astimezone(tz)) if d["next"] else ""
         table.add_row(camp, step, *(str(d[c]) for c in cols), nxt)
     out.print(table)
@@ -534,9 +517,7 @@ def log(
 @cli.command()
 @config_option
 @db_option
-@click.option(
-    "--status", "status_", default="failed", show_default=True, type=click.Choice(list(STATUSES))
-)
+@click.option("--status", "status_", default="failed", show_default=True, type=click.Choice(list(STATUSES)))
 @click.option("--step", help="Only this step.")
 @click.option(
     "-o",
@@ -546,9 +527,7 @@ def log(
     help="CSV file to write (usable as a contacts: list).",
 )
 @handle_errors
-def export(
-    config_path: Path, db_path: Path | None, status_: str, step: str | None, output: Path
-) -> None:
+def export(config_path: Path, db_path: Path | None, status_: str, step: str | None, output: Path) -> None:
     """Write deliveries with a status as a CSV that `contacts:` accepts, to re-send elsewhere."""
     path = _ledger_path(db_path, config_path)
     if not path.exists():
@@ -556,9 +535,7 @@ def export(
     n = 0
     with Ledger(path) as ledger, output.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(
-            ["email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated"]
-        )
+        w.writerow(["email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated"])
         for r in ledger.log(status=status_, step=step):
             w.writerow(
                 [
@@ -631,9 +608,7 @@ def suppress_add(
             )
         checked = unsubscribe.verify(secret, ln)
         if checked is None:
-            raise MailerError(
-                f"{ln}: not a valid unsubscribe link (forged, damaged or another secret)"
-            )
+            raise MailerError(f"{ln}: not a valid unsubscribe link (forged, damaged or another secret)")
         found.append(checked[1])
         reason = "unsubscribed (one-click link)"
     path = _ledger_path(db_path, config_path)
@@ -678,6 +653,31 @@ def suppress_list(config_path: Path, db_path: Path | None) -> None:
         table.add_row(r["email"], r["reason"], r["at"])
     out.print(table)
     out.print(f"{len(rows)} suppressed address(es).")
+
+
+@cli.command("inbox")
+@config_option
+@db_option
+@click.option(
+    "--maildir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Read this local Maildir instead of IMAP.",
+)
+@handle_errors
+def inbox(config_path: Path, db_path: Path | None, maildir: Path | None) -> None:
+    """Record replies, bounces and unsubscribes found in the organiser's mailbox.
+
+    Reads IMAP (MAILER_IMAP_HOST, MAILER_IMAP_PORT, MAILER_IMAP_USER, MAILER_IMAP_PASSWORD,
+    MAILER_IMAP_TLS=tls|starttls|none, MAILER_IMAP_MAILBOX, MAILER_IMAP_CA_FILE) or a local
+    Maildir. Handled messages are flagged so they are read once; other mail is left alone.
+    """
+    from .inbox import run_inbox
+
+    result = run_inbox(config_path, db_path, maildir, os.environ)
+    for line in result.lines:
+        out.print(line, markup=False)
+    out.print(result.summary(), markup=False)
 
 
 # --------------------------------------------------------------------------------------

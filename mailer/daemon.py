@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ConfigError, LockedError, MailerError, TransportFatalError
+from .inbox import InboxResult, process_configured
 from .ledger import Ledger
+from .mailboxes import configured_source
 from .runner import PassResult, run_pass, virtual_clock
 from .smtpd import MaildirHandler, SmtpServer
 from .transport import TransportSettings
@@ -28,6 +30,8 @@ log = logging.getLogger("mailer")
 #: How often the daemon looks for edited files and for work made due from outside (mailer retry).
 WATCH_SECONDS = 2.0
 SWEEP_SECONDS = 60.0
+#: How often the organiser's mailbox is read for replies, bounces and unsubscribes.
+INBOX_SECONDS = 180.0
 
 
 def _setup_logging() -> None:
@@ -149,9 +153,7 @@ class Daemon:
             )
             if current != self._files:
                 self._files = current
-                log.error(
-                    "reload refused, schedules.yaml is invalid; still running the previous version:"
-                )
+                log.error("reload refused, schedules.yaml is invalid; still running the previous version:")
                 for p in exc.problems:
                     log.error("  %s", p)
             return
@@ -184,6 +186,36 @@ class Daemon:
         self.scheduler.add_job(
             self.tick, "interval", seconds=SWEEP_SECONDS, id="sweep", replace_existing=True
         )
+        if configured_source(self.environ) is not None:
+            self.scheduler.add_job(
+                self.poll_inbox,
+                "interval",
+                seconds=INBOX_SECONDS,
+                id="inbox",
+                replace_existing=True,
+                next_run_time=datetime.now(UTC),
+            )
+
+    async def poll_inbox(self) -> None:
+        """Read the organiser's mailbox. imapclient blocks, so the work runs in a thread with
+        its own ledger connection; a mailbox problem is logged and never stops sending."""
+        path = self.ledger.path
+        assert path is not None
+
+        def work() -> InboxResult | None:
+            with Ledger(path) as ledger:
+                return process_configured(self.ws.campaign, ledger, self.environ, now=datetime.now(UTC))
+
+        try:
+            result = await asyncio.to_thread(work)
+        except MailerError as exc:
+            log.warning("inbox: %s", exc)
+            return
+        if result and result.handled:
+            for line in result.lines:
+                log.info("inbox: %s", line)
+            log.info("inbox: %s", result.summary())
+            self._schedule(datetime.now(UTC))  # answers and suppressions change audiences
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -270,9 +302,7 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
         passes = 0
         while now is not None and passes < 1000:
             passes += 1
-            result = asyncio.run(
-                run_pass(ws, ledger, now, settings=settings, clock=virtual_clock(now))
-            )
+            result = asyncio.run(run_pass(ws, ledger, now, settings=settings, clock=virtual_clock(now)))
             sent = result.counts["sent"]
             if result.due or any(result.counts.values()):
                 local = now.astimezone(c.timezone)
@@ -280,9 +310,7 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
                 console.print(
                     f"  {local:%a %d %b %Y %H:%M %Z}: {', '.join(steps) or '(records only)'}: "
                     f"sent {sent}"
-                    + "".join(
-                        f", {k} {v}" for k, v in sorted(result.counts.items()) if k != "sent" and v
-                    ),
+                    + "".join(f", {k} {v}" for k, v in sorted(result.counts.items()) if k != "sent" and v),
                     markup=False,
                 )
             now = result.next_wake
@@ -296,10 +324,7 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
             d = per.get(s.id, {})
             table.add_row(
                 s.id,
-                *(
-                    str(d.get(k, 0))
-                    for k in ("sent", "deferred", "failed", "skipped", "suppressed")
-                ),
+                *(str(d.get(k, 0)) for k in ("sent", "deferred", "failed", "skipped", "suppressed")),
             )
         console.print(table)
         who = Table(title="What each recipient received", title_justify="left")

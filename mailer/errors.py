@@ -15,6 +15,7 @@ __all__ = [
     "TemplateError",
     "LedgerError",
     "LockedError",
+    "InboxError",
     "TransportError",
     "TransportFatalError",
 ]
@@ -90,6 +91,10 @@ class LedgerError(MailerError):
 
 class LockedError(LedgerError):
     """Another sending process holds the ledger."""
+
+
+class InboxError(MailerError):
+    """The mailbox cannot be read or is not configured (IMAP, TLS, Maildir)."""
 
 
 class TransportError(MailerError):

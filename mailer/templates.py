@@ -43,8 +43,18 @@ from typing import Any
 
 import babel
 from babel.dates import format_date, format_datetime, format_time
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, TemplateNotFound
-from jinja2 import TemplateSyntaxError, UndefinedError, meta, pass_context, select_autoescape
+from jinja2 import (
+    Environment,
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    TemplateNotFound,
+    TemplateSyntaxError,
+    UndefinedError,
+    meta,
+    pass_context,
+    select_autoescape,
+)
 from jinja2.runtime import Context
 
 from .config import Campaign, Event, Step

@@ -117,43 +117,46 @@ def test_move_then_cancel_the_meeting(
     assert len(ids) == len(set(ids))
 
 
-def test_reminders_skip_those_who_declined(
-    shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+def test_replies_bounces_and_unsubscribes_from_the_inbox(
+    shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], tmp_path: Path
 ) -> None:
-    cfg = shipped / "schedules.yaml"
-    cfg.write_text(
-        cfg.read_text(encoding="utf-8").replace(
-            "    at: -7d 09:00\n    audience: {lists: [indieners, lerend-netwerk]}",
-            "    at: -7d 09:00\n    audience: {lists: [indieners, lerend-netwerk], rsvp: [accepted, tentative, no-reply]}",
-        ),
-        encoding="utf-8",
-    )
+    """A decline stops that person's reminders for that event; a hard bounce or an unsubscribe
+    stops all mail to the address; all of it shows in status and log."""
+    import mailbox
+
+    from test_inbox import dsn_mail, reply_ics, reply_mail
+
     send("2018-01-04T10:00", smtp_env)
     with Ledger(shipped / "mailer.db") as led:
-        led.record_reply(
-            "integratiepact-2018",
-            "aan-de-slag",
-            "jan.peeters@example.org",
-            "DECLINED",
-            datetime(2018, 1, 5, tzinfo=UTC),
-            "<r1@example.org>",
-        )
-        led.record_reply(
-            "integratiepact-2018",
-            "aan-de-slag",
-            "an.declercq@example.be",
-            "ACCEPTED",
-            datetime(2018, 1, 5, tzinfo=UTC),
-            "<r2@example.org>",
-        )
+        an_invite = next(led.log(step="uitnodiging-aan-de-slag", email="an.declercq@example.be"))["message_id"]
+    box = mailbox.Maildir(tmp_path / "inbox", create=True)
+    box.add(reply_mail(reply_ics("aan-de-slag.integratiepact-2018@example.be", "mailto:jan.peeters@example.org", "DECLINED"),
+                       "Jan Peeters <jan.peeters@example.org>"))
+    box.add(dsn_mail([("an.declercq@example.be", "failed", "5.1.1", "550 5.1.1 user unknown")], an_invite))
+    box.add(b"From: Els <els.vandevelde@example.be>\nTo: afmelden@example.be\nSubject: afmelden\n"
+            b"Message-ID: <unsub.1@example.be>\n\nGraag afmelden.\n")
+    r = CliRunner().invoke(cli, ["inbox", "--maildir", str(tmp_path / "inbox")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "1 reply, 1 bounce, 1 unsubscribe" in r.output
+    r = CliRunner().invoke(cli, ["status"], catch_exceptions=False)
+    assert "Answers per event" in r.output and "aan-de-slag" in r.output
+    r = CliRunner().invoke(cli, ["log", "--email", "an.declercq@example.be"], catch_exceptions=False)
+    assert "bounced" in r.output
+
     before = len(smtp_server.handler.received)
+    send("2018-01-09T09:00", smtp_env)
     send("2018-01-15T09:00", smtp_env)
-    got = collections.Counter(r.rcpt_tos[0] for r in smtp_server.handler.received[before:])
-    assert (
-        "jan.peeters@example.org" not in got or got["jan.peeters@example.org"] == 1
-    )  # infosessie reminder only
+    got = collections.Counter(m.rcpt_tos[0] for m in smtp_server.handler.received[before:])
+    assert "an.declercq@example.be" not in got and "els.vandevelde@example.be" not in got
+    assert got["jan.peeters@example.org"] == 2  # both info-session reminders, not the meeting's
     with Ledger(shipped / "mailer.db") as led:
         row = next(led.log(step="herinnering-aan-de-slag-week", email="jan.peeters@example.org"))
         assert row["status"] == "skipped" and "answered declined" in row["reason"]
         row = next(led.log(step="herinnering-aan-de-slag-week", email="an.declercq@example.be"))
-        assert row["status"] == "sent"
+        assert row["status"] == "suppressed" and "hard bounce" in row["reason"]
+        row = next(led.log(step="herinnering-infosessie-week", email="els.vandevelde@example.be"))
+        assert row["status"] == "suppressed" and "unsubscribed" in row["reason"]
+        assert next(led.log(step="herinnering-aan-de-slag-week", email="zoe.vermeulen@example.org"))["status"] == "sent"
+    # processing the same inbox again changes nothing
+    r = CliRunner().invoke(cli, ["inbox", "--maildir", str(tmp_path / "inbox")], catch_exceptions=False)
+    assert "nothing new" in r.output
