@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -44,7 +45,7 @@ class Failed(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         for line in self.message.splitlines():
-            err.print(f"[red]error:[/red] {line}", markup=True)
+            err.print(f"[red]error:[/red] {escape(line)}", markup=True)
 
 
 def _problems(problems: list[Problem]) -> None:
@@ -653,6 +654,46 @@ def suppress_list(config_path: Path, db_path: Path | None) -> None:
         table.add_row(r["email"], r["reason"], r["at"])
     out.print(table)
     out.print(f"{len(rows)} suppressed address(es).")
+
+
+@cli.command()
+@config_option
+@db_option
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; any but loopback needs a password "
+    "(env MAILER_DASHBOARD_PASSWORD_HASH, from `datasette hash-password`).",
+)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Port to listen on."
+)
+@click.option("--allow-sql", is_flag=True, help="Let visitors run their own read-only SQL.")
+@handle_errors
+def dashboard(config_path: Path, db_path: Path | None, host: str, port: int, allow_sql: bool) -> None:
+    """Show the delivery log in the browser, read-only: counts per step, failures with the
+    server's reply, who was not reached, answers. Every list downloads as CSV.
+
+    Needs the optional extra: pip install 'mailer[dashboard]'. Times are in the campaign's
+    time zone. Stop with Ctrl-C.
+    """
+    from . import dashboard as board
+    from .config import load
+
+    try:
+        campaign: Campaign | None = load(config_path)
+    except ConfigError:
+        campaign = None
+    board.serve(
+        db_path or (campaign.ledger if campaign else Path("mailer.db")),
+        host=host,
+        port=port,
+        allow_sql=allow_sql,
+        timezone=campaign.timezone.key if campaign else "UTC",
+        password_hash=os.environ.get(board.PASSWORD_ENV) or None,
+        log=lambda line: out.print(line, markup=False),
+    )
 
 
 @cli.command("inbox")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -285,8 +287,6 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
         Path(str(db) + suffix).unlink(missing_ok=True)
     maildir = out_dir / "Maildir"
     if maildir.exists():
-        import shutil
-
         shutil.rmtree(maildir)
     handler = MaildirHandler(maildir)
     with SmtpServer(handler) as server, Ledger(db) as ledger:
@@ -341,5 +341,23 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
         f"the ledger is {db}.",
         markup=False,
     )
-    console.print(f"Read the log: mailer status --db {db}   |   mailer log --db {db}", markup=False)
+    prog = _prog()
+    console.print(f"Read the log: {prog} status --db {db}   |   {prog} log --db {db}", markup=False)
+    console.print(
+        f"See it in the browser: {prog} dashboard --db {db} --config {config_path}"
+        "   (then open http://127.0.0.1:8001/)",
+        markup=False,
+    )
     return 0
+
+
+def _prog() -> str:
+    """How the user can run mailer again: plain ``mailer`` when it is on PATH (an activated
+    venv), else the path it was started by (``make demo`` runs .venv/bin/mailer)."""
+    argv0 = Path(sys.argv[0])
+    if shutil.which("mailer") or argv0.name != "mailer":
+        return "mailer"
+    try:
+        return str(argv0.relative_to(Path.cwd()))
+    except ValueError:
+        return str(argv0)

@@ -25,9 +25,7 @@ __all__ = [
     "parse_iso",
 ]
 
-Status = Literal[
-    "pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed", "bounced"
-]
+Status = Literal["pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed", "bounced"]
 STATUSES: tuple[str, ...] = (
     "pending",
     "sending",
@@ -73,6 +71,7 @@ CREATE INDEX IF NOT EXISTS deliveries_status_only ON deliveries (status, campaig
 CREATE INDEX IF NOT EXISTS deliveries_by_email ON deliveries (email);
 CREATE INDEX IF NOT EXISTS deliveries_retry ON deliveries (status, next_attempt);
 CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (campaign, event, ics);
+CREATE INDEX IF NOT EXISTS deliveries_by_event_email ON deliveries (event, campaign, email, status);
 CREATE INDEX IF NOT EXISTS deliveries_by_message_id ON deliveries (message_id);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY,
@@ -200,9 +199,7 @@ class Ledger:
                         "set ledger: in schedules.yaml / --db to another path"
                     )
             try:
-                conn = sqlite3.connect(
-                    str(target), isolation_level=None, timeout=30, check_same_thread=False
-                )
+                conn = sqlite3.connect(str(target), isolation_level=None, timeout=30, check_same_thread=False)
             except sqlite3.Error as exc:
                 raise LedgerError(f"{target}: cannot open the ledger: {exc}") from None
         conn.isolation_level = None  # autocommit; we open transactions explicitly
@@ -239,9 +236,7 @@ class Ledger:
 
     @property
     def schema_version(self) -> int:
-        return int(
-            self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-        )
+        return int(self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
 
     # -- locking ----------------------------------------------------------------------------
 
@@ -323,9 +318,7 @@ class Ledger:
     def steps_started(self, campaign: str) -> dict[str, datetime]:
         return {
             s: parse_iso(a)
-            for s, a in self.conn.execute(
-                "SELECT step, at FROM steps_started WHERE campaign=?", (campaign,)
-            )
+            for s, a in self.conn.execute("SELECT step, at FROM steps_started WHERE campaign=?", (campaign,))
         }
 
     def count(self, campaign: str | None = None, status: str | None = None) -> int:
@@ -482,8 +475,7 @@ class Ledger:
                     ),
                 )
                 rid, claimed, seq_used = c.execute(
-                    "SELECT id, claimed_at, sequence FROM deliveries WHERE campaign=? AND step=?"
-                    " AND email=?",
+                    "SELECT id, claimed_at, sequence FROM deliveries WHERE campaign=? AND step=? AND email=?",
                     (campaign, step, email),
                 ).fetchone()
                 out.append((rid, parse_iso(claimed), seq_used))
@@ -564,10 +556,7 @@ class Ledger:
         )
 
     def unsuppress(self, email: str) -> bool:
-        return (
-            self.conn.execute("DELETE FROM suppressions WHERE email=?", (email.lower(),)).rowcount
-            > 0
-        )
+        return self.conn.execute("DELETE FROM suppressions WHERE email=?", (email.lower(),)).rowcount > 0
 
     # -- event revisions (updates and cancellations) -------------------------------------------
 
@@ -654,9 +643,7 @@ class Ledger:
 
     def replies(self, campaign: str) -> dict[tuple[str, str], str]:
         """``{(event, email): PARTSTAT}``."""
-        cur = self.conn.execute(
-            "SELECT event, email, partstat FROM replies WHERE campaign=?", (campaign,)
-        )
+        cur = self.conn.execute("SELECT event, email, partstat FROM replies WHERE campaign=?", (campaign,))
         return {(e, m): p for e, m, p in cur}
 
     def reply_counts(self, campaign: str | None = None) -> list[dict[str, Any]]:
@@ -669,9 +656,7 @@ class Ledger:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r, strict=True)) for r in cur]
 
-    def bounced(
-        self, email: str, message_id: str | None, code: str, text: str, now: datetime
-    ) -> int:
+    def bounced(self, email: str, message_id: str | None, code: str, text: str, now: datetime) -> int:
         """A hard bounce: the delivery with ``message_id`` (or, without it, the latest sent one
         to ``email``) becomes ``bounced``; the address is suppressed. Returns rows changed."""
         ts = iso(now)
@@ -697,13 +682,10 @@ class Ledger:
 
     def inbox_seen(self, message_id: str) -> bool:
         return (
-            self.conn.execute("SELECT 1 FROM inbox WHERE message_id=?", (message_id,)).fetchone()
-            is not None
+            self.conn.execute("SELECT 1 FROM inbox WHERE message_id=?", (message_id,)).fetchone() is not None
         )
 
-    def mark_inbox(
-        self, message_id: str, kind: str, email: str | None, detail: str, now: datetime
-    ) -> None:
+    def mark_inbox(self, message_id: str, kind: str, email: str | None, detail: str, now: datetime) -> None:
         """Remember a processed inbox message, so it is handled once even if flagging fails."""
         self.conn.execute(
             "INSERT OR IGNORE INTO inbox (message_id, kind, email, detail, at) VALUES (?,?,?,?,?)",

@@ -1,0 +1,396 @@
+"""The staff dashboard: the delivery ledger served read-only in a browser through Datasette."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sqlite3
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from functools import lru_cache, partial
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from markupsafe import Markup, escape
+
+from .errors import MailerError
+
+if TYPE_CHECKING:  # datasette is the optional extra mailer[dashboard]
+    from datasette.app import Datasette
+
+__all__ = [
+    "ACCOUNT",
+    "DATABASE",
+    "INSTALL_HINT",
+    "MAX_ROWS",
+    "PASSWORD_ENV",
+    "build_metadata",
+    "create",
+    "is_loopback",
+    "local_time",
+    "serve",
+]
+
+#: The name the ledger has in dashboard URLs (``/ledger/summary``), whatever its file name.
+DATABASE = "ledger"
+#: Environment variable holding the password hash (``datasette hash-password`` prints one).
+PASSWORD_ENV = "MAILER_DASHBOARD_PASSWORD_HASH"
+#: The user name to log in with when a password is set.
+ACCOUNT = "staff"
+#: Rows a page (and a canned query's CSV) shows; the table CSV with _stream=on has them all.
+MAX_ROWS = 1000
+#: How to get the optional dependencies (Datasette and its password plugin).
+INSTALL_HINT = "pip install 'mailer[dashboard]'"
+_PLUGIN = "mailer-dashboard"
+#: UTC text columns shown in local time on table pages (CSV and JSON keep them as stored).
+_TIME_COLUMNS: dict[str, frozenset[str]] = {
+    "deliveries": frozenset({"next_attempt", "due_at", "claimed_at", "sent_at", "created", "updated"}),
+    "attempts": frozenset({"at"}),
+    "suppressions": frozenset({"at"}),
+    "revisions": frozenset({"at"}),
+    "replies": frozenset({"at"}),
+}
+
+
+def local_time(ts: str | None, tz: ZoneInfo) -> str | None:
+    """A stored UTC timestamp as local time in ``tz``; anything else is returned unchanged.
+
+    >>> local_time("2018-01-04T08:00:00Z", ZoneInfo("Europe/Brussels"))
+    '2018-01-04 09:00:00 CET'
+    >>> local_time("2018-07-04T08:00:00Z", ZoneInfo("Europe/Brussels"))
+    '2018-07-04 10:00:00 CEST'
+    >>> local_time(None, ZoneInfo("UTC")) is None
+    True
+    >>> local_time("yesterday", ZoneInfo("UTC"))
+    'yesterday'
+    """
+    if not isinstance(ts, str) or len(ts) != 20 or ts[10] != "T" or ts[19] != "Z":
+        return ts
+    return _local_time(ts, tz)
+
+
+@lru_cache(maxsize=4096)
+def _local_time(ts: str, tz: ZoneInfo) -> str:
+    # fromisoformat is C code, about 30 times faster than strptime: a canned query may
+    # convert a thousand rows per page (sends in one batch share their second: the cache).
+    try:
+        when = datetime.fromisoformat(ts)
+    except ValueError:
+        return ts
+    return when.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _zone(timezone: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise MailerError(
+            f"unknown time zone {timezone!r}; use an IANA name such as Europe/Brussels"
+        ) from None
+
+
+def build_metadata(timezone: str) -> dict[str, Any]:
+    """The Datasette metadata (titles, descriptions, hidden tables, canned queries) with the
+    time zone named in the texts and passed to the ``local_time`` SQL function.
+
+    :raises MailerError: ``timezone`` is not an IANA name.
+    """
+    _zone(timezone)
+    text = resources.files("mailer").joinpath("dashboard_metadata.yaml").read_text("utf-8")
+    metadata: dict[str, Any] = _fill(
+        yaml.safe_load(text), {"{timezone}": timezone, "{max_rows}": str(MAX_ROWS)}
+    )
+    metadata["plugins"] = {_PLUGIN: {"timezone": timezone}}
+    return metadata
+
+
+def _fill(node: Any, values: dict[str, str], key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _fill(v, values, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, values) for v in node]
+    if isinstance(node, str) and key != "sql":
+        for placeholder, value in values.items():
+            safe = str(escape(value)) if key.endswith("_html") else value
+            node = node.replace(placeholder, safe)
+    return node
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost).
+
+    >>> [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "example.org")]
+    [True, True, True, False, False]
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_ledger(db: Path) -> None:
+    if not db.exists():
+        raise MailerError(f"{db}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'deliveries'"
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise MailerError(f"{db}: cannot read the ledger: {exc}") from None
+    if not found:
+        raise MailerError(f"{db}: not a mailer ledger (no deliveries table)")
+
+
+# -- the Datasette plugin: hook functions, marked with datasette's hookimpl on first use ------
+
+
+def _timezone(datasette: Any) -> ZoneInfo:
+    config = datasette.plugin_config(_PLUGIN) or {}
+    return _zone(config.get("timezone", "UTC"))
+
+
+def prepare_connection(conn: sqlite3.Connection, database: str, datasette: Any) -> None:
+    """Register ``local_time(ts)``; make every connection to the ledger query-only."""
+    conn.create_function("local_time", 1, partial(local_time, tz=_timezone(datasette)), deterministic=True)
+    if database == DATABASE:
+        # Datasette already opens the file with mode=ro; this also covers the write
+        # connection a third-party plugin could ask for (Database.execute_write).
+        conn.execute("PRAGMA query_only = 1")
+
+
+def render_cell(
+    row: Any, value: Any, column: str, table: str | None, database: str, datasette: Any
+) -> Markup | None:
+    """On table pages, show stored UTC times in the campaign's time zone (UTC on hover)."""
+    if database != DATABASE or table is None or column not in _TIME_COLUMNS.get(table, ()):
+        return None
+    shown = local_time(value, _timezone(datasette))
+    if shown is None or shown == value:
+        return None
+    return Markup('<span title="{} UTC, as stored">{}</span>').format(value, shown)
+
+
+def extra_body_script(
+    template: str,
+    database: str | None,
+    table: str | None,
+    columns: Any,
+    view_name: str,
+    request: Any,
+    datasette: Any,
+) -> str | None:
+    """Name browser tabs after the page heading: Datasette's own tab title for a canned
+    query is its SQL."""
+    if template not in ("query.html", "table.html", "database.html") or (
+        template == "query.html" and view_name != "table"  # arbitrary SQL keeps its title
+    ):
+        return None
+    return (
+        "(function () { var h = document.querySelector('h1');"
+        " if (h) { document.title = h.textContent.replace('\\u{1F512}', '').trim()"
+        " + ' \\u2013 mailer delivery log'; } })();"
+    )
+
+
+def register_routes(datasette: Any) -> list[tuple[str, Callable[..., Any]]]:
+    """``/`` opens the ledger's page: its tables and the staff's queries."""
+
+    async def home(datasette: Any) -> Any:
+        from datasette.utils.asgi import Response
+
+        return Response.redirect(datasette.urls.database(DATABASE))
+
+    return [(r"^/$", home)]
+
+
+def forbidden(datasette: Any, request: Any, message: str) -> Any:
+    """Send visitors who are not logged in to the login page, when a password is set."""
+    if request is None or request.actor is not None:
+        return None
+    if not (datasette.plugin_config("datasette-auth-passwords") or {}):
+        return None
+    from datasette.utils.asgi import Response
+
+    return Response.redirect(datasette.urls.path("/-/login"))
+
+
+#: The only paths that take a POST: logging in and out (datasette-auth-passwords, Datasette).
+_POST_PATHS = frozenset({"/-/login", "/-/logout"})
+
+
+def asgi_wrapper(datasette: Any) -> Callable[[Any], Any]:
+    """Refuse every request that is not a read (405), except logging in and out.
+
+    Datasette 0.65 has no write API, but a plugin installed next to it could add one (and
+    Datasette 1.0 has one); this keeps the dashboard read-only at the HTTP level too.
+    """
+
+    def wrap(app: Any) -> Any:
+        async def read_only(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if (
+                scope["type"] == "http"
+                and scope["method"] not in ("GET", "HEAD", "OPTIONS")
+                and scope["path"] not in _POST_PATHS
+            ):
+                headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"allow", b"GET, HEAD")]
+                await send({"type": "http.response.start", "status": 405, "headers": headers})
+                body = b"405: the mailer dashboard is read-only\n"
+                await send({"type": "http.response.body", "body": body})
+                return
+            await app(scope, receive, send)
+
+        return read_only
+
+    return wrap
+
+
+_HOOKS = (prepare_connection, render_cell, extra_body_script, register_routes, forbidden, asgi_wrapper)
+
+
+def _register() -> None:
+    try:
+        from datasette import hookimpl
+        from datasette.plugins import pm
+    except ImportError:
+        raise MailerError(f"the dashboard needs Datasette: {INSTALL_HINT}") from None
+    if pm.get_plugin(_PLUGIN) is None:
+        for hook in _HOOKS:
+            hookimpl(hook)
+        pm.register(sys.modules[__name__], name=_PLUGIN)
+
+
+# -- building and serving ---------------------------------------------------------------------
+
+
+def create(
+    db: str | Path,
+    *,
+    allow_sql: bool = False,
+    timezone: str = "UTC",
+    password_hash: str | None = None,
+) -> Datasette:
+    """A Datasette over ``db`` (opened read-only, named ``ledger``) with our metadata.
+
+    Arbitrary SQL (Datasette's ``execute-sql``) is denied unless ``allow_sql``; even then
+    Datasette accepts only SELECT statements and the connection is read-only. With
+    ``password_hash`` every page needs the ``staff`` login (datasette-auth-passwords).
+
+    :raises MailerError: datasette is not installed, the ledger is missing or unreadable.
+    """
+    _register()
+    from datasette.app import Datasette
+    from datasette.database import Database
+
+    db = Path(db)
+    _check_ledger(db)
+    metadata = build_metadata(timezone)
+    if not allow_sql:
+        metadata["allow_sql"] = False
+    if password_hash:
+        try:
+            import datasette_auth_passwords  # noqa: F401  (registers the login page)
+        except ImportError:
+            raise MailerError(f"a password needs datasette-auth-passwords: {INSTALL_HINT}") from None
+        # Kept in the environment, not the metadata: Datasette shows {"$env": ...} as is on
+        # /-/metadata, never the value.
+        os.environ[PASSWORD_ENV] = password_hash
+        metadata["allow"] = {"id": ACCOUNT}
+        metadata["plugins"]["datasette-auth-passwords"] = {f"{ACCOUNT}_password_hash": {"$env": PASSWORD_ENV}}
+    _quiet_tracebacks()
+    ds = Datasette(
+        memory=False,
+        metadata=metadata,
+        settings={
+            "default_allow_sql": allow_sql,
+            "allow_download": False,
+            "max_returned_rows": MAX_ROWS,
+            "sql_time_limit_ms": 3000,
+            "facet_time_limit_ms": 500,
+            # Suggesting facets runs a query per column: seconds on a large ledger.
+            "suggest_facets": False,
+        },
+    )
+    # Datasette adds an in-memory database when given no files; staff need only the ledger.
+    ds.remove_database("_memory")
+    # is_mutable=True means "may change under us" (the daemon keeps writing): Datasette then
+    # opens it with mode=ro and reads the WAL, where immutable=1 would ignore fresh commits.
+    ds.add_database(Database(ds, path=str(db), is_mutable=True), name=DATABASE)
+    return ds
+
+
+def _quiet_tracebacks() -> None:
+    # With rich installed (a mailer dependency) Datasette prints every 403/404 as a full
+    # traceback with local variables, the request's cookies included. Errors still show
+    # in the browser; the terminal stays readable.
+    try:
+        from datasette import handle_exception
+    except ImportError:  # pragma: no cover - other Datasette layouts
+        return
+    if hasattr(handle_exception, "rich"):
+        handle_exception.rich = None
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise MailerError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; choose another with --port"
+            ) from None
+
+
+def serve(
+    db: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    allow_sql: bool = False,
+    timezone: str = "UTC",
+    password_hash: str | None = None,
+    *,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Serve the dashboard until interrupted.
+
+    Listens on loopback unless ``host`` says otherwise; any other address needs
+    ``password_hash`` (from ``datasette hash-password``), since the log lists every
+    recipient's address.
+
+    :raises MailerError: a non-loopback host without a password, the port is taken, or as
+        :func:`create`.
+    """
+    if not is_loopback(host) and not password_hash:
+        raise MailerError(
+            f"--host {host} would show the delivery log (every recipient's address) to other "
+            f"machines, so it needs a password: run `datasette hash-password`, set {PASSWORD_ENV} "
+            f"to the hash it prints, and log in as {ACCOUNT!r}. Without --host the dashboard "
+            "listens on 127.0.0.1 only."
+        )
+    ds = create(db, allow_sql=allow_sql, timezone=timezone, password_hash=password_hash)
+    _check_port(host, port)
+    import uvicorn
+
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    log(f"Dashboard of {db} (read-only): http://{shown}:{port}/{DATABASE}")
+    if password_hash:
+        log(f"Log in as {ACCOUNT!r} with the password whose hash is in {PASSWORD_ENV}.")
+    if not is_loopback(host):
+        log(
+            "This is plain HTTP: from other machines, reach it through an HTTPS proxy so the "
+            "password and the addresses are not sent in clear."
+        )
+    log("Press Ctrl-C to stop.")
+    uvicorn.run(ds.app(), host=host.strip("[]"), port=port, log_level="warning", lifespan="on")

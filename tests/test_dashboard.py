@@ -1,0 +1,603 @@
+"""The staff dashboard (issue 7): Datasette over a ledger filled by a real send, checked in a
+real headless browser (Debian's chromium and chromium-driver, driven by selenium)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT, FaultyHandler, write_campaign
+
+from mailer.cli import cli
+from mailer.dashboard import (
+    ACCOUNT,
+    DATABASE,
+    MAX_ROWS,
+    PASSWORD_ENV,
+    build_metadata,
+    create,
+    local_time,
+    serve,
+)
+from mailer.errors import MailerError
+from mailer.ledger import Ledger
+from mailer.smtpd import SmtpServer, free_port
+
+TZ = "Europe/Brussels"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+REJECTED = "5.1.1 <bob@example.org>: Recipient address rejected"
+GREYLISTED = "4.7.1 Greylisted, try again later"
+SCREENSHOT = ROOT / "tests" / "screenshots" / "dashboard.png"
+
+
+def _missing(what: str) -> None:
+    """Skip on a developer's machine; fail in CI, where .ci/run installs everything."""
+    message = f"{what} is not installed (see .ci/run)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message, allow_module_level=True)
+
+
+try:
+    import datasette  # noqa: F401
+    import datasette_auth_passwords  # noqa: F401
+except ImportError:
+    _missing("datasette / datasette-auth-passwords (pip install 'mailer[dashboard]')")
+
+
+# -- a ledger filled by real sends ----------------------------------------------------------
+
+EVENTS = """\
+- id: launch
+  title: Launch
+  start: 2030-03-10 10:00
+  end: 2030-03-10 12:00
+"""
+STEPS = """\
+- id: invite
+  event: launch
+  template: invite
+  at: 2030-02-01 09:00
+- id: remind
+  event: launch
+  template: remind
+  at: -1d 09:00
+"""
+CONTACTS = "email,name,lists\nann@example.org,Ann,a\nbob@example.org,Bob,a\ncarl@example.org,Carl,a\n"
+#: What the two sends leave in the ledger, as the summary shows it.
+EXPECTED_SUMMARY = [
+    # Campaign, Step, Event, Sent, Deferred, Failed, Bounced, Skipped, Suppressed, Pending, Total
+    ["test", "invite", "launch", "2", "0", "1", "0", "0", "0", "0", "3"],
+    ["test", "remind", "launch", "1", "1", "1", "0", "0", "0", "0", "3"],
+]
+
+
+@pytest.fixture(scope="module")
+def ledger_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real `mailer send` passes against aiosmtpd: bob's RCPT gets a 550 both times; in
+    the second pass the first DATA gets a 451 (deferred)."""
+    folder = tmp_path_factory.mktemp("campaign")
+    cfg = write_campaign(folder, events=EVENTS, steps=STEPS, contacts=CONTACTS)
+    handler = FaultyHandler(
+        rcpt_replies={"bob@example.org": f"550 {REJECTED}"},
+    )
+    runner = CliRunner()
+    with SmtpServer(handler) as server:
+        env = {
+            "MAILER_SMTP_HOST": server.host,
+            "MAILER_SMTP_PORT": str(server.port),
+            "MAILER_SMTP_TLS": "none",
+        }
+        for now, data_replies in (("2030-02-01T09:05", []), ("2030-03-09T09:05", [f"451 {GREYLISTED}"])):
+            handler.data_replies = list(data_replies)
+            result = runner.invoke(cli, ["send", "--config", str(cfg), "--now", now], env=env)
+            assert result.exit_code == 0, result.output
+    db = folder / "ledger.db"
+    with Ledger(db) as ledger:  # an attendee's answer, as the inbox reader records it
+        ledger.record_reply(
+            "test",
+            "launch",
+            "ann@example.org",
+            "ACCEPTED",
+            datetime(2030, 2, 2, 10, 0, tzinfo=UTC),
+            "<r1@example.org>",
+        )
+    return db
+
+
+def _fingerprint(db: Path) -> str:
+    """The ledger's content (main file and WAL), to show nothing wrote to it."""
+    digest = hashlib.sha256()
+    for path in (db, db.with_name(db.name + "-wal")):
+        if path.exists():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# -- the served dashboard and the browser -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dashboard(ledger_path: Path) -> Iterator[str]:
+    """`serve()` in a subprocess on a free loopback port; yields its base URL."""
+    port = free_port()
+    code = "import sys; from mailer.dashboard import serve; serve(sys.argv[1], port=int(sys.argv[2]), timezone=sys.argv[3])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(ledger_path), str(port), TZ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/-/versions.json", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    out = proc.communicate()[0]
+                    pytest.fail(f"the dashboard did not start:\n{out}")
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        _missing("chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _missing("selenium (pip install selenium)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1500,900",
+        "--hide-scrollbars",
+    ):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _table(driver: Any) -> tuple[list[str], list[list[str]]]:
+    """Headings and cell texts of the results table on the current page."""
+    from selenium.webdriver.common.by import By
+
+    table = driver.find_element(By.CSS_SELECTOR, "table.rows-and-columns")
+    heads = [th.text.strip() for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
+    rows = [
+        [td.text.strip() for td in tr.find_elements(By.CSS_SELECTOR, "td")]
+        for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    ]
+    return heads, rows
+
+
+def _csv(url: str) -> tuple[list[str], list[list[str]]]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.status == 200
+        rows = list(csv.reader(io.StringIO(resp.read().decode("utf-8"))))
+    return rows[0], rows[1:]
+
+
+def _status(url: str, method: str = "GET", data: bytes | None = None) -> int:
+    req = urllib.request.Request(url, method=method, data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _summary_counts(heads: list[str], rows: list[list[str]]) -> list[list[str]]:
+    keep = [
+        heads.index(h)
+        for h in (
+            "Campaign",
+            "Step",
+            "Event",
+            "Sent",
+            "Deferred",
+            "Failed",
+            "Bounced",
+            "Skipped",
+            "Suppressed",
+            "Pending",
+            "Total",
+        )
+    ]
+    return [[row[i] for i in keep] for row in rows]
+
+
+def test_summary_page_shows_counts_per_step(dashboard: str, browser: Any) -> None:
+    browser.get(dashboard + "/")  # / opens the ledger page, which lists the staff's queries
+    assert browser.current_url == f"{dashboard}/{DATABASE}"
+    assert "Summary per campaign and step" in browser.page_source
+    browser.get(f"{dashboard}/{DATABASE}/summary")
+    assert browser.title == "Summary per campaign and step \u2013 mailer delivery log"
+    heads, rows = _table(browser)
+    assert _summary_counts(heads, rows) == EXPECTED_SUMMARY
+    started = [row[heads.index("Started")] for row in rows]
+    assert started == ["2030-02-01 09:05:00 CET", "2030-03-09 09:05:00 CET"]  # local, not UTC
+    # For the README: the page without the empty window below it.
+    from selenium.webdriver.common.by import By
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    assert browser.find_element(By.CSS_SELECTOR, "div.not-footer").screenshot(str(SCREENSHOT))
+
+
+def test_failed_list_shows_the_servers_reply(dashboard: str, browser: Any) -> None:
+    browser.get(f"{dashboard}/{DATABASE}/failed")
+    heads, rows = _table(browser)
+    got = sorted(
+        (
+            r[heads.index("Recipient")],
+            r[heads.index("Step")],
+            r[heads.index("Status")],
+            r[heads.index("Server reply")],
+        )
+        for r in rows
+    )
+    assert [g for g in got if g[0] == "bob@example.org"] == [
+        ("bob@example.org", "invite", "failed", REJECTED),
+        ("bob@example.org", "remind", "failed", REJECTED),
+    ]
+    deferred = [g for g in got if g[2] == "deferred"]
+    assert len(deferred) == 1 and deferred[0][3] == GREYLISTED and deferred[0][1] == "remind"
+    assert rows[0][heads.index("Last attempt")].endswith(" CET")
+
+
+def test_csv_export_has_the_same_rows(dashboard: str, browser: Any) -> None:
+    for query in ("summary", "failed"):
+        browser.get(f"{dashboard}/{DATABASE}/{query}")
+        heads, rows = _table(browser)
+        csv_heads, csv_rows = _csv(f"{dashboard}/{DATABASE}/{query}.csv")
+        assert csv_heads == heads
+        # The page shows an empty cell for NULL, as the CSV does.
+        assert csv_rows == rows, query
+
+
+def test_not_reached_and_answers(dashboard: str, browser: Any) -> None:
+    browser.get(f"{dashboard}/{DATABASE}/not_reached?event=launch")
+    heads, rows = _table(browser)
+    assert [r[heads.index("Recipient")] for r in rows] == ["bob@example.org"]
+    happened = rows[0][heads.index("What happened")]
+    assert "invite: failed (550 5.1.1" in happened and "remind: failed" in happened
+    browser.get(f"{dashboard}/{DATABASE}/answers")
+    heads, rows = _table(browser)
+    assert [
+        [r[heads.index(h)] for h in ("Event", "Coming", "Maybe", "Not coming", "Latest answer")] for r in rows
+    ] == [["launch", "1", "0", "0", "2030-02-02 11:00:00 CET"]]
+
+
+def test_table_pages_show_local_times_and_hide_internal_tables(dashboard: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{dashboard}/{DATABASE}")
+    names = {a.text for a in browser.find_elements(By.CSS_SELECTOR, "h3 a, h2 a")}
+    assert "deliveries" in names
+    assert not names & {"meta", "steps_started", "inbox"}
+    browser.get(f"{dashboard}/{DATABASE}/deliveries?email=bob@example.org&step=invite")
+    cell = browser.find_element(By.CSS_SELECTOR, "td.col-updated span")
+    assert cell.text == "2030-02-01 09:05:00 CET"
+    assert cell.get_attribute("title") == "2030-02-01T08:05:00Z UTC, as stored"
+
+
+def test_writes_and_arbitrary_sql_are_refused(dashboard: str, browser: Any, ledger_path: Path) -> None:
+    before = _fingerprint(ledger_path)
+    base = f"{dashboard}/{DATABASE}"
+    assert _status(base + "?sql=select+count(*)+from+deliveries") == 403
+    assert _status(base + "/deliveries?_where=1") == 403  # _where= is SQL too
+    # A statement that is not a SELECT is refused before the permission check.
+    assert _status(base + "?sql=delete+from+deliveries") == 400
+    assert _status(base + "/deliveries", "POST", b"status=sent") == 405
+    assert _status(base + "/failed", "POST", b"x=1") == 405
+    browser.get(base + "?sql=update+deliveries+set+status%3D%27sent%27")
+    assert browser.title == "Invalid SQL"
+    browser.get(base + "?sql=select+*+from+deliveries")
+    assert browser.title == "Forbidden"
+    browser.get(f"{base}/failed")
+    assert "bob@example.org" in browser.page_source  # still there
+    assert _fingerprint(ledger_path) == before
+
+
+# -- in-process checks of the app (no browser) ------------------------------------------------
+
+
+async def test_allow_sql_still_cannot_write(ledger_path: Path) -> None:
+    before = _fingerprint(ledger_path)
+    ds = create(ledger_path, allow_sql=True, timezone=TZ)
+    ok = await ds.client.get(f"/{DATABASE}.json?sql=select+local_time(%272030-07-01T08:00:00Z%27)+as+t")
+    assert ok.status_code == 200 and ok.json()["rows"] == [["2030-07-01 10:00:00 CEST"]]
+    for sql in (
+        "delete from deliveries",
+        "insert into meta values ('x', 'y')",
+        "with x as (select 1) delete from deliveries",
+        "pragma query_only = 0",
+    ):
+        r = await ds.client.get(f"/{DATABASE}", params={"sql": sql})
+        assert r.status_code == 400, sql
+    # Below Datasette's SELECT-only check, the connection itself refuses writes.
+    db = ds.get_database(DATABASE)
+    with pytest.raises(sqlite3.OperationalError, match="readonly|read-only|query_only"):
+        await db.execute_fn(lambda conn: conn.execute("DELETE FROM deliveries"))
+    assert _fingerprint(ledger_path) == before
+
+
+async def test_shows_new_commits_while_running(ledger_path: Path, tmp_path: Path) -> None:
+    """Opened read-only but not immutable: a running daemon's commits (still in the WAL) show
+    on the next page load."""
+    db = tmp_path / "live.db"
+    shutil.copy(ledger_path, db)
+    ds = create(db, timezone=TZ)
+    url = f"/{DATABASE}/failed.json?_shape=array"
+    assert len((await ds.client.get(url)).json()) == 3
+    with Ledger(db) as ledger:  # as the daemon would, while the dashboard runs
+        now = datetime(2030, 3, 9, 8, tzinfo=UTC)
+        item = ("later", "launch", "dan@example.org", "Dan", now)
+        assert ledger.record("test", [item], status="failed", reason="no such user", now=now) == 1
+        assert Path(f"{db}-wal").stat().st_size > 0
+        rows = (await ds.client.get(url)).json()
+    assert [r["Recipient"] for r in rows if r["Step"] == "later"] == ["dan@example.org"]
+
+
+async def test_password_protects_every_page(ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datasette_auth_passwords.utils import hash_password
+
+    password_hash = hash_password("s3cret")
+    monkeypatch.setenv(PASSWORD_ENV, "")  # create() sets it; restored after the test
+    ds = create(ledger_path, timezone=TZ, password_hash=password_hash)
+    for path in (f"/{DATABASE}", f"/{DATABASE}/failed.csv", "/-/metadata.json", "/-/versions.json"):
+        r = await ds.client.get(path)
+        assert (r.status_code, r.headers.get("location")) == (302, "/-/login"), path
+    login = await ds.client.get("/-/login")
+    token = login.cookies["ds_csrftoken"]
+    form = {"username": ACCOUNT, "password": "wrong", "csrftoken": token}
+    bad = await ds.client.post("/-/login", data=form, cookies=login.cookies)
+    assert "ds_actor" not in bad.cookies
+    form["password"] = "s3cret"
+    good = await ds.client.post("/-/login", data=form, cookies=login.cookies)
+    assert good.status_code == 302 and "ds_actor" in good.cookies
+    r = await ds.client.get(f"/{DATABASE}/failed.csv", cookies=good.cookies)
+    assert r.status_code == 200 and REJECTED in r.text
+    meta = await ds.client.get("/-/metadata.json", cookies=good.cookies)
+    assert password_hash not in meta.text  # shown as {"$env": ...}, not the hash
+
+
+def test_other_hosts_need_a_password(ledger_path: Path) -> None:
+    for host in ("0.0.0.0", "192.0.2.10", "dashboard.example.org"):
+        with pytest.raises(MailerError, match=f"needs a password.*{PASSWORD_ENV}.*127.0.0.1"):
+            serve(ledger_path, host=host, port=free_port())
+
+
+def test_missing_ledger_and_busy_port_are_explained(tmp_path: Path, ledger_path: Path) -> None:
+    with pytest.raises(MailerError, match="no ledger yet"):
+        serve(tmp_path / "nope.db", port=free_port())
+    (tmp_path / "other.db").write_bytes(b"")
+    with pytest.raises(MailerError, match="not a mailer ledger"):
+        serve(tmp_path / "other.db", port=free_port())
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MailerError, match=f"cannot listen on 127.0.0.1:{port}.*--port"):
+            serve(ledger_path, port=port)
+
+
+def test_metadata() -> None:
+    meta = build_metadata("America/New_York")
+    assert meta["title"] == "mailer delivery log"
+    db = meta["databases"][DATABASE]
+    assert {t for t, v in db["tables"].items() if v.get("hidden")} == {"meta", "steps_started", "inbox"}
+    assert {q["title"] for q in db["queries"].values()} >= {
+        "Summary per campaign and step",
+        "Failed and deferred deliveries with the server's reply",
+        "Recipients not reached for an event",
+        "Answers per event",
+    }
+    assert "America/New_York" in db["queries"]["summary"]["description"]
+    assert f"at most {MAX_ROWS} rows" in db["queries"]["failed"]["description_html"]
+    assert meta["plugins"]["mailer-dashboard"] == {"timezone": "America/New_York"}
+    with pytest.raises(MailerError, match="unknown time zone 'Mars/Olympus'"):
+        build_metadata("Mars/Olympus")
+
+
+# -- speed: every canned query on a 1,000,000-row ledger --------------------------------------
+
+STEP_EVENTS = [
+    ("invite-a", "event-a"),
+    ("remind-a-week", "event-a"),
+    ("remind-a-day", "event-a"),
+    ("invite-b", "event-b"),
+    ("remind-b-week", "event-b"),
+    ("remind-b-day", "event-b"),
+]
+
+
+def _fill_big_ledger(db: Path, per_step: int) -> None:
+    """2 campaigns x 6 steps x ``per_step`` deliveries (90% sent, then failed, deferred,
+    skipped, suppressed, bounced, pending); 1 in 53 recipients of event-a is never reached.
+    Generated inside SQLite (a Python executemany is twice as slow); the ledger's own
+    indexes are dropped during the load and rebuilt after it."""
+    Ledger(db).close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = OFF")
+    conn.execute("PRAGMA synchronous = OFF")
+    indexes = conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+    ).fetchall()
+    conn.execute("BEGIN")
+    for name, _ in indexes:
+        conn.execute(f"DROP INDEX {name}")
+    conn.execute("CREATE TEMP TABLE plan (campaign, step, event)")
+    conn.executemany(
+        "INSERT INTO temp.plan VALUES (?, ?, ?)",
+        sorted((c, s, e) for c in ("campaign-0", "campaign-1") for s, e in STEP_EVENTS),
+    )
+    conn.execute(
+        """
+        WITH RECURSIVE k (i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM k WHERE i < :n - 1),
+        r AS (
+            SELECT p.campaign, p.step, p.event, k.i,
+              CASE WHEN k.i % 53 = 0 AND p.event = 'event-a' THEN 91
+                   ELSE (k.i * 7919 + p.rowid * 104729) % 100 END AS pct
+            FROM temp.plan AS p, k ORDER BY p.campaign, p.step, k.i
+        ),
+        t AS (
+            SELECT *, CASE WHEN pct < 90 THEN 'sent' WHEN pct < 93 THEN 'failed'
+              WHEN pct < 95 THEN 'deferred' WHEN pct < 97 THEN 'skipped'
+              WHEN pct < 98 THEN 'suppressed' WHEN pct < 99 THEN 'bounced' ELSE 'pending' END AS status
+            FROM r
+        )
+        INSERT INTO deliveries (campaign, step, event, email, name, status, attempts, next_attempt,
+          due_at, smtp_code, smtp_text, reason, sent_at, created, updated)
+        SELECT campaign, step, event, printf('u%07d@example.org', i), 'User ' || i, status, 1,
+          CASE status WHEN 'deferred' THEN '2018-01-05T09:00:00Z' END, '2018-01-04T08:00:00Z',
+          CASE status WHEN 'sent' THEN 250 WHEN 'deferred' THEN 451 WHEN 'failed' THEN 550
+            WHEN 'bounced' THEN 550 END,
+          CASE status WHEN 'sent' THEN '2.0.0 OK' WHEN 'deferred' THEN '4.7.1 try later'
+            WHEN 'failed' THEN '5.1.1 <u' || i || '@example.org>: Recipient address rejected'
+            WHEN 'bounced' THEN '5.1.1 Recipient address rejected' END,
+          CASE status WHEN 'skipped' THEN 'late' WHEN 'suppressed' THEN 'unsubscribed'
+            WHEN 'failed' THEN 'refused by the server' END,
+          CASE status WHEN 'sent' THEN '2018-01-04T08:00:01Z' END,
+          '2018-01-04T08:00:00Z', '2018-01-04T08:00:01Z'
+        FROM t
+        """,
+        {"n": per_step},
+    )
+    conn.execute("INSERT INTO steps_started SELECT campaign, step, '2018-01-04T08:00:00Z' FROM temp.plan")
+    conn.execute(
+        """INSERT INTO replies SELECT campaign, event, email,
+             CASE id % 3 WHEN 0 THEN 'ACCEPTED' WHEN 1 THEN 'DECLINED' ELSE 'TENTATIVE' END,
+             '2018-01-06T10:00:00Z', NULL
+           FROM deliveries WHERE id % 7 = 0 AND step LIKE 'invite-%'"""
+    )
+    for _, sql in indexes:
+        conn.execute(sql)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+#: "Recipients not reached for an event" reads this index alone (issue 7).
+EVENT_INDEX = ("event", "campaign", "email", "status")
+
+
+def _has_event_index(conn: sqlite3.Connection) -> bool:
+    names = [n for (n,) in conn.execute("SELECT name FROM pragma_index_list('deliveries')")]
+    return any(
+        tuple(c for (c,) in conn.execute("SELECT name FROM pragma_index_info(?)", (n,)))[: len(EVENT_INDEX)]
+        == EVENT_INDEX
+        for n in names
+    )
+
+
+@pytest.mark.slow
+def test_canned_queries_take_under_half_a_second_on_a_million_rows(tmp_path: Path) -> None:
+    db = tmp_path / "big.db"
+    with Ledger(":memory:") as schema:
+        indexed = _has_event_index(schema.conn)
+    assert indexed, (
+        "the ledger schema needs CREATE INDEX IF NOT EXISTS deliveries_by_event_email"
+        " ON deliveries (event, campaign, email, status); for the not-reached query"
+    )
+    start = time.perf_counter()
+    _fill_big_ledger(db, per_step=83_334)  # 12 steps: 1,000,008 deliveries
+    report = [f"built in {time.perf_counter() - start:.1f} s"]
+    # The SQL runs as Datasette runs it: read-only, local_time() registered, MAX_ROWS + 1
+    # rows fetched (the page then says "truncated").
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 1_000_008
+    conn.create_function("local_time", 1, partial(local_time, tz=ZoneInfo(TZ)), deterministic=True)
+    deadline = 0.0
+    # A bad plan can take minutes: give up on a query after 5 s, as Datasette does after 3 s.
+    conn.set_progress_handler(lambda: int(time.perf_counter() > deadline), 10_000)
+    queries = build_metadata(TZ)["databases"][DATABASE]["queries"]
+    slow: list[str] = []
+    unindexed: list[str] = []
+    # event-a has 3,146 addresses never reached (the first page streams out), event-b none
+    # (the whole event is read to find that out).
+    runs = [
+        (name, event)
+        for name in queries
+        for event in ("event-a", "event-b")
+        if ":event" in queries[name]["sql"] or event == "event-a"
+    ]
+    for name, event in runs:
+        sql, params = queries[name]["sql"], {"event": event}
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        # deliveries is only SEARCHed through an index, or SCANned on a covering index (the
+        # summary counts on the (campaign, step, status) index alone): never row by row.
+        aliases = {"deliveries", *re.findall(r"\bdeliveries\s+AS\s+(\w+)", sql, re.I)}
+        unindexed += [
+            f"{name}: {step}"
+            for step in plan
+            if step.startswith("SCAN ") and step.split()[1] in aliases and "COVERING INDEX" not in step
+        ]
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            deadline = start + 5
+            try:
+                rows = conn.execute(sql, params).fetchmany(MAX_ROWS + 1)
+            except sqlite3.OperationalError as exc:
+                assert "interrupted" in str(exc)
+                rows = []
+            times.append(time.perf_counter() - start)
+        label = f"{name}({event})" if ":event" in sql else name
+        report.append(
+            f"{label}: {min(times) * 1000:.0f} ms (runs: "
+            + ", ".join(f"{t * 1000:.0f}" for t in times)
+            + f"), {len(rows)} rows"
+        )
+        if min(times) > 0.5:
+            slow.append(report[-1])
+    conn.close()
+    print("\n".join(report))
+    assert not unindexed, f"reads deliveries row by row: {unindexed}"
+    assert not slow, f"over 0.5 s: {slow}"
