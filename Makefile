@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check preview bench clean
+.PHONY: demo test check preview bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ preview: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+
+lint: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/ruff check mailer tests bench
+	$(BIN)/ruff format --check mailer
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) demo-out preview-out .pytest_cache

@@ -47,10 +47,10 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
-def _snapshot(ws: Workspace) -> dict[Path, float]:
+def _snapshot(ws: Workspace) -> dict[Path, int]:
     files = set(ws.files) | set(ws.campaign.contact_paths())
     files |= {p for p in ws.campaign.templates_dir.rglob("*") if p.is_file()}
-    out = {}
+    out: dict[Path, int] = {}
     for f in files:
         try:
             out[f] = f.stat().st_mtime_ns

@@ -446,7 +446,7 @@ class Ledger:
         ``(row id, claimed_at, sequence)`` per item, in order.
         """
         ts = iso(now)
-        out: list[tuple[int, datetime]] = []
+        out: list[tuple[int, datetime, int]] = []
         with self.transaction() as c:
             for step, event, email, name, due, mid, seq, has_ics in items:
                 c.execute(

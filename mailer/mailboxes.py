@@ -9,8 +9,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, Protocol, get_args
 
-from imapclient import IMAPClient  # type: ignore[import-untyped]
-from imapclient.exceptions import IMAPClientError, LoginError  # type: ignore[import-untyped]
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError, LoginError
 
 from .errors import InboxError
 

@@ -74,8 +74,9 @@ class SmtpServer:
     @property
     def port(self) -> int:
         srv = self.controller.server
-        assert srv is not None and srv.sockets
-        return int(srv.sockets[0].getsockname()[1])
+        sockets = getattr(srv, "sockets", None)  # an asyncio.Server once started
+        assert sockets
+        return int(sockets[0].getsockname()[1])
 
     def start(self) -> SmtpServer:
         self.controller.start()

@@ -108,7 +108,7 @@ def _format(kind: str, value: Any, fmt: str | None, loc: babel.Locale) -> str:
     if kind == "date":
         return format_date(value, fmt or "full", locale=loc)  # type: ignore[arg-type]
     if kind == "time":
-        return format_time(value, fmt or "short", tzinfo=tz, locale=loc)
+        return format_time(value, fmt or "short", tzinfo=tz, locale=loc)  # type: ignore[arg-type]
     if fmt is not None:
         return format_datetime(value, fmt, tzinfo=tz, locale=loc)
     # CLDR 48 (Babel 2.19) moved "{1} 'om' {0}" to the relative patterns; older Babel has
@@ -116,6 +116,8 @@ def _format(kind: str, value: Any, fmt: str | None, loc: babel.Locale) -> str:
     relative = getattr(loc, "datetime_formats_relative", None)
     pattern = str((relative.get("long") if relative is not None else None)
                   or loc.datetime_formats["long"])
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"the datetime filter needs a date and time, got {value!r}")
     day, hour = format_date(value, "full", locale=loc), format_time(value, "HH:mm", tz, loc)
     return pattern.replace("'", "").replace("{1}", day).replace("{0}", hour)
 
@@ -217,7 +219,7 @@ class Templates:
             return None, Problem(self._where(exc.name or rel, exc.lineno),
                                  f"template syntax error: {exc.message}")
         except TemplateNotFound as exc:
-            return None, Problem(self._where(exc.name or rel), "file not found")
+            return None, Problem(self._where(str(exc.name or rel)), "file not found")
         except (UnicodeDecodeError, OSError) as exc:
             return None, Problem(self._where(rel), f"cannot read (save it as UTF-8): {exc}")
 
