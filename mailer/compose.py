@@ -81,9 +81,7 @@ class Composer:
             before = self._snapshots.get((event.id, sequence - 1))
             after = self._snapshots.get((event.id, sequence))
             extra = {
-                "changes": planner_changes(json.loads(before), json.loads(after))
-                if before and after
-                else [],
+                "changes": planner_changes(json.loads(before), json.loads(after)) if before and after else [],
                 "sequence": sequence,
             }
         return self.compose(
@@ -107,9 +105,7 @@ class Composer:
         if proto is None:
             if len(self._protos) > 256:  # dtstamps change per claim batch; keep this bounded
                 self._protos.clear()
-            proto = ics.prototype(
-                self.campaign, event, method=method, sequence=sequence, dtstamp=dtstamp
-            )
+            proto = ics.prototype(self.campaign, event, method=method, sequence=sequence, dtstamp=dtstamp)
             self._protos[key] = proto
         return proto
 
@@ -142,9 +138,7 @@ class Composer:
         rendered = self.templates.render(template or step.template, contact.language, ctx)
         payload = None
         if self.has_ics(step):
-            payload = self.prototype(event, method, sequence, when).for_attendee(
-                contact.email, contact.name
-            )
+            payload = self.prototype(event, method, sequence, when).for_attendee(contact.email, contact.name)
         mid = self.message_id(step, contact.email)
         data = message.build(
             campaign=self.campaign,

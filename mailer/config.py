@@ -231,9 +231,7 @@ def loads(text: str, path: str | Path = "schedules.yaml") -> Campaign:
     where = _display(path)
     data, lines = load_yaml(text, where)
     if not isinstance(data, dict):
-        raise ConfigError(
-            [Problem(f"{where}:1", "expected a mapping of keys (campaign:, events:, ...)")]
-        )
+        raise ConfigError([Problem(f"{where}:1", "expected a mapping of keys (campaign:, events:, ...)")])
 
     def at(loc: YamlPath) -> str:
         line = line_for(lines, loc)

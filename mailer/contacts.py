@@ -120,8 +120,13 @@ def _read_text(path: Path, where: str, problems: list[Problem]) -> str | None:
         except UnicodeDecodeError:
             pass
     if b"\x00" in data:
-        problems.append(Problem(where, "contains NUL bytes, so it is not a CSV text file; "
-                                "export the sheet as 'CSV UTF-8' and use that file"))
+        problems.append(
+            Problem(
+                where,
+                "contains NUL bytes, so it is not a CSV text file; "
+                "export the sheet as 'CSV UTF-8' and use that file",
+            )
+        )
         return None
     try:
         return data.decode("utf-8-sig")  # "CSV UTF-8" from Excel starts with a BOM
@@ -132,8 +137,9 @@ def _read_text(path: Path, where: str, problems: list[Problem]) -> str | None:
     except UnicodeDecodeError:
         problems.append(Problem(where, "is neither UTF-8 nor Windows-1252 text; save it as UTF-8"))
         return None
-    problems.append(Problem(where, "read as Windows-1252; save it as UTF-8 to silence this",
-                            severity="warning"))
+    problems.append(
+        Problem(where, "read as Windows-1252; save it as UTF-8 to silence this", severity="warning")
+    )
     return text
 
 
@@ -155,9 +161,14 @@ def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[P
         if "email" not in roles:
             found = ", ".join(repr(c.strip()) for c in header if c.strip())
             hint = " The first line looks like data: add a header row above it." * ("@" in found)
-            problems.append(Problem(where, f"no email column (found columns: {found}); name the "
-                                    f"column with the addresses 'email' (also accepted: "
-                                    f"{', '.join(_EMAIL_NAMES[1:])}).{hint}"))
+            problems.append(
+                Problem(
+                    where,
+                    f"no email column (found columns: {found}); name the "
+                    f"column with the addresses 'email' (also accepted: "
+                    f"{', '.join(_EMAIL_NAMES[1:])}).{hint}",
+                )
+            )
             return
         ncols, count = len(header), 0
         i_email, i_name, i_lang = roles["email"], roles.get("name"), roles.get("language")
@@ -166,8 +177,11 @@ def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[P
             row_no, line = line + 1, reader.line_num
             if len(row) != ncols:
                 if len(row) > ncols and any(c.strip() for c in row[ncols:]):
-                    report(row_no, f"{len(row)} cells but the header has {ncols} columns; extra "
-                                   f"cells ignored (a value with {delimiter!r} in it not quoted?)")
+                    report(
+                        row_no,
+                        f"{len(row)} cells but the header has {ncols} columns; extra "
+                        f"cells ignored (a value with {delimiter!r} in it not quoted?)",
+                    )
                 row = row[:ncols] + [""] * (ncols - len(row))
             if unnamed and any(row[i].strip() for i in unnamed):
                 unnamed = []  # say it once per file
@@ -180,22 +194,33 @@ def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[P
             try:
                 email = _address(raw)
             except EmailNotValidError as exc:
-                report(row_no, f"{raw!r} is not a usable email address "
-                               f"({str(exc).rstrip('.')}); row skipped", "email", "error")
+                report(
+                    row_no,
+                    f"{raw!r} is not a usable email address ({str(exc).rstrip('.')}); row skipped",
+                    "email",
+                    "error",
+                )
                 continue
             name = row[i_name].strip() if i_name is not None else ""
             if _NAME_CONTROLS.search(name):
                 # The name goes into the To: header, where a line break could inject headers.
                 name = _LINE_BREAKS.sub(" ", name.replace("\t", " "))
                 name = _NAME_CONTROLS.sub("", name).strip()
-                report(row_no, "name contained line breaks or control characters; replaced by "
-                               f"spaces: {name!r}", "name")
+                report(
+                    row_no,
+                    f"name contained line breaks or control characters; replaced by spaces: {name!r}",
+                    "name",
+                )
             language = None
             if i_lang is not None and (lang_raw := row[i_lang].strip()):
                 language = _language(lang_raw)
                 if language is None:
-                    report(row_no, f"{lang_raw!r} is not a language code like nl or nl_BE; the "
-                                   "campaign language is used", "language")
+                    report(
+                        row_no,
+                        f"{lang_raw!r} is not a language code like nl or nl_BE; the "
+                        "campaign language is used",
+                        "language",
+                    )
             lists = _labels(row[i_lists]) if i_lists is not None else frozenset()
             tags = _labels(row[i_tags]) if i_tags is not None else frozenset()
             values = {key: _clean(row[i]) for i, key in fields}
@@ -206,15 +231,24 @@ def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[P
             first = by_email.get(email.lower())
             by_email[email.lower()] = contact if first is None else _merge(first, contact)
             if first is not None:
-                report(row_no, f"{email} is also at {first.source}; merged into that one (lists "
-                               "and tags combined, first name, language and values kept)", "email")
+                report(
+                    row_no,
+                    f"{email} is also at {first.source}; merged into that one (lists "
+                    "and tags combined, first name, language and values kept)",
+                    "email",
+                )
         if count == 0 and not any(p.where.startswith(f"{where}:row") for p in problems):
             problems.append(Problem(where, "has a header row but no contacts", severity="warning"))
     except StopIteration:  # nothing but blank lines and delimiters
         problems.append(Problem(where, _EMPTY))
     except csv.Error as exc:
-        problems.append(Problem(f"{where}:row {line + 1}", f"cannot read the CSV from here on "
-                                f"({exc}); check the quotes; the rest of the file is skipped"))
+        problems.append(
+            Problem(
+                f"{where}:row {line + 1}",
+                f"cannot read the CSV from here on "
+                f"({exc}); check the quotes; the rest of the file is skipped",
+            )
+        )
 
 
 def _columns(
@@ -239,8 +273,11 @@ def _columns(
             roles[role] = i
             continue
         if not key.isidentifier():
-            warn(line, f"column {cell.strip()!r} gives the template variable {key!r}, which is "
-                       "not a valid name; rename the column to letters, digits and _ to use it")
+            warn(
+                line,
+                f"column {cell.strip()!r} gives the template variable {key!r}, which is "
+                "not a valid name; rename the column to letters, digits and _ to use it",
+            )
         keys.add(key)
         fields.append((i, key))
     return roles, fields, unnamed
@@ -314,5 +351,11 @@ def _merge(first: Contact, later: Contact) -> Contact:
     for key, value in later.fields.items():
         if value and not fields.get(key):
             fields[key] = value
-    return replace(first, name=first.name or later.name, language=first.language or later.language,
-                   lists=first.lists | later.lists, tags=first.tags | later.tags, fields=fields)
+    return replace(
+        first,
+        name=first.name or later.name,
+        language=first.language or later.language,
+        lists=first.lists | later.lists,
+        tags=first.tags | later.tags,
+        fields=fields,
+    )

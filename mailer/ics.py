@@ -311,10 +311,7 @@ class Prototype:
         still written as an ATTENDEE; the organizer's client will treat it as its own event.
         """
         cn = f";CN={param_value(name)}" if name and name.strip() else ""
-        line = (
-            f"ATTENDEE{cn};ROLE=REQ-PARTICIPANT;PARTSTAT=NEEDS-ACTION;RSVP=TRUE"
-            f":mailto:{_uri(email)}"
-        )
+        line = f"ATTENDEE{cn};ROLE=REQ-PARTICIPANT;PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:{_uri(email)}"
         return self._head + fold(line) + self._tail
 
 

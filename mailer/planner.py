@@ -87,9 +87,7 @@ def retry_at(policy: Delivery, attempts: int, key: str, now: datetime) -> dateti
     """
     base = policy.retry_base * (2 ** max(0, attempts - 1))
     base = min(base, policy.retry_max)
-    h = int.from_bytes(
-        hashlib.blake2b(f"{key}\0{attempts}".encode(), digest_size=4).digest(), "big"
-    )
+    h = int.from_bytes(hashlib.blake2b(f"{key}\0{attempts}".encode(), digest_size=4).digest(), "big")
     factor = 0.8 + 0.4 * (h / 0xFFFFFFFF)
     return now + timedelta(seconds=base.total_seconds() * factor)
 
@@ -221,9 +219,7 @@ def plan_step(
     first_pass = started_at is None or started_at >= now
     dynamic = step.kind in ("update", "cancel")
 
-    def skip(
-        email: str, name: str, status: Literal["skipped", "suppressed", "failed"], why: str
-    ) -> None:
+    def skip(email: str, name: str, status: Literal["skipped", "suppressed", "failed"], why: str) -> None:
         out.skips.append(Skip(step, event, email, name, status, why))
 
     if dynamic:
@@ -242,9 +238,7 @@ def plan_step(
         if row is not None and row.status in FINAL:
             continue
         if c.email.lower() in suppressed:
-            skip(
-                c.email, c.name, "suppressed", f"address suppressed: {suppressed[c.email.lower()]}"
-            )
+            skip(c.email, c.name, "suppressed", f"address suppressed: {suppressed[c.email.lower()]}")
         elif superseded_by is not None:
             skip(c.email, c.name, "skipped", f"superseded by {superseded_by}")
         elif event.status == "cancelled" and step.kind != "cancel":

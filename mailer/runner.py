@@ -181,16 +181,10 @@ async def run_pass(
             ledger.deferred(job.key, res.code, res.text, t, nxt)
             result.next_wake = min(filter(None, (result.next_wake, nxt)))
         else:
-            text = (
-                res.text
-                if res.outcome == "failed"
-                else f"gave up after {attempts} attempts: {res.text}"
-            )
+            text = res.text if res.outcome == "failed" else f"gave up after {attempts} attempts: {res.text}"
             ledger.failed(job.key, res.code, text, t)
         result.counts[
-            "failed"
-            if res.outcome == "deferred" and attempts >= policy.max_attempts
-            else res.outcome
+            "failed" if res.outcome == "deferred" and attempts >= policy.max_attempts else res.outcome
         ] += 1
         done += 1
         if progress:
@@ -225,9 +219,7 @@ async def run_pass(
                 if stop is not None and stop.is_set():
                     break
                 try:
-                    composed = composer.compose_due(
-                        d.step, d.event, d.contact, when=claimed_at, sequence=seq
-                    )
+                    composed = composer.compose_due(d.step, d.event, d.contact, when=claimed_at, sequence=seq)
                 except MailerError as exc:
                     in_flight.pop(rid)
                     ledger.failed(rid, None, f"could not build the mail: {exc}", clock())

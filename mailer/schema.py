@@ -32,9 +32,7 @@ class _SenderModel(_Model):
     organizer_name: str | None = None
 
     _check_from = field_validator("from_")(lambda cls, v: _email(v))
-    _check_reply = field_validator("reply_to", "organizer")(
-        lambda cls, v: None if v is None else _email(v)
-    )
+    _check_reply = field_validator("reply_to", "organizer")(lambda cls, v: None if v is None else _email(v))
 
     @field_validator("name", "organizer_name")
     @classmethod

@@ -66,9 +66,7 @@ class SmtpServer:
         smtp_kwargs.setdefault("decode_data", False)
         # aiosmtpd's Controller cannot start on port 0 (its readiness probe connects to the
         # port it was given), so ask the OS for a free port first.
-        self.controller = Controller(
-            self.handler, hostname=host, port=port or free_port(host), **smtp_kwargs
-        )
+        self.controller = Controller(self.handler, hostname=host, port=port or free_port(host), **smtp_kwargs)
         self.host = host
 
     @property

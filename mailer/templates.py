@@ -114,8 +114,7 @@ def _format(kind: str, value: Any, fmt: str | None, loc: babel.Locale) -> str:
     # CLDR 48 (Babel 2.19) moved "{1} 'om' {0}" to the relative patterns; older Babel has
     # it as the standard 'long' pattern.
     relative = getattr(loc, "datetime_formats_relative", None)
-    pattern = str((relative.get("long") if relative is not None else None)
-                  or loc.datetime_formats["long"])
+    pattern = str((relative.get("long") if relative is not None else None) or loc.datetime_formats["long"])
     if not isinstance(value, dt.datetime):
         raise TypeError(f"the datetime filter needs a date and time, got {value!r}")
     day, hour = format_date(value, "full", locale=loc), format_time(value, "HH:mm", tz, loc)
@@ -195,8 +194,13 @@ class Templates:
         try:
             return locale_for(self.default_language)
         except ValueError:
-            raise TemplateError([Problem(self._where(""), f"campaign language "
-                                 f"{self.default_language!r} is not one Babel knows")]) from None
+            raise TemplateError(
+                [
+                    Problem(
+                        self._where(""), f"campaign language {self.default_language!r} is not one Babel knows"
+                    )
+                ]
+            ) from None
 
     def _resolve(self, name: str, language: str | None) -> str:
         key = (name, language)
@@ -207,8 +211,15 @@ class Templates:
             lang = next((w for w in wanted if w in dirs), None)
             if lang is None:
                 found = ", ".join(sorted(dirs)) or "none"
-                raise TemplateError([Problem(self._where(name), f"template {name!r}: no version "
-                                     f"for {language or '-'} or {default}; found: {found}")])
+                raise TemplateError(
+                    [
+                        Problem(
+                            self._where(name),
+                            f"template {name!r}: no version "
+                            f"for {language or '-'} or {default}; found: {found}",
+                        )
+                    ]
+                )
             self._resolved[key] = lang
         return self._resolved[key]
 
@@ -216,8 +227,9 @@ class Templates:
         try:
             return self._env.get_template(rel), None
         except TemplateSyntaxError as exc:
-            return None, Problem(self._where(exc.name or rel, exc.lineno),
-                                 f"template syntax error: {exc.message}")
+            return None, Problem(
+                self._where(exc.name or rel, exc.lineno), f"template syntax error: {exc.message}"
+            )
         except TemplateNotFound as exc:
             return None, Problem(self._where(str(exc.name or rel)), "file not found")
         except (UnicodeDecodeError, OSError) as exc:
@@ -226,8 +238,9 @@ class Templates:
     def check(self, names: Iterable[str]) -> list[Problem]:
         """Every problem with the templates ``names`` and the files they extend or include."""
         if not self.root.is_dir():
-            return [Problem(_display(self.root), "templates folder not found; see templates: "
-                            "in schedules.yaml")]
+            return [
+                Problem(_display(self.root), "templates folder not found; see templates: in schedules.yaml")
+            ]
         problems: list[Problem] = []
         try:
             self._default_locale()
@@ -237,26 +250,42 @@ class Templates:
         for name in dict.fromkeys(names):  # each name once, in order
             dirs = self._dirs(name)
             if not dirs:
-                problems.append(Problem(self._where(name), f"template {name!r} not found; "
-                                        f"expected {name}/{default}/" + ", ".join(PARTS)))
+                problems.append(
+                    Problem(
+                        self._where(name),
+                        f"template {name!r} not found; expected {name}/{default}/" + ", ".join(PARTS),
+                    )
+                )
                 continue
             if default not in dirs and default.partition("_")[0] not in dirs:
-                problems.append(Problem(self._where(f"{name}/{default}"), "missing: no version "
-                                        f"in the campaign language; found: {', '.join(dirs)}"))
+                problems.append(
+                    Problem(
+                        self._where(f"{name}/{default}"),
+                        f"missing: no version in the campaign language; found: {', '.join(dirs)}",
+                    )
+                )
             for lang, folder in sorted(dirs.items()):
                 try:
                     locale_for(lang)
                 except ValueError:
-                    problems.append(Problem(self._where(f"{name}/{folder}"), "not a language "
-                                            "Babel knows; dates will use the campaign "
-                                            "language", severity="warning"))
+                    problems.append(
+                        Problem(
+                            self._where(f"{name}/{folder}"),
+                            "not a language Babel knows; dates will use the campaign language",
+                            severity="warning",
+                        )
+                    )
                 for part in PARTS:
                     rel = f"{name}/{folder}/{part}"
                     if (self.root / rel).is_file():
                         files.append(rel)
                     else:
-                        problems.append(Problem(self._where(rel), "file missing; every language "
-                                                "folder needs " + ", ".join(PARTS)))
+                        problems.append(
+                            Problem(
+                                self._where(rel),
+                                "file missing; every language folder needs " + ", ".join(PARTS),
+                            )
+                        )
         seen: set[str] = set()
         while files:  # compile every file, then whatever it extends or includes
             rel = files.pop(0)
@@ -332,8 +361,7 @@ class Templates:
                     parent = parent.get(key) if isinstance(parent, Mapping) else None
                 if isinstance(parent, dict):
                     what += f" ({expr} has: {', '.join(sorted(parent))})"
-        hint = "; use contact.get('column') for a column not every list has" * what.startswith(
-            "contact.")
+        hint = "; use contact.get('column') for a column not every list has" * what.startswith("contact.")
         return Problem(where, f"undefined variable {what}; available: {available}{hint}")
 
 
@@ -342,18 +370,37 @@ def context(campaign: Campaign, event: Event, step: Step, contact: Contact) -> d
     sender, unsub = campaign.sender, campaign.unsubscribe
     return {
         # Extra CSV columns first, so the validated core fields win on a name clash.
-        "contact": {**contact.fields, "email": contact.email, "name": contact.name,
-                    "language": contact.language, "lists": sorted(contact.lists),
-                    "tags": sorted(contact.tags)},
-        "event": {"id": event.id, "title": event.title, "start": event.start, "end": event.end,
-                  "all_day": event.all_day, "start_date": event.start_date,
-                  "last_date": event.last_date, "location": event.location,
-                  "description": event.description, "url": event.url, "status": event.status},
-        "campaign": {"id": campaign.id, "name": campaign.name,
-                     "timezone": campaign.timezone.key, "sender_name": sender.name,
-                     "sender_address": sender.address, "organizer": sender.organizer_name,
-                     "organizer_address": sender.organizer,
-                     "unsubscribe_mailto": unsub.mailto if unsub else None,
-                     "unsubscribe_url": unsub.url if unsub else None},
+        "contact": {
+            **contact.fields,
+            "email": contact.email,
+            "name": contact.name,
+            "language": contact.language,
+            "lists": sorted(contact.lists),
+            "tags": sorted(contact.tags),
+        },
+        "event": {
+            "id": event.id,
+            "title": event.title,
+            "start": event.start,
+            "end": event.end,
+            "all_day": event.all_day,
+            "start_date": event.start_date,
+            "last_date": event.last_date,
+            "location": event.location,
+            "description": event.description,
+            "url": event.url,
+            "status": event.status,
+        },
+        "campaign": {
+            "id": campaign.id,
+            "name": campaign.name,
+            "timezone": campaign.timezone.key,
+            "sender_name": sender.name,
+            "sender_address": sender.address,
+            "organizer": sender.organizer_name,
+            "organizer_address": sender.organizer,
+            "unsubscribe_mailto": unsub.mailto if unsub else None,
+            "unsubscribe_url": unsub.url if unsub else None,
+        },
         "step": {"id": step.id, "kind": step.kind, "at": step.at, "attach_ics": step.attach_ics},
     }

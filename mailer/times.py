@@ -46,8 +46,7 @@ def resolve_local(naive: datetime, tz: ZoneInfo) -> datetime:
                 "for daylight saving time); pick another time"
             )
         raise ValueError(
-            f"{naive:%Y-%m-%d %H:%M} happens twice in {tz.key} (the clocks go back); "
-            "pick another time"
+            f"{naive:%Y-%m-%d %H:%M} happens twice in {tz.key} (the clocks go back); pick another time"
         )
     return a
 

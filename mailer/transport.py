@@ -52,9 +52,7 @@ class TransportSettings:
         try:
             port = int(port_text) if port_text else (smtp.port or _DEFAULT_PORTS[tls])
         except ValueError:
-            raise TransportFatalError(
-                f"MAILER_SMTP_PORT={port_text!r} is not a port number"
-            ) from None
+            raise TransportFatalError(f"MAILER_SMTP_PORT={port_text!r} is not a port number") from None
         user = environ.get("MAILER_SMTP_USER") or None
         password = environ.get("MAILER_SMTP_PASSWORD") or None
         if user and password is None:
@@ -116,9 +114,7 @@ class Pacer:
     """Rate limits shared by all connections: ``rate`` per second, ``per_hour`` per hour, and
     a pause that doubles on each "slow down" reply (421/451/452/454) and resets on success."""
 
-    def __init__(
-        self, rate: float | None, per_hour: int | None, *, max_pause: float = 30.0
-    ) -> None:
+    def __init__(self, rate: float | None, per_hour: int | None, *, max_pause: float = 30.0) -> None:
         self.rate = rate
         self.per_hour = per_hour
         self.max_pause = max_pause
@@ -171,9 +167,7 @@ class Transport:
     the caller can commit the outcome first (the ledger's crash-safety rule).
     """
 
-    def __init__(
-        self, settings: TransportSettings, *, log: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, settings: TransportSettings, *, log: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.pacer = Pacer(settings.rate, settings.per_hour)
         self._log = log or (lambda msg: None)
@@ -231,8 +225,7 @@ class Transport:
         :raises TransportFatalError: a TLS or login failure; other workers stop too.
         """
         workers = [
-            asyncio.create_task(self._worker(i, queue, on_result))
-            for i in range(self.settings.connections)
+            asyncio.create_task(self._worker(i, queue, on_result)) for i in range(self.settings.connections)
         ]
         try:
             done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
@@ -245,9 +238,7 @@ class Transport:
                     t.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _worker(
-        self, idx: int, queue: asyncio.Queue[Outgoing | None], on_result: OnResult
-    ) -> None:
+    async def _worker(self, idx: int, queue: asyncio.Queue[Outgoing | None], on_result: OnResult) -> None:
         client: aiosmtplib.SMTP | None = None
         try:
             while True:
@@ -282,10 +273,7 @@ class Transport:
                     # and retried later with backoff.
                     self.unreachable = text
                     self._log(f"server unreachable, deferring the rest of this pass: {text}")
-                if (
-                    isinstance(exc, smtp_errors.SMTPResponseException)
-                    and exc.code in SLOW_DOWN_CODES
-                ):
+                if isinstance(exc, smtp_errors.SMTPResponseException) and exc.code in SLOW_DOWN_CODES:
                     self.pacer.slow_down()
                 return Result("deferred", getattr(exc, "code", None), text), None
         await self.pacer.acquire()

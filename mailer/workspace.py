@@ -24,7 +24,6 @@ class Workspace(HasProblems):
     problems: list[Problem] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
-
     @property
     def blocking(self) -> list[Problem]:
         """Problems that forbid sending: a contact file that could not be read at all (its
