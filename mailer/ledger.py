@@ -519,13 +519,22 @@ class Ledger:
                 (delivery_id, ts, "deferred", code, text),
             )
 
-    def failed(self, delivery_id: int, code: int | None, text: str, now: datetime) -> None:
+    def failed(
+        self,
+        delivery_id: int,
+        code: int | None,
+        text: str,
+        now: datetime,
+        reason: str = "refused by the server",
+    ) -> None:
+        """The delivery will not be retried: ``text`` is the server's reply (if any),
+        ``reason`` says why in plain words."""
         ts = iso(now)
         with self.transaction() as c:
             c.execute(
                 "UPDATE deliveries SET status='failed', attempts=attempts+1, smtp_code=?,"
                 " smtp_text=?, next_attempt=NULL, reason=?, updated=? WHERE id=?",
-                (code, text, "refused by the server", ts, delivery_id),
+                (code, text, reason, ts, delivery_id),
             )
             c.execute(
                 "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",

@@ -173,19 +173,20 @@ async def run_pass(
         d = in_flight.pop(job.key)
         t = clock()
         attempts = (d.row.attempts if d.row else 0) + 1
-        if res.outcome == "sent":
+        outcome = res.outcome
+        if outcome == "sent":
             ledger.sent(job.key, res.code or 250, res.text, t)
-        elif res.outcome == "deferred" and attempts < policy.max_attempts:
+        elif outcome == "deferred" and attempts < policy.max_attempts:
             mid = composer.message_id(d.step, d.contact.email)
             nxt = planner.retry_at(policy, attempts, mid, t)
             ledger.deferred(job.key, res.code, res.text, t, nxt)
             result.next_wake = min(filter(None, (result.next_wake, nxt)))
+        elif outcome == "deferred":
+            outcome = "failed"
+            ledger.failed(job.key, res.code, res.text, t, f"gave up after {attempts} attempts")
         else:
-            text = res.text if res.outcome == "failed" else f"gave up after {attempts} attempts: {res.text}"
-            ledger.failed(job.key, res.code, text, t)
-        result.counts[
-            "failed" if res.outcome == "deferred" and attempts >= policy.max_attempts else res.outcome
-        ] += 1
+            ledger.failed(job.key, res.code, res.text, t)
+        result.counts[outcome] += 1
         done += 1
         if progress:
             progress(done, len(due))
@@ -222,7 +223,7 @@ async def run_pass(
                     composed = composer.compose_due(d.step, d.event, d.contact, when=claimed_at, sequence=seq)
                 except MailerError as exc:
                     in_flight.pop(rid)
-                    ledger.failed(rid, None, f"could not build the mail: {exc}", clock())
+                    ledger.failed(rid, None, "", clock(), f"could not build the mail: {exc}")
                     result.counts["failed"] += 1
                     continue
                 await queue.put(Outgoing(rid, sender, d.contact.email, composed.data))

@@ -285,3 +285,36 @@ def test_two_senders_at_once_never_duplicate(
         assert any("in use by another mailer process" in o[1] for o in outs)
     else:  # the first finished before the second started: the second found nothing due
         assert codes == [0, 0]
+
+
+def test_retries_run_out_then_failed_with_the_reason(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
+    smtp_server.handler.rcpt_replies = {"ann@example.org": "450 4.2.1 mailbox temporarily unavailable"}
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, extra="delivery: {max_attempts: 2}\n")
+    send(cfg, "2018-01-04T10:00", smtp_env)
+    assert rows(cfg)[("invite", "ann@example.org")]["status"] == "deferred"
+    code, out = send(cfg, "2018-01-04T12:00", smtp_env)
+    assert "failed 1" in out
+    row = rows(cfg)[("invite", "ann@example.org")]
+    assert (row["status"], row["attempts"], row["reason"]) == ("failed", 2, "gave up after 2 attempts")
+    assert "temporarily unavailable" in row["smtp_text"]
+    assert rows(cfg)[("invite", "bob@example.org")]["status"] == "sent"
+
+
+def test_a_mail_that_cannot_be_built_fails_alone(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
+    """A template that needs a column one contact lacks: that delivery fails with the reason,
+    the others go out (``mailer check`` reports this before anything is sent)."""
+    templates = {**__import__("conftest").SIMPLE_TEMPLATES, "invite/en/body.txt": "For {{ contact.org }}\n"}
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, templates=templates,
+                         contacts="email,name,lists,org\nann@example.org,Ann,a,ACME\nbob@example.org,Bob,a,\n")
+    (tmp_path / "contacts" / "more.csv").write_text("email,name,lists\ncy@example.org,Cy,a\n")
+    code, out = send(cfg, "2018-01-04T10:00", smtp_env)
+    assert code == 0, out
+    r = rows(cfg)
+    assert r[("invite", "cy@example.org")]["status"] == "failed"
+    assert "could not build the mail" in r[("invite", "cy@example.org")]["reason"]
+    assert "org" in r[("invite", "cy@example.org")]["reason"]
+    assert {r[("invite", e)]["status"] for e in ("ann@example.org", "bob@example.org")} == {"sent"}
