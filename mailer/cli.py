@@ -3,99 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import functools
 import os
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
+from .clikit import (
+    config_option,
+    db_option,
+    err,
+    handle_errors,
+    out,
+    print_problems,
+    when,
+)
 from .compose import Composer
 from .config import Campaign
-from .errors import ConfigError, MailerError, Problem
-from .ledger import STATUSES, Ledger, parse_iso
+from .errors import MailerError, Problem
+from .ledger import Ledger
+from .records import dashboard, export, inbox, log, retry, status, suppress
 from .runner import PassResult, run_pass, virtual_clock
 from .transport import TransportSettings
 from .workspace import Workspace, load_workspace
 
 __all__ = ["main", "cli"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-# Tables stay readable when piped or captured (rich assumes 80 columns off a terminal).
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-for _console in (out, err):
-    if not _console.is_terminal:
-        _console.width = 160
-
-
-class Failed(click.ClickException):
-    """A MailerError shown without a traceback; exit code 1."""
-
-    exit_code = 1
-
-    def show(self, file: Any = None) -> None:
-        for line in self.message.splitlines():
-            err.print(f"[red]error:[/red] {escape(line)}", markup=True)
-
-
-def _problems(problems: list[Problem]) -> None:
-    for p in problems:
-        colour = "red" if p.severity == "error" else "yellow"
-        err.print(f"[{colour}]{p.severity}:[/{colour}] ", end="", markup=True)
-        err.print(str(p), markup=False)
-
-
-def handle_errors(fn: F) -> F:
-    """Turn our errors into clean messages and exit 1 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as exc:
-            _problems(exc.problems)
-            err.print(
-                f"{len(exc.problems)} problem(s); fix them and run `mailer check` again. Nothing was sent.",
-                markup=False,
-            )
-            raise SystemExit(1) from None
-        except MailerError as exc:
-            raise Failed(str(exc)) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def config_option(fn: F) -> F:
-    return click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default="schedules.yaml",
-        show_default=True,
-        envvar="MAILER_CONFIG",
-        help="The campaign file (env MAILER_CONFIG).",
-    )(fn)
-
-
-def db_option(fn: F) -> F:
-    return click.option(
-        "--db",
-        "db_path",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        envvar="MAILER_DB",
-        help="The ledger file (default: ledger: in schedules.yaml; env MAILER_DB).",
-    )(fn)
 
 
 def _parse_now(value: str | None, campaign: Campaign | None) -> datetime:
@@ -115,7 +51,7 @@ def _parse_now(value: str | None, campaign: Campaign | None) -> datetime:
 def _workspace(config_path: Path, *, for_sending: bool) -> Workspace:
     ws = load_workspace(config_path)
     if ws.problems:
-        _problems(ws.problems)
+        print_problems(ws.problems)
     if for_sending and ws.blocking:
         raise MailerError(
             f"{len(ws.blocking)} problem(s) above stop sending (a contact file or template "
@@ -128,17 +64,6 @@ def _known_steps(c: Campaign, step_ids: tuple[str, ...]) -> None:
     unknown = [s for s in step_ids if s not in {st.id for st in c.steps}]
     if unknown:
         raise MailerError(f"unknown step(s) {', '.join(unknown)}; known: {', '.join(s.id for s in c.steps)}")
-
-
-def _ledger_path(db_path: Path | None, config_path: Path) -> Path:
-    if db_path is not None:
-        return db_path
-    try:
-        from .config import load
-
-        return load(config_path).ledger
-    except ConfigError:
-        return Path("mailer.db")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -154,10 +79,6 @@ def cli() -> None:
 # --------------------------------------------------------------------------------------
 # check / preview
 # --------------------------------------------------------------------------------------
-
-
-def _when(dt: datetime) -> str:
-    return f"{dt:%a %Y-%m-%d %H:%M} {dt.tzname()}"
 
 
 @cli.command()
@@ -200,10 +121,10 @@ def check(config_path: Path) -> None:
             days = f"{e.start:%a %Y-%m-%d}" + (
                 f" to {e.last_date:%Y-%m-%d}" if e.last_date != e.start_date else ""
             )
-            when = f"{days} (all day)"
+            span = f"{days} (all day)"
         else:
-            when = f"{e.start:%a %Y-%m-%d %H:%M}-{e.end:%H:%M} {e.start.tzname()}"
-        events.add_row(e.id, when, e.location or "(no location)", e.status)
+            span = f"{e.start:%a %Y-%m-%d %H:%M}-{e.end:%H:%M} {e.start.tzname()}"
+        events.add_row(e.id, span, e.location or "(no location)", e.status)
     out.print(events)
     steps = Table(title="Steps", title_justify="left")
     for col in ("step", "event", "kind", "sends at", "rule", "recipients", "ics"):
@@ -213,7 +134,7 @@ def check(config_path: Path) -> None:
             s.id,
             s.event,
             s.kind,
-            _when(s.at),
+            when(s.at),
             s.at_text,
             str(counts[s.id]),
             "yes" if s.attach_ics else "no",
@@ -225,7 +146,7 @@ def check(config_path: Path) -> None:
             lists[name] = lists.get(name, 0) + 1
     out.print(f"{len(ws.contacts)} contacts: " + ", ".join(f"{k} {v}" for k, v in sorted(lists.items())))
     _pending_changes(c)
-    _problems(problems)
+    print_problems(problems)
     n_err = sum(p.severity == "error" for p in problems)
     n_warn = len(problems) - n_err
     if n_err:
@@ -382,9 +303,7 @@ def _send_with_progress(
 def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
     local = result.now.astimezone(c.timezone)
     if dry_run and result.plan is not None:
-        table = Table(
-            title=f"Due at {_when(local)} (dry run: nothing sent or recorded)", title_justify="left"
-        )
+        table = Table(title=f"Due at {when(local)} (dry run: nothing sent or recorded)", title_justify="left")
         for col in ("step", "recipient", "note"):
             table.add_column(col)
         for d in result.plan.due:
@@ -398,327 +317,15 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
         if result.counts[k]
     ]
     out.print(
-        f"At {_when(local)}: {result.due} due; " + (", ".join(parts) or "nothing sent") + ".",
+        f"At {when(local)}: {result.due} due; " + (", ".join(parts) or "nothing sent") + ".",
         markup=False,
     )
     if result.next_wake:
-        out.print(f"Next send time: {_when(result.next_wake.astimezone(c.timezone))}", markup=False)
+        out.print(f"Next send time: {when(result.next_wake.astimezone(c.timezone))}", markup=False)
 
 
-@cli.command()
-@config_option
-@db_option
-@handle_errors
-def status(config_path: Path, db_path: Path | None) -> None:
-    """Per campaign and step: sent, deferred, failed, skipped, suppressed, pending, next send time."""
-    campaign: Campaign | None
-    try:
-        from .config import load
-
-        campaign = load(config_path)
-    except ConfigError:
-        campaign = None
-    path = db_path or (campaign.ledger if campaign else Path("mailer.db"))
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
-    with Ledger(path) as ledger:
-        rows = ledger.summary()
-        answers = ledger.reply_counts()
-    tz = campaign.timezone if campaign else UTC
-    cols = ("sent", "deferred", "failed", "bounced", "skipped", "suppressed", "pending")
-    per: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:
-        k = (r["campaign"], r["step"])
-        d = per.setdefault(k, {c: 0 for c in cols} | {"next": None})
-        status_ = "pending" if r["status"] == "sending" else r["status"]
-        d[status_] = d.get(status_, 0) + r["n"]
-        if r["status"] == "deferred" and r["next_attempt"]:
-            d["next"] = min(filter(None, (d["next"], parse_iso(r["next_attempt"]))))
-    if campaign:
-        now = datetime.now(UTC)
-        for s in campaign.steps:
-            d = per.setdefault((campaign.id, s.id), {c: 0 for c in cols} | {"next": None})
-            if s.at > now:
-                d["next"] = s.at
-    table = Table(title=f"Ledger {path}", title_justify="left")
-    for col in ("campaign", "step", *cols, "next send"):
-        table.add_column(col, justify="right" if col in cols else "left")
-    order = {s.id: i for i, s in enumerate(campaign.steps)} if campaign else {}
-    for (camp, step), d in sorted(per.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 999), kv[0][1])):
-        nxt = _when(d["next"].astimezone(tz)) if d["next"] else ""
-        table.add_row(camp, step, *(str(d[c]) for c in cols), nxt)
-    out.print(table)
-    if answers:
-        t2 = Table(title="Answers per event (iMIP replies)", title_justify="left")
-        for col in ("campaign", "event", "accepted", "tentative", "declined"):
-            t2.add_column(col)
-        per_ev: dict[tuple[str, str], dict[str, int]] = {}
-        for a in answers:
-            per_ev.setdefault((a["campaign"], a["event"]), {})[a["partstat"].lower()] = a["n"]
-        for (camp, ev), d in sorted(per_ev.items()):
-            t2.add_row(camp, ev, *(str(d.get(k, 0)) for k in ("accepted", "tentative", "declined")))
-        out.print(t2)
-
-
-@cli.command()
-@config_option
-@db_option
-@click.option("--status", "status_", type=click.Choice(list(STATUSES)))
-@click.option("--email", help="Only this address.")
-@click.option("--step", help="Only this step.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N rows.")
-@click.option("--attempts", "show_attempts", is_flag=True, help="Also list every SMTP attempt.")
-@handle_errors
-def log(
-    config_path: Path,
-    db_path: Path | None,
-    status_: str | None,
-    email: str | None,
-    step: str | None,
-    limit: int | None,
-    show_attempts: bool,
-) -> None:
-    """The delivery rows: who got what, when, and what the server said."""
-    path = _ledger_path(db_path, config_path)
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet; nothing has been sent")
-    with Ledger(path) as ledger:
-        table = Table(title_justify="left")
-        for col in ("step", "email", "status", "tries", "updated (UTC)", "reply / reason"):
-            table.add_column(col, overflow="fold")
-        n = 0
-        for r in ledger.log(
-            status=status_, email=email.strip().lower() if email else None, step=step, limit=limit
-        ):
-            n += 1
-            reply = " ".join(str(x) for x in (r["smtp_code"], r["smtp_text"]) if x is not None)
-            why = r["reason"] or ""
-            table.add_row(
-                r["step"],
-                r["email"],
-                r["status"],
-                str(r["attempts"]),
-                r["updated"],
-                "; ".join(x for x in (reply, why) if x),
-            )
-            if show_attempts:
-                for a in ledger.attempts(r["id"]):
-                    table.add_row(
-                        "",
-                        "",
-                        f"  {a['outcome']}",
-                        "",
-                        a["at"],
-                        f"{a['code'] or ''} {a['text'] or ''}",
-                    )
-    out.print(table)
-    out.print(f"{n} row(s).")
-
-
-@cli.command()
-@config_option
-@db_option
-@click.option("--status", "status_", default="failed", show_default=True, type=click.Choice(list(STATUSES)))
-@click.option("--step", help="Only this step.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="CSV file to write (usable as a contacts: list).",
-)
-@handle_errors
-def export(config_path: Path, db_path: Path | None, status_: str, step: str | None, output: Path) -> None:
-    """Write deliveries with a status as a CSV that `contacts:` accepts, to re-send elsewhere."""
-    path = _ledger_path(db_path, config_path)
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet; nothing to export")
-    n = 0
-    with Ledger(path) as ledger, output.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated"])
-        for r in ledger.log(status=status_, step=step):
-            w.writerow(
-                [
-                    r["email"],
-                    r["name"],
-                    r["step"],
-                    r["status"],
-                    r["smtp_code"] or "",
-                    r["smtp_text"] or "",
-                    r["reason"] or "",
-                    r["updated"],
-                ]
-            )
-            n += 1
-    out.print(f"Wrote {n} row(s) to {output}.", markup=False)
-
-
-@cli.command()
-@config_option
-@db_option
-@click.option("--step", help="Only this step.")
-@handle_errors
-def retry(config_path: Path, db_path: Path | None, step: str | None) -> None:
-    """Make failed deliveries due again; the next `mailer send` or daemon pass sends them."""
-    path = _ledger_path(db_path, config_path)
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet; nothing to retry")
-    with Ledger(path) as ledger:
-        n = ledger.retry(None, step, datetime.now(UTC))
-    out.print(f"{n} failed deliver{'y' if n == 1 else 'ies'} will be sent again on the next pass.")
-
-
-@cli.group()
-def suppress() -> None:
-    """Addresses that are never mailed again (bounces, unsubscribes, by hand)."""
-
-
-@suppress.command("add")
-@config_option
-@db_option
-@click.argument("emails", nargs=-1)
-@click.option("--reason", default="added by hand", show_default=True)
-@click.option(
-    "--link",
-    "links",
-    multiple=True,
-    help="An unsubscribe link (or its token) from a mail: verified with "
-    "MAILER_UNSUBSCRIBE_SECRET, then its address is suppressed.",
-)
-@handle_errors
-def suppress_add(
-    config_path: Path,
-    db_path: Path | None,
-    emails: tuple[str, ...],
-    reason: str,
-    links: tuple[str, ...],
-) -> None:
-    """Suppress EMAILS: every later delivery to them is recorded as suppressed, not sent."""
-    from . import unsubscribe
-    from .contacts import normalise_address
-
-    if not emails and not links:
-        raise MailerError("give at least one address or --link")
-    secret = os.environ.get("MAILER_UNSUBSCRIBE_SECRET")
-    found = list(emails)
-    for ln in links:
-        if not secret:
-            raise MailerError(
-                "--link needs MAILER_UNSUBSCRIBE_SECRET (the secret the links were signed with)"
-            )
-        checked = unsubscribe.verify(secret, ln)
-        if checked is None:
-            raise MailerError(f"{ln}: not a valid unsubscribe link (forged, damaged or another secret)")
-        found.append(checked[1])
-        reason = "unsubscribed (one-click link)"
-    path = _ledger_path(db_path, config_path)
-    with Ledger(path) as ledger:
-        for e in found:
-            addr = normalise_address(e)
-            ledger.suppress(addr, reason, datetime.now(UTC))
-            out.print(f"suppressed {addr}", markup=False)
-
-
-@suppress.command("remove")
-@config_option
-@db_option
-@click.argument("emails", nargs=-1, required=True)
-@handle_errors
-def suppress_remove(config_path: Path, db_path: Path | None, emails: tuple[str, ...]) -> None:
-    """Allow EMAILS again (deliveries already recorded as suppressed stay so)."""
-    from .contacts import normalise_address
-
-    with Ledger(_ledger_path(db_path, config_path)) as ledger:
-        for e in emails:
-            addr = normalise_address(e)
-            found = ledger.unsuppress(addr)
-            out.print(f"{'removed' if found else 'not suppressed:'} {addr}", markup=False)
-
-
-@suppress.command("list")
-@config_option
-@db_option
-@handle_errors
-def suppress_list(config_path: Path, db_path: Path | None) -> None:
-    """List suppressed addresses with the reason and time."""
-    path = _ledger_path(db_path, config_path)
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet")
-    with Ledger(path) as ledger:
-        rows = ledger.suppressions()
-    table = Table(title_justify="left")
-    for col in ("email", "reason", "since (UTC)"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["email"], r["reason"], r["at"])
-    out.print(table)
-    out.print(f"{len(rows)} suppressed address(es).")
-
-
-@cli.command()
-@config_option
-@db_option
-@click.option(
-    "--host",
-    default="127.0.0.1",
-    show_default=True,
-    help="Address to listen on; any but loopback needs a password "
-    "(env MAILER_DASHBOARD_PASSWORD_HASH, from `datasette hash-password`).",
-)
-@click.option(
-    "--port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Port to listen on."
-)
-@click.option("--allow-sql", is_flag=True, help="Let visitors run their own read-only SQL.")
-@handle_errors
-def dashboard(config_path: Path, db_path: Path | None, host: str, port: int, allow_sql: bool) -> None:
-    """Show the delivery log in the browser, read-only: counts per step, failures with the
-    server's reply, who was not reached, answers. Every list downloads as CSV.
-
-    Needs the optional extra: pip install 'mailer[dashboard]'. Times are in the campaign's
-    time zone. Stop with Ctrl-C.
-    """
-    from . import dashboard as board
-    from .config import load
-
-    try:
-        campaign: Campaign | None = load(config_path)
-    except ConfigError:
-        campaign = None
-    board.serve(
-        db_path or (campaign.ledger if campaign else Path("mailer.db")),
-        host=host,
-        port=port,
-        allow_sql=allow_sql,
-        timezone=campaign.timezone.key if campaign else "UTC",
-        password_hash=os.environ.get(board.PASSWORD_ENV) or None,
-        log=lambda line: out.print(line, markup=False),
-    )
-
-
-@cli.command("inbox")
-@config_option
-@db_option
-@click.option(
-    "--maildir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Read this local Maildir instead of IMAP.",
-)
-@handle_errors
-def inbox(config_path: Path, db_path: Path | None, maildir: Path | None) -> None:
-    """Record replies, bounces and unsubscribes found in the organiser's mailbox.
-
-    Reads IMAP (MAILER_IMAP_HOST, MAILER_IMAP_PORT, MAILER_IMAP_USER, MAILER_IMAP_PASSWORD,
-    MAILER_IMAP_TLS=tls|starttls|none, MAILER_IMAP_MAILBOX, MAILER_IMAP_CA_FILE) or a local
-    Maildir. Handled messages are flagged so they are read once; other mail is left alone.
-    """
-    from .inbox import run_inbox
-
-    result = run_inbox(config_path, db_path, maildir, os.environ)
-    for line in result.lines:
-        out.print(line, markup=False)
-    out.print(result.summary(), markup=False)
+for _command in (status, log, export, retry, suppress, inbox, dashboard):
+    cli.add_command(_command)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""What every command shares: consoles, clean error output, the common options."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from .errors import ConfigError, MailerError, Problem
+
+__all__ = [
+    "Failed",
+    "config_option",
+    "db_option",
+    "err",
+    "handle_errors",
+    "ledger_path",
+    "out",
+    "print_problems",
+    "when",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+# Tables stay readable when piped or captured (rich assumes 80 columns off a terminal).
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+for _console in (out, err):
+    if not _console.is_terminal:
+        _console.width = 160
+
+
+class Failed(click.ClickException):
+    """A MailerError shown without a traceback; exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        for line in self.message.splitlines():
+            err.print(f"[red]error:[/red] {escape(line)}", markup=True)
+
+
+def print_problems(problems: list[Problem]) -> None:
+    for p in problems:
+        colour = "red" if p.severity == "error" else "yellow"
+        err.print(f"[{colour}]{p.severity}:[/{colour}] ", end="", markup=True)
+        err.print(str(p), markup=False)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn our errors into clean messages and exit 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            print_problems(exc.problems)
+            err.print(
+                f"{len(exc.problems)} problem(s); fix them and run `mailer check` again. Nothing was sent.",
+                markup=False,
+            )
+            raise SystemExit(1) from None
+        except MailerError as exc:
+            raise Failed(str(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def config_option(fn: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default="schedules.yaml",
+        show_default=True,
+        envvar="MAILER_CONFIG",
+        help="The campaign file (env MAILER_CONFIG).",
+    )(fn)
+
+
+def db_option(fn: F) -> F:
+    return click.option(
+        "--db",
+        "db_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        envvar="MAILER_DB",
+        help="The ledger file (default: ledger: in schedules.yaml; env MAILER_DB).",
+    )(fn)
+
+
+def ledger_path(db_path: Path | None, config_path: Path) -> Path:
+    if db_path is not None:
+        return db_path
+    try:
+        from .config import load
+
+        return load(config_path).ledger
+    except ConfigError:
+        return Path("mailer.db")
+
+
+def when(dt: datetime) -> str:
+    return f"{dt:%a %Y-%m-%d %H:%M} {dt.tzname()}"

@@ -1,0 +1,342 @@
+"""Commands for the delivery records: status, log, export, retry, suppress, inbox, dashboard."""
+
+from __future__ import annotations
+
+import csv
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from .clikit import (
+    config_option,
+    db_option,
+    handle_errors,
+    ledger_path,
+    out,
+    when,
+)
+from .config import Campaign
+from .errors import ConfigError, MailerError
+from .ledger import STATUSES, Ledger, parse_iso
+
+__all__ = ["dashboard", "export", "inbox", "log", "retry", "status", "suppress"]
+
+
+@click.command()
+@config_option
+@db_option
+@handle_errors
+def status(config_path: Path, db_path: Path | None) -> None:
+    """Per campaign and step: sent, deferred, failed, skipped, suppressed, pending, next send time."""
+    campaign: Campaign | None
+    try:
+        from .config import load
+
+        campaign = load(config_path)
+    except ConfigError:
+        campaign = None
+    path = db_path or (campaign.ledger if campaign else Path("mailer.db"))
+    if not path.exists():
+        raise MailerError(f"{path}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
+    with Ledger(path) as ledger:
+        rows = ledger.summary()
+        answers = ledger.reply_counts()
+    tz = campaign.timezone if campaign else UTC
+    cols = ("sent", "deferred", "failed", "bounced", "skipped", "suppressed", "pending")
+    per: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        k = (r["campaign"], r["step"])
+        d = per.setdefault(k, {c: 0 for c in cols} | {"next": None})
+        status_ = "pending" if r["status"] == "sending" else r["status"]
+        d[status_] = d.get(status_, 0) + r["n"]
+        if r["status"] == "deferred" and r["next_attempt"]:
+            d["next"] = min(filter(None, (d["next"], parse_iso(r["next_attempt"]))))
+    if campaign:
+        now = datetime.now(UTC)
+        for s in campaign.steps:
+            d = per.setdefault((campaign.id, s.id), {c: 0 for c in cols} | {"next": None})
+            if s.at > now:
+                d["next"] = s.at
+    table = Table(title=f"Ledger {path}", title_justify="left")
+    for col in ("campaign", "step", *cols, "next send"):
+        table.add_column(col, justify="right" if col in cols else "left")
+    order = {s.id: i for i, s in enumerate(campaign.steps)} if campaign else {}
+    for (camp, step), d in sorted(per.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 999), kv[0][1])):
+        nxt = when(d["next"].astimezone(tz)) if d["next"] else ""
+        table.add_row(camp, step, *(str(d[c]) for c in cols), nxt)
+    out.print(table)
+    if answers:
+        t2 = Table(title="Answers per event (iMIP replies)", title_justify="left")
+        for col in ("campaign", "event", "accepted", "tentative", "declined"):
+            t2.add_column(col)
+        per_ev: dict[tuple[str, str], dict[str, int]] = {}
+        for a in answers:
+            per_ev.setdefault((a["campaign"], a["event"]), {})[a["partstat"].lower()] = a["n"]
+        for (camp, ev), d in sorted(per_ev.items()):
+            t2.add_row(camp, ev, *(str(d.get(k, 0)) for k in ("accepted", "tentative", "declined")))
+        out.print(t2)
+
+
+@click.command()
+@config_option
+@db_option
+@click.option("--status", "status_", type=click.Choice(list(STATUSES)))
+@click.option("--email", help="Only this address.")
+@click.option("--step", help="Only this step.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N rows.")
+@click.option("--attempts", "show_attempts", is_flag=True, help="Also list every SMTP attempt.")
+@handle_errors
+def log(
+    config_path: Path,
+    db_path: Path | None,
+    status_: str | None,
+    email: str | None,
+    step: str | None,
+    limit: int | None,
+    show_attempts: bool,
+) -> None:
+    """The delivery rows: who got what, when, and what the server said."""
+    path = ledger_path(db_path, config_path)
+    if not path.exists():
+        raise MailerError(f"{path}: no ledger yet; nothing has been sent")
+    with Ledger(path) as ledger:
+        table = Table(title_justify="left")
+        for col in ("step", "email", "status", "tries", "updated (UTC)", "reply / reason"):
+            table.add_column(col, overflow="fold")
+        n = 0
+        for r in ledger.log(
+            status=status_, email=email.strip().lower() if email else None, step=step, limit=limit
+        ):
+            n += 1
+            reply = " ".join(str(x) for x in (r["smtp_code"], r["smtp_text"]) if x is not None)
+            why = r["reason"] or ""
+            table.add_row(
+                r["step"],
+                r["email"],
+                r["status"],
+                str(r["attempts"]),
+                r["updated"],
+                "; ".join(x for x in (reply, why) if x),
+            )
+            if show_attempts:
+                for a in ledger.attempts(r["id"]):
+                    table.add_row(
+                        "",
+                        "",
+                        f"  {a['outcome']}",
+                        "",
+                        a["at"],
+                        f"{a['code'] or ''} {a['text'] or ''}",
+                    )
+    out.print(table)
+    out.print(f"{n} row(s).")
+
+
+@click.command()
+@config_option
+@db_option
+@click.option("--status", "status_", default="failed", show_default=True, type=click.Choice(list(STATUSES)))
+@click.option("--step", help="Only this step.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="CSV file to write (usable as a contacts: list).",
+)
+@handle_errors
+def export(config_path: Path, db_path: Path | None, status_: str, step: str | None, output: Path) -> None:
+    """Write deliveries with a status as a CSV that `contacts:` accepts, to re-send elsewhere."""
+    path = ledger_path(db_path, config_path)
+    if not path.exists():
+        raise MailerError(f"{path}: no ledger yet; nothing to export")
+    n = 0
+    with Ledger(path) as ledger, output.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated"])
+        for r in ledger.log(status=status_, step=step):
+            w.writerow(
+                [
+                    r["email"],
+                    r["name"],
+                    r["step"],
+                    r["status"],
+                    r["smtp_code"] or "",
+                    r["smtp_text"] or "",
+                    r["reason"] or "",
+                    r["updated"],
+                ]
+            )
+            n += 1
+    out.print(f"Wrote {n} row(s) to {output}.", markup=False)
+
+
+@click.command()
+@config_option
+@db_option
+@click.option("--step", help="Only this step.")
+@handle_errors
+def retry(config_path: Path, db_path: Path | None, step: str | None) -> None:
+    """Make failed deliveries due again; the next `mailer send` or daemon pass sends them."""
+    path = ledger_path(db_path, config_path)
+    if not path.exists():
+        raise MailerError(f"{path}: no ledger yet; nothing to retry")
+    with Ledger(path) as ledger:
+        n = ledger.retry(None, step, datetime.now(UTC))
+    out.print(f"{n} failed deliver{'y' if n == 1 else 'ies'} will be sent again on the next pass.")
+
+
+@click.group()
+def suppress() -> None:
+    """Addresses that are never mailed again (bounces, unsubscribes, by hand)."""
+
+
+@suppress.command("add")
+@config_option
+@db_option
+@click.argument("emails", nargs=-1)
+@click.option("--reason", default="added by hand", show_default=True)
+@click.option(
+    "--link",
+    "links",
+    multiple=True,
+    help="An unsubscribe link (or its token) from a mail: verified with "
+    "MAILER_UNSUBSCRIBE_SECRET, then its address is suppressed.",
+)
+@handle_errors
+def suppress_add(
+    config_path: Path,
+    db_path: Path | None,
+    emails: tuple[str, ...],
+    reason: str,
+    links: tuple[str, ...],
+) -> None:
+    """Suppress EMAILS: every later delivery to them is recorded as suppressed, not sent."""
+    from . import unsubscribe
+    from .contacts import normalise_address
+
+    if not emails and not links:
+        raise MailerError("give at least one address or --link")
+    secret = os.environ.get("MAILER_UNSUBSCRIBE_SECRET")
+    found = list(emails)
+    for ln in links:
+        if not secret:
+            raise MailerError(
+                "--link needs MAILER_UNSUBSCRIBE_SECRET (the secret the links were signed with)"
+            )
+        checked = unsubscribe.verify(secret, ln)
+        if checked is None:
+            raise MailerError(f"{ln}: not a valid unsubscribe link (forged, damaged or another secret)")
+        found.append(checked[1])
+        reason = "unsubscribed (one-click link)"
+    path = ledger_path(db_path, config_path)
+    with Ledger(path) as ledger:
+        for e in found:
+            addr = normalise_address(e)
+            ledger.suppress(addr, reason, datetime.now(UTC))
+            out.print(f"suppressed {addr}", markup=False)
+
+
+@suppress.command("remove")
+@config_option
+@db_option
+@click.argument("emails", nargs=-1, required=True)
+@handle_errors
+def suppress_remove(config_path: Path, db_path: Path | None, emails: tuple[str, ...]) -> None:
+    """Allow EMAILS again (deliveries already recorded as suppressed stay so)."""
+    from .contacts import normalise_address
+
+    with Ledger(ledger_path(db_path, config_path)) as ledger:
+        for e in emails:
+            addr = normalise_address(e)
+            found = ledger.unsuppress(addr)
+            out.print(f"{'removed' if found else 'not suppressed:'} {addr}", markup=False)
+
+
+@suppress.command("list")
+@config_option
+@db_option
+@handle_errors
+def suppress_list(config_path: Path, db_path: Path | None) -> None:
+    """List suppressed addresses with the reason and time."""
+    path = ledger_path(db_path, config_path)
+    if not path.exists():
+        raise MailerError(f"{path}: no ledger yet")
+    with Ledger(path) as ledger:
+        rows = ledger.suppressions()
+    table = Table(title_justify="left")
+    for col in ("email", "reason", "since (UTC)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["email"], r["reason"], r["at"])
+    out.print(table)
+    out.print(f"{len(rows)} suppressed address(es).")
+
+
+@click.command()
+@config_option
+@db_option
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; any but loopback needs a password "
+    "(env MAILER_DASHBOARD_PASSWORD_HASH, from `datasette hash-password`).",
+)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Port to listen on."
+)
+@click.option("--allow-sql", is_flag=True, help="Let visitors run their own read-only SQL.")
+@handle_errors
+def dashboard(config_path: Path, db_path: Path | None, host: str, port: int, allow_sql: bool) -> None:
+    """Show the delivery log in the browser, read-only: counts per step, failures with the
+    server's reply, who was not reached, answers. Every list downloads as CSV.
+
+    Needs the optional extra: pip install 'mailer[dashboard]'. Times are in the campaign's
+    time zone. Stop with Ctrl-C.
+    """
+    from . import dashboard as board
+    from .config import load
+
+    try:
+        campaign: Campaign | None = load(config_path)
+    except ConfigError:
+        campaign = None
+    board.serve(
+        db_path or (campaign.ledger if campaign else Path("mailer.db")),
+        host=host,
+        port=port,
+        allow_sql=allow_sql,
+        timezone=campaign.timezone.key if campaign else "UTC",
+        password_hash=os.environ.get(board.PASSWORD_ENV) or None,
+        log=lambda line: out.print(line, markup=False),
+    )
+
+
+@click.command("inbox")
+@config_option
+@db_option
+@click.option(
+    "--maildir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Read this local Maildir instead of IMAP.",
+)
+@handle_errors
+def inbox(config_path: Path, db_path: Path | None, maildir: Path | None) -> None:
+    """Record replies, bounces and unsubscribes found in the organiser's mailbox.
+
+    Reads IMAP (MAILER_IMAP_HOST, MAILER_IMAP_PORT, MAILER_IMAP_USER, MAILER_IMAP_PASSWORD,
+    MAILER_IMAP_TLS=tls|starttls|none, MAILER_IMAP_MAILBOX, MAILER_IMAP_CA_FILE) or a local
+    Maildir. Handled messages are flagged so they are read once; other mail is left alone.
+    """
+    from .inbox import run_inbox
+
+    result = run_inbox(config_path, db_path, maildir, os.environ)
+    for line in result.lines:
+        out.print(line, markup=False)
+    out.print(result.summary(), markup=False)
