@@ -7,13 +7,15 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import sqlite_utils
 
 from .errors import LedgerError, LockedError
+from .responses import Responses
+from .times import iso, parse_iso
 
 __all__ = [
     "FINAL",
@@ -123,22 +125,6 @@ CREATE TABLE IF NOT EXISTS steps_started (
 """
 
 
-def iso(dt: datetime) -> str:
-    """UTC timestamp as stored: ``2018-01-22T08:30:00Z`` (sorts as text).
-
-    >>> from datetime import timezone, timedelta
-    >>> iso(datetime(2018, 1, 22, 9, 30, tzinfo=timezone(timedelta(hours=1))))
-    '2018-01-22T08:30:00Z'
-    """
-    if dt.tzinfo is None:
-        raise ValueError("naive datetime")
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
 @dataclass(frozen=True)
 class Row:
     """A delivery as the planner sees it."""
@@ -171,7 +157,7 @@ def _row(r: Sequence[Any]) -> Row:
     )
 
 
-class Ledger:
+class Ledger(Responses):
     """The SQLite ledger. Takes a path, ``":memory:"`` or an open ``sqlite3.Connection``.
 
     Writes commit at once (autocommit outside :meth:`transaction`), so every state change is
@@ -310,10 +296,6 @@ class Ledger:
             (campaign, step, email),
         ).fetchone()
         return _row(r) if r else None
-
-    def suppressed(self) -> dict[str, str]:
-        """Suppressed addresses (lower-cased) with their reason."""
-        return dict(self.conn.execute("SELECT email, reason FROM suppressions"))
 
     def steps_started(self, campaign: str) -> dict[str, datetime]:
         return {
@@ -554,19 +536,6 @@ class Ledger:
         with self.transaction() as c:
             return c.execute(sql, args).rowcount
 
-    def suppress(self, email: str, reason: str, now: datetime) -> None:
-        """Never mail ``email`` again. Stored lower-cased: providers treat the local part
-        case-insensitively in practice, and a bounce may spell it differently."""
-        email = email.lower()
-        self.conn.execute(
-            "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?)"
-            " ON CONFLICT (email) DO UPDATE SET reason=excluded.reason, at=excluded.at",
-            (email, reason, iso(now)),
-        )
-
-    def unsuppress(self, email: str) -> bool:
-        return self.conn.execute("DELETE FROM suppressions WHERE email=?", (email.lower(),)).rowcount > 0
-
     # -- event revisions (updates and cancellations) -------------------------------------------
 
     def revisions(self, campaign: str) -> dict[str, tuple[int, str, str]]:
@@ -630,78 +599,3 @@ class Ledger:
             (campaign,),
         )
         return [(e, k, q, a) for e, k, q, a in cur]
-
-    # -- replies, bounces and the inbox ----------------------------------------------------------
-
-    def record_reply(
-        self,
-        campaign: str,
-        event: str,
-        email: str,
-        partstat: str,
-        now: datetime,
-        message_id: str | None,
-    ) -> None:
-        """Store an attendee's answer (ACCEPTED, DECLINED, TENTATIVE); the latest one wins."""
-        self.conn.execute(
-            "INSERT INTO replies (campaign, event, email, partstat, at, message_id) VALUES (?,?,?,?,?,?)"
-            " ON CONFLICT (campaign, event, email) DO UPDATE SET partstat=excluded.partstat,"
-            " at=excluded.at, message_id=excluded.message_id",
-            (campaign, event, email, partstat.upper(), iso(now), message_id),
-        )
-
-    def replies(self, campaign: str) -> dict[tuple[str, str], str]:
-        """``{(event, email): PARTSTAT}``."""
-        cur = self.conn.execute("SELECT event, email, partstat FROM replies WHERE campaign=?", (campaign,))
-        return {(e, m): p for e, m, p in cur}
-
-    def reply_counts(self, campaign: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT campaign, event, partstat, count(*) AS n FROM replies"
-        args: tuple[str, ...] = ()
-        if campaign:
-            sql += " WHERE campaign=?"
-            args = (campaign,)
-        cur = self.conn.execute(sql + " GROUP BY campaign, event, partstat", args)
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur]
-
-    def bounced(self, email: str, message_id: str | None, code: str, text: str, now: datetime) -> int:
-        """A hard bounce: the delivery with ``message_id`` (or, without it, the latest sent one
-        to ``email``) becomes ``bounced``; the address is suppressed. Returns rows changed."""
-        ts = iso(now)
-        with self.transaction() as c:
-            if message_id:
-                n = c.execute(
-                    "UPDATE deliveries SET status='bounced', reason=?, updated=? WHERE message_id=?"
-                    " AND status IN ('sent','sending')",
-                    (f"bounced: {code} {text}".strip(), ts, message_id),
-                ).rowcount
-            else:
-                n = c.execute(
-                    "UPDATE deliveries SET status='bounced', reason=?, updated=? WHERE id=(SELECT id"
-                    " FROM deliveries WHERE email=? AND status='sent' ORDER BY sent_at DESC LIMIT 1)",
-                    (f"bounced: {code} {text}".strip(), ts, email),
-                ).rowcount
-            c.execute(
-                "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?) ON CONFLICT (email)"
-                " DO UPDATE SET reason=excluded.reason, at=excluded.at",
-                (email.lower(), f"hard bounce {code}".strip(), ts),
-            )
-        return n
-
-    def inbox_seen(self, message_id: str) -> bool:
-        return (
-            self.conn.execute("SELECT 1 FROM inbox WHERE message_id=?", (message_id,)).fetchone() is not None
-        )
-
-    def mark_inbox(self, message_id: str, kind: str, email: str | None, detail: str, now: datetime) -> None:
-        """Remember a processed inbox message, so it is handled once even if flagging fails."""
-        self.conn.execute(
-            "INSERT OR IGNORE INTO inbox (message_id, kind, email, detail, at) VALUES (?,?,?,?,?)",
-            (message_id, kind, email, detail, iso(now)),
-        )
-
-    def suppressions(self) -> list[dict[str, Any]]:
-        cur = self.conn.execute("SELECT email, reason, at FROM suppressions ORDER BY email")
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur]

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-__all__ = ["parse_date", "parse_duration", "parse_local", "resolve_local", "resolve_step_time"]
+__all__ = [
+    "iso",
+    "parse_iso",
+    "parse_date",
+    "parse_duration",
+    "parse_local",
+    "resolve_local",
+    "resolve_step_time",
+]
 
 _DURATION = re.compile(r"^\s*(?:(\d+)\s*w)?\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*$")
 _RELATIVE = re.compile(
@@ -95,3 +103,19 @@ def resolve_step_time(text: str, start: datetime, tz: ZoneInfo) -> datetime:
         utc = ZoneInfo("UTC")
         at = (at.astimezone(utc) - delta).astimezone(tz)
     return at
+
+
+def iso(dt: datetime) -> str:
+    """UTC timestamp as stored: ``2018-01-22T08:30:00Z`` (sorts as text).
+
+    >>> from datetime import timezone, timedelta
+    >>> iso(datetime(2018, 1, 22, 9, 30, tzinfo=timezone(timedelta(hours=1))))
+    '2018-01-22T08:30:00Z'
+    """
+    if dt.tzinfo is None:
+        raise ValueError("naive datetime")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
