@@ -472,34 +472,51 @@ class Ledger(Responses):
                 [(ts, i) for i in ids],
             )
 
-    def sent(self, delivery_id: int, code: int, text: str, now: datetime) -> None:
-        """The server accepted the mail (2xx): committed before the connection's next DATA."""
+    def _outcome(
+        self,
+        delivery_id: int,
+        outcome: str,
+        code: int | None,
+        text: str,
+        now: datetime,
+        *,
+        next_attempt: datetime | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Record one SMTP attempt and the row's new state in one commit."""
         ts = iso(now)
         with self.transaction() as c:
             c.execute(
-                "UPDATE deliveries SET status='sent', attempts=attempts+1, smtp_code=?, smtp_text=?,"
-                " sent_at=?, updated=?, next_attempt=NULL, reason=NULL WHERE id=?",
-                (code, text, ts, ts, delivery_id),
+                "UPDATE deliveries SET status=?, attempts=attempts+1, smtp_code=?, smtp_text=?,"
+                " next_attempt=?, reason=coalesce(?, CASE WHEN ?='deferred' THEN reason END),"
+                " sent_at=CASE WHEN ?='sent' THEN ? ELSE sent_at END, updated=? WHERE id=?",
+                (
+                    outcome,
+                    code,
+                    text,
+                    iso(next_attempt) if next_attempt else None,
+                    reason,
+                    outcome,
+                    outcome,
+                    ts,
+                    ts,
+                    delivery_id,
+                ),
             )
             c.execute(
                 "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
-                (delivery_id, ts, "sent", code, text),
+                (delivery_id, ts, outcome, code, text),
             )
+
+    def sent(self, delivery_id: int, code: int, text: str, now: datetime) -> None:
+        """The server accepted the mail (2xx): committed before the connection's next DATA."""
+        self._outcome(delivery_id, "sent", code, text, now)
 
     def deferred(
         self, delivery_id: int, code: int | None, text: str, now: datetime, next_attempt: datetime
     ) -> None:
-        ts = iso(now)
-        with self.transaction() as c:
-            c.execute(
-                "UPDATE deliveries SET status='deferred', attempts=attempts+1, smtp_code=?,"
-                " smtp_text=?, next_attempt=?, updated=? WHERE id=?",
-                (code, text, iso(next_attempt), ts, delivery_id),
-            )
-            c.execute(
-                "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
-                (delivery_id, ts, "deferred", code, text),
-            )
+        """A 4xx reply or a broken connection: try again at ``next_attempt``."""
+        self._outcome(delivery_id, "deferred", code, text, now, next_attempt=next_attempt)
 
     def failed(
         self,
@@ -511,17 +528,7 @@ class Ledger(Responses):
     ) -> None:
         """The delivery will not be retried: ``text`` is the server's reply (if any),
         ``reason`` says why in plain words."""
-        ts = iso(now)
-        with self.transaction() as c:
-            c.execute(
-                "UPDATE deliveries SET status='failed', attempts=attempts+1, smtp_code=?,"
-                " smtp_text=?, next_attempt=NULL, reason=?, updated=? WHERE id=?",
-                (code, text, reason, ts, delivery_id),
-            )
-            c.execute(
-                "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
-                (delivery_id, ts, "failed", code, text),
-            )
+        self._outcome(delivery_id, "failed", code, text, now, reason=reason)
 
     def retry(self, campaign: str | None, step: str | None, now: datetime) -> int:
         """Failed rows become pending again (``mailer retry``). Returns how many."""
