@@ -320,21 +320,23 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
         per: dict[str, dict[str, int]] = {}
         for r in ledger.summary(c.id):
             per.setdefault(r["step"], {})[r["status"]] = r["n"]
-        for s in c.steps:
+        for n, s in enumerate(c.steps, 1):
             d = per.get(s.id, {})
             table.add_row(
-                s.id,
+                f"{n}. {s.id}",
                 *(str(d.get(k, 0)) for k in ("sent", "deferred", "failed", "skipped", "suppressed")),
             )
         console.print(table)
-        who = Table(title="What each recipient received", title_justify="left")
+        # One column per step (numbered as in the table above), a mark per mail received.
+        who = Table(title="What each recipient received (step numbers as above)", title_justify="left")
         who.add_column("recipient")
-        who.add_column("mails")
-        got: dict[str, list[str]] = {}
+        for i, _ in enumerate(c.steps, 1):
+            who.add_column(str(i), justify="center")
+        got: dict[str, set[str]] = {}
         for r in ledger.log(campaign=c.id, status="sent"):
-            got.setdefault(r["email"], []).append(r["step"])
+            got.setdefault(r["email"], set()).add(r["step"])
         for email in sorted(got):
-            who.add_row(email, ", ".join(got[email]))
+            who.add_row(email, *("x" if s.id in got[email] else "" for s in c.steps))
         console.print(who)
     console.print(
         f"{len(handler.received)} mails are in {maildir}/new (open them with any mail client), "
