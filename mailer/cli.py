@@ -360,7 +360,7 @@ def run(config_path: Path, db_path: Path | None) -> None:
 @handle_errors
 def demo(out_dir: Path, config_path: Path) -> None:
     """Run the whole campaign in seconds on a virtual clock against an embedded SMTP server."""
-    from .daemon import run_demo
+    from .demo import run_demo
 
     raise SystemExit(run_demo(config_path, out_dir, console=out))
 

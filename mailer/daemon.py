@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
-import sys
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
-from rich.console import Console
-from rich.table import Table
 
 from .errors import ConfigError, LockedError, MailerError, TransportFatalError
 from .inbox import InboxResult, process_configured
 from .ledger import Ledger
 from .mailboxes import configured_source
-from .runner import PassResult, run_pass, virtual_clock
-from .smtpd import MaildirHandler, SmtpServer
+from .runner import PassResult, run_pass
 from .transport import TransportSettings
 from .workspace import Workspace, load_workspace
 
-__all__ = ["Daemon", "run_daemon", "run_demo"]
+__all__ = ["Daemon", "run_daemon"]
 
 log = logging.getLogger("mailer")
 
@@ -268,98 +263,3 @@ def run_daemon(config_path: Path, db_path: Path | None, *, environ: Mapping[str,
         return asyncio.run(Daemon(config_path, ws, ledger, settings, environ).main())
     finally:
         ledger.close()
-
-
-# --------------------------------------------------------------------------------------
-# The demo: the whole campaign on a virtual clock.
-# --------------------------------------------------------------------------------------
-
-
-def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
-    """``mailer demo``: every due time of the campaign in order, against an embedded server."""
-    ws = load_workspace(config_path)
-    if ws.blocking:
-        raise MailerError("the campaign has problems; run `mailer check`")
-    c = ws.campaign
-    out_dir.mkdir(parents=True, exist_ok=True)
-    db = out_dir / "ledger.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(db) + suffix).unlink(missing_ok=True)
-    maildir = out_dir / "Maildir"
-    if maildir.exists():
-        shutil.rmtree(maildir)
-    handler = MaildirHandler(maildir)
-    with SmtpServer(handler) as server, Ledger(db) as ledger:
-        ledger.lock()
-        settings = TransportSettings(
-            host=server.host, port=server.port, tls="none", connections=c.smtp.connections
-        )
-        console.print(
-            f"[bold]Demo of {c.name}[/bold]: {len(c.steps)} steps, {len(ws.contacts)} contacts, "
-            f"embedded SMTP server on {server.host}:{server.port}"
-        )
-        now: datetime | None = min(s.at for s in c.steps) - timedelta(minutes=1)
-        passes = 0
-        while now is not None and passes < 1000:
-            passes += 1
-            result = asyncio.run(run_pass(ws, ledger, now, settings=settings, clock=virtual_clock(now)))
-            sent = result.counts["sent"]
-            if result.due or any(result.counts.values()):
-                local = now.astimezone(c.timezone)
-                steps = sorted({d.step.id for d in result.plan.due}) if result.plan else []
-                console.print(
-                    f"  {local:%a %d %b %Y %H:%M %Z}: {', '.join(steps) or '(records only)'}: "
-                    f"sent {sent}"
-                    + "".join(f", {k} {v}" for k, v in sorted(result.counts.items()) if k != "sent" and v),
-                    markup=False,
-                )
-            now = result.next_wake
-        table = Table(title="Delivery ledger", title_justify="left")
-        for col in ("step", "sent", "deferred", "failed", "skipped", "suppressed"):
-            table.add_column(col, justify="left" if col == "step" else "right")
-        per: dict[str, dict[str, int]] = {}
-        for r in ledger.summary(c.id):
-            per.setdefault(r["step"], {})[r["status"]] = r["n"]
-        for n, s in enumerate(c.steps, 1):
-            d = per.get(s.id, {})
-            table.add_row(
-                f"{n}. {s.id}",
-                *(str(d.get(k, 0)) for k in ("sent", "deferred", "failed", "skipped", "suppressed")),
-            )
-        console.print(table)
-        # One column per step (numbered as in the table above), a mark per mail received.
-        who = Table(title="What each recipient received (step numbers as above)", title_justify="left")
-        who.add_column("recipient")
-        for i, _ in enumerate(c.steps, 1):
-            who.add_column(str(i), justify="center")
-        got: dict[str, set[str]] = {}
-        for r in ledger.log(campaign=c.id, status="sent"):
-            got.setdefault(r["email"], set()).add(r["step"])
-        for email in sorted(got):
-            who.add_row(email, *("x" if s.id in got[email] else "" for s in c.steps))
-        console.print(who)
-    console.print(
-        f"{len(handler.received)} mails are in {maildir}/new (open them with any mail client), "
-        f"the ledger is {db}.",
-        markup=False,
-    )
-    prog = _prog()
-    console.print(f"Read the log: {prog} status --db {db}   |   {prog} log --db {db}", markup=False)
-    console.print(
-        f"See it in the browser: {prog} dashboard --db {db} --config {config_path}"
-        "   (then open http://127.0.0.1:8001/)",
-        markup=False,
-    )
-    return 0
-
-
-def _prog() -> str:
-    """How the user can run mailer again: plain ``mailer`` when it is on PATH (an activated
-    venv), else the path it was started by (``make demo`` runs .venv/bin/mailer)."""
-    argv0 = Path(sys.argv[0])
-    if shutil.which("mailer") or argv0.name != "mailer":
-        return "mailer"
-    try:
-        return str(argv0.relative_to(Path.cwd()))
-    except ValueError:
-        return str(argv0)
