@@ -11,11 +11,11 @@ from typing import Literal
 from . import ics, message, unsubscribe
 from .config import Campaign, Event, Step
 from .contacts import Contact
-from .errors import ConfigError, Problem
+from .errors import ConfigError, MailerError, Problem
 from .planner import changes as planner_changes
 from .templates import Templates, context
 
-__all__ = ["Composed", "Composer"]
+__all__ = ["Composed", "Composer", "compose_batch", "init_worker"]
 
 
 @dataclass(frozen=True)
@@ -155,3 +155,45 @@ class Composer:
             unsubscribe_url=unsub_url,
         )
         return Composed(mid, contact.email, rendered.subject, data)
+
+
+# --------------------------------------------------------------------------------------
+# A composing worker process: large passes render and build mails on the second core while
+# the main process talks SMTP and writes the ledger (issue "Throughput").
+# --------------------------------------------------------------------------------------
+
+_WORKER: Composer | None = None
+
+#: ``(step, event, contact, claimed_at, sequence)``: one mail to compose.
+Job = tuple[Step, Event, Contact, datetime, int]
+
+
+def init_worker(
+    campaign: Campaign,
+    revisions: Mapping[str, tuple[int, str, str]],
+    snapshots: Mapping[tuple[str, int], str],
+    unsubscribe_secret: str | None,
+) -> None:
+    """Process-pool initializer: the worker's own Composer, templates compiled once."""
+    global _WORKER
+    _WORKER = Composer(
+        campaign,
+        Templates(campaign.templates_dir, campaign.language),
+        revisions,
+        snapshots,
+        unsubscribe_secret=unsubscribe_secret,
+    )
+
+
+def compose_batch(jobs: list[Job], composer: Composer | None = None) -> list[bytes | str]:
+    """Compose each job: the message bytes, or the error text of a mail that cannot be built.
+    Runs in the worker (``composer`` None) or inline; both give the same bytes."""
+    comp = composer or _WORKER
+    assert comp is not None, "init_worker() was not called"
+    out: list[bytes | str] = []
+    for step, event, contact, when, seq in jobs:
+        try:
+            out.append(comp.compose_due(step, event, contact, when=when, sequence=seq).data)
+        except MailerError as exc:
+            out.append(str(exc))
+    return out

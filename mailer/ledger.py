@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import sqlite_utils
 
@@ -21,6 +21,7 @@ __all__ = [
     "FINAL",
     "STATUSES",
     "Ledger",
+    "Outcome",
     "Row",
     "Status",
     "iso",
@@ -123,6 +124,18 @@ CREATE TABLE IF NOT EXISTS steps_started (
     PRIMARY KEY (campaign, step)
 );
 """
+
+
+class Outcome(NamedTuple):
+    """One SMTP attempt's result for :meth:`Ledger.outcomes`."""
+
+    delivery_id: int
+    outcome: str  # sent | deferred | failed
+    code: int | None
+    text: str
+    now: datetime
+    next_attempt: datetime | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -472,6 +485,28 @@ class Ledger(Responses):
                 [(ts, i) for i in ids],
             )
 
+    def outcomes(self, items: Sequence[Outcome]) -> None:
+        """Record SMTP attempts and the rows' new states in one commit (a group commit: the
+        transport waits for it before each of those connections sends its next mail)."""
+        rows = []
+        for o in items:
+            ts = iso(o.now)
+            nxt = iso(o.next_attempt) if o.next_attempt else None
+            rows.append(
+                (o.outcome, o.code, o.text, nxt, o.reason, o.outcome, o.outcome, ts, ts, o.delivery_id)
+            )
+        with self.transaction() as c:
+            c.executemany(
+                "UPDATE deliveries SET status=?, attempts=attempts+1, smtp_code=?, smtp_text=?,"
+                " next_attempt=?, reason=coalesce(?, CASE WHEN ?='deferred' THEN reason END),"
+                " sent_at=CASE WHEN ?='sent' THEN ? ELSE sent_at END, updated=? WHERE id=?",
+                rows,
+            )
+            c.executemany(
+                "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
+                [(r[9], r[8], r[0], r[1], r[2]) for r in rows],
+            )
+
     def _outcome(
         self,
         delivery_id: int,
@@ -483,30 +518,7 @@ class Ledger(Responses):
         next_attempt: datetime | None = None,
         reason: str | None = None,
     ) -> None:
-        """Record one SMTP attempt and the row's new state in one commit."""
-        ts = iso(now)
-        with self.transaction() as c:
-            c.execute(
-                "UPDATE deliveries SET status=?, attempts=attempts+1, smtp_code=?, smtp_text=?,"
-                " next_attempt=?, reason=coalesce(?, CASE WHEN ?='deferred' THEN reason END),"
-                " sent_at=CASE WHEN ?='sent' THEN ? ELSE sent_at END, updated=? WHERE id=?",
-                (
-                    outcome,
-                    code,
-                    text,
-                    iso(next_attempt) if next_attempt else None,
-                    reason,
-                    outcome,
-                    outcome,
-                    ts,
-                    ts,
-                    delivery_id,
-                ),
-            )
-            c.execute(
-                "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
-                (delivery_id, ts, outcome, code, text),
-            )
+        self.outcomes([Outcome(delivery_id, outcome, code, text, now, next_attempt, reason)])
 
     def sent(self, delivery_id: int, code: int, text: str, now: datetime) -> None:
         """The server accepted the mail (2xx): committed before the connection's next DATA."""

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from . import planner
-from .compose import Composer
+from .compose import Composer, compose_batch, init_worker
 from .errors import MailerError, TransportFatalError
-from .ledger import Ledger
+from .ledger import Ledger, Outcome
 from .planner import Due, Plan
 from .transport import Outgoing, Result, Transport, TransportSettings
 from .workspace import Workspace
@@ -21,6 +24,14 @@ __all__ = ["PassResult", "Clock", "run_pass", "virtual_clock"]
 
 Clock = Callable[[], datetime]
 CLAIM_BATCH = 200
+#: Passes with at least this many mails compose them in a worker process (on another core).
+WORKER_MIN = 1000
+
+
+async def _zip(
+    ids: list[int], batch: list[Due], fut: asyncio.Future[list[bytes | str]]
+) -> list[tuple[int, Due, bytes | str]]:
+    return list(zip(ids, batch, await fut, strict=True))
 
 
 def virtual_clock(now: datetime) -> Clock:
@@ -168,65 +179,117 @@ async def run_pass(
     sender = campaign.sender.address
     policy = campaign.delivery
 
-    def on_result(job: Outgoing, res: Result) -> None:
-        nonlocal done
+    loop = asyncio.get_running_loop()
+    to_commit: list[Outcome] = []
+    flushed: asyncio.Future[None] | None = None
+
+    def flush() -> None:
+        # One commit for every outcome that arrived in this turn of the event loop (up to
+        # one per connection): a group commit, far cheaper than a commit per mail.
+        nonlocal flushed
+        batch, fut = list(to_commit), flushed
+        to_commit.clear()
+        flushed = None
+        assert fut is not None
+        try:
+            ledger.outcomes(batch)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting connection
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
+
+    async def on_result(job: Outgoing, res: Result) -> None:
+        """Record a mail's outcome; the connection sends its next mail only once the outcome
+        is committed (the ledger's promise: at most one mail in doubt per connection)."""
+        nonlocal done, flushed
         d = in_flight.pop(job.key)
         t = clock()
         attempts = (d.row.attempts if d.row else 0) + 1
         outcome = res.outcome
         if outcome == "sent":
-            ledger.sent(job.key, res.code or 250, res.text, t)
+            to_commit.append(Outcome(job.key, "sent", res.code or 250, res.text, t))
         elif outcome == "deferred" and attempts < policy.max_attempts:
             mid = composer.message_id(d.step, d.contact.email)
             nxt = planner.retry_at(policy, attempts, mid, t)
-            ledger.deferred(job.key, res.code, res.text, t, nxt)
+            to_commit.append(Outcome(job.key, "deferred", res.code, res.text, t, nxt))
             result.next_wake = min(filter(None, (result.next_wake, nxt)))
         elif outcome == "deferred":
             outcome = "failed"
-            ledger.failed(job.key, res.code, res.text, t, f"gave up after {attempts} attempts")
+            reason = f"gave up after {attempts} attempts"
+            to_commit.append(Outcome(job.key, "failed", res.code, res.text, t, None, reason))
         else:
-            ledger.failed(job.key, res.code, res.text, t)
+            to_commit.append(Outcome(job.key, "failed", res.code, res.text, t, None, "refused by the server"))
+        if flushed is None:
+            flushed = loop.create_future()
+            loop.call_soon(flush)
+        waiting = flushed
+        await waiting
         result.counts[outcome] += 1
         done += 1
         if progress:
             progress(done, len(due))
 
+    pool: ProcessPoolExecutor | None = None
+    if len(due) >= WORKER_MIN and (os.cpu_count() or 1) > 1:
+        # forkserver, not fork: this process may run threads (an embedded server, the
+        # inbox poller), and a forked copy of a thread's lock can deadlock.
+        pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=init_worker,
+            initargs=(campaign, ledger.revisions(cid), ledger.snapshots(cid), unsubscribe_secret),
+        )
+
+    def start(batch: list[Due]) -> asyncio.Future[list[tuple[int, Due, bytes | str]]]:
+        """Claim a batch (committed before any of its DATA), then compose it: in the worker
+        process while earlier mails are being sent, or inline for small passes."""
+        claims = ledger.claim(
+            cid,
+            [
+                (
+                    d.step.id,
+                    d.event.id,
+                    d.contact.email,
+                    d.contact.name,
+                    d.step.at,
+                    composer.message_id(d.step, d.contact.email),
+                    composer.sequence(d.event.id),
+                    composer.has_ics(d.step),
+                )
+                for d in batch
+            ],
+            clock(),
+        )
+        for d, (rid, _, _) in zip(batch, claims, strict=True):
+            in_flight[rid] = d
+        jobs = [(d.step, d.event, d.contact, at, seq) for d, (_, at, seq) in zip(batch, claims, strict=True)]
+        ids = [rid for rid, _, _ in claims]
+        if pool is not None:
+            fut = loop.run_in_executor(pool, compose_batch, jobs)
+        else:
+            fut = loop.create_future()
+            fut.set_result(compose_batch(jobs, composer))
+        return asyncio.ensure_future(_zip(ids, batch, fut))
+
     async def produce() -> None:
-        for i in range(0, len(due), CLAIM_BATCH):
-            if stop is not None and stop.is_set():
+        batches = [due[i : i + CLAIM_BATCH] for i in range(0, len(due), CLAIM_BATCH)]
+        ahead = start(batches[0]) if batches else None
+        for k in range(len(batches)):
+            if ahead is None or (stop is not None and stop.is_set()):
                 break
-            batch = due[i : i + CLAIM_BATCH]
-            t = clock()
-            claims = ledger.claim(
-                cid,
-                [
-                    (
-                        d.step.id,
-                        d.event.id,
-                        d.contact.email,
-                        d.contact.name,
-                        d.step.at,
-                        composer.message_id(d.step, d.contact.email),
-                        composer.sequence(d.event.id),
-                        composer.has_ics(d.step),
-                    )
-                    for d in batch
-                ],
-                t,
-            )
-            for d, (rid, _, _) in zip(batch, claims, strict=True):
-                in_flight[rid] = d
-            for d, (rid, claimed_at, seq) in zip(batch, claims, strict=True):
+            current = ahead
+            # Keep one batch composing ahead so the connections never wait for the composer.
+            stopping = stop is not None and stop.is_set()
+            ahead = start(batches[k + 1]) if k + 1 < len(batches) and not stopping else None
+            for rid, d, data in await current:
                 if stop is not None and stop.is_set():
                     break
-                try:
-                    composed = composer.compose_due(d.step, d.event, d.contact, when=claimed_at, sequence=seq)
-                except MailerError as exc:
+                if isinstance(data, str):
                     in_flight.pop(rid)
-                    ledger.failed(rid, None, "", clock(), f"could not build the mail: {exc}")
+                    ledger.failed(rid, None, "", clock(), f"could not build the mail: {data}")
                     result.counts["failed"] += 1
                     continue
-                await queue.put(Outgoing(rid, sender, d.contact.email, composed.data))
+                await queue.put(Outgoing(rid, sender, d.contact.email, data))
         for _ in range(settings.connections):
             await queue.put(None)
 
@@ -250,6 +313,8 @@ async def run_pass(
         producer.cancel()
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         for task in (producer, watcher):
             if task is not None and not task.done():
                 task.cancel()
