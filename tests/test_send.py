@@ -318,3 +318,31 @@ def test_a_mail_that_cannot_be_built_fails_alone(
     assert "could not build the mail" in r[("invite", "cy@example.org")]["reason"]
     assert "org" in r[("invite", "cy@example.org")]["reason"]
     assert {r[("invite", e)]["status"] for e in ("ann@example.org", "bob@example.org")} == {"sent"}
+
+
+@pytest.mark.slow
+def test_large_pass_composes_in_a_worker_with_identical_bytes(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
+    """From WORKER_MIN mails on, a second process composes; its bytes equal inline ones."""
+    from mailer import runner
+    from mailer.compose import Composer
+    from mailer.ledger import parse_iso
+    from mailer.workspace import load_workspace
+
+    n = runner.WORKER_MIN + 50
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=contacts(n))
+    code, out = send(cfg, "2018-01-04T10:00", smtp_env)
+    assert code == 0 and f"sent {n}" in out, out
+    received = smtp_server.handler.received
+    assert len(received) == n and len(set(ids(smtp_server.handler))) == n
+    ws = load_workspace(cfg)
+    inline = Composer(ws.campaign, ws.templates)
+    led = rows(cfg)
+    by_rcpt = {r.rcpt_tos[0]: r.data for r in received}
+    for c in ws.contacts[:: n // 25]:
+        row = led[("invite", c.email)]
+        step = ws.campaign.step("invite")
+        expected = inline.compose_due(step, ws.campaign.event("ev"), c, when=parse_iso(row["claimed_at"]), sequence=0)
+        assert by_rcpt[c.email] == expected.data
+        check_message(by_rcpt[c.email], expect_method="REQUEST")
