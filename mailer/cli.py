@@ -7,6 +7,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -22,14 +23,15 @@ from .clikit import (
     print_problems,
     when,
 )
-from .compose import Composer
 from .config import Campaign
 from .errors import MailerError, Problem
 from .ledger import Ledger
 from .records import dashboard, export, inbox, log, retry, status, suppress
-from .runner import PassResult, run_pass, virtual_clock
-from .transport import TransportSettings
-from .workspace import Workspace, load_workspace
+
+if TYPE_CHECKING:  # the sending machinery loads only for the commands that send or render
+    from .runner import PassResult
+    from .transport import TransportSettings
+    from .workspace import Workspace
 
 __all__ = ["main", "cli"]
 
@@ -49,6 +51,8 @@ def _parse_now(value: str | None, campaign: Campaign | None) -> datetime:
 
 
 def _workspace(config_path: Path, *, for_sending: bool) -> Workspace:
+    from .workspace import load_workspace
+
     ws = load_workspace(config_path)
     if ws.problems:
         print_problems(ws.problems)
@@ -90,6 +94,9 @@ def check(config_path: Path) -> None:
 
     Exits 1 when anything is wrong; every problem is listed at once.
     """
+    from .compose import Composer
+    from .workspace import load_workspace
+
     ws = load_workspace(config_path)
     c = ws.campaign
     problems = list(ws.problems)
@@ -175,6 +182,8 @@ def preview(config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...
     ws = _workspace(config_path, for_sending=True)
     c = ws.campaign
     _known_steps(c, step_ids)
+    from .compose import Composer
+
     wanted = {e.strip().lower() for e in emails}
     composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
     written = 0
@@ -252,6 +261,8 @@ def send(
     c = ws.campaign
     _known_steps(c, step_ids)
     now = _parse_now(now_text, c)
+    from .transport import TransportSettings
+
     settings = TransportSettings.from_config(c.smtp, os.environ)
     with Ledger(db_path or c.ledger) as ledger:
         if not dry_run:
@@ -269,6 +280,8 @@ def _send_with_progress(
     steps: tuple[str, ...] | None,
     dry_run: bool,
 ) -> PassResult:
+    from .runner import run_pass, virtual_clock
+
     with Progress(
         TextColumn("sending"),
         BarColumn(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,14 @@ from .clikit import (
     when,
 )
 from .config import Campaign
+from .contacts import normalise_address
 from .errors import ConfigError, MailerError
 from .ledger import STATUSES, Ledger, parse_iso
 
 __all__ = ["dashboard", "export", "inbox", "log", "retry", "status", "suppress"]
+
+#: Up to this many rows `mailer log` draws a table on a terminal; beyond, tab-separated lines.
+TABLE_ROWS = 500
 
 
 @click.command()
@@ -103,37 +108,38 @@ def log(
     path = ledger_path(db_path, config_path)
     if not path.exists():
         raise MailerError(f"{path}: no ledger yet; nothing has been sent")
+    if email:
+        try:
+            email = normalise_address(email)
+        except MailerError:
+            email = email.strip()
+    cols = ("step", "email", "status", "tries", "updated (UTC)", "reply / reason")
+    lines: list[tuple[str, ...]] = []
     with Ledger(path) as ledger:
-        table = Table(title_justify="left")
-        for col in ("step", "email", "status", "tries", "updated (UTC)", "reply / reason"):
-            table.add_column(col, overflow="fold")
-        n = 0
-        for r in ledger.log(
-            status=status_, email=email.strip().lower() if email else None, step=step, limit=limit
-        ):
-            n += 1
+        for r in ledger.log(status=status_, email=email, step=step, limit=limit):
             reply = " ".join(str(x) for x in (r["smtp_code"], r["smtp_text"]) if x is not None)
-            why = r["reason"] or ""
-            table.add_row(
-                r["step"],
-                r["email"],
-                r["status"],
-                str(r["attempts"]),
-                r["updated"],
-                "; ".join(x for x in (reply, why) if x),
-            )
+            why = "; ".join(x for x in (reply, r["reason"] or "") if x)
+            lines.append((r["step"], r["email"], r["status"], str(r["attempts"]), r["updated"], why))
             if show_attempts:
                 for a in ledger.attempts(r["id"]):
-                    table.add_row(
-                        "",
-                        "",
-                        f"  {a['outcome']}",
-                        "",
-                        a["at"],
-                        f"{a['code'] or ''} {a['text'] or ''}",
-                    )
-    out.print(table)
-    out.print(f"{n} row(s).")
+                    text = f"{a['code'] or ''} {a['text'] or ''}".strip()
+                    lines.append(("", "", f"  {a['outcome']}", "", a["at"], text))
+    n = sum(1 for ln in lines if ln[0])
+    if out.is_terminal and len(lines) <= TABLE_ROWS:
+        table = Table(title_justify="left")
+        for col in cols:
+            table.add_column(col, overflow="fold")
+        for ln in lines:
+            table.add_row(*ln)
+        out.print(table)
+        out.print(f"{n} row(s).")
+    else:
+        # Many rows, or piped: tab-separated lines, fast and easy to grep or load elsewhere
+        # (rich's table costs ~1.5 ms a row: 25,000 failed rows took 40 s).
+        write = sys.stdout.write
+        write("\t".join(cols) + "\n")
+        for ln in lines:
+            write("\t".join(x.replace("\t", " ").replace("\n", " ") for x in ln) + "\n")
 
 
 @click.command()

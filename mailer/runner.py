@@ -48,7 +48,9 @@ class PassResult:
     due: int = 0
     counts: Counter[str] = field(default_factory=Counter)
     next_wake: datetime | None = None
-    plan: Plan | None = None
+    # Not in the repr: at 100,000 recipients the repr of the plan costs 250 MB, and asyncio
+    # formats it when it restores the SIGINT handler (bench/README.md, finding 3).
+    plan: Plan | None = field(default=None, repr=False)
     stopped: bool = False
     revisions: list[tuple[planner.Revision, int]] = field(default_factory=list)
 

@@ -1,0 +1,321 @@
+"""`mailer status` and `mailer log --status failed` on a 1,000,000-row ledger (issue 6).
+
+Usage::
+
+    .venv/bin/python bench/big_ledger.py                  # build (cached) and time
+    .venv/bin/python bench/big_ledger.py --rows 200000 --repeat 5 --json
+    .venv/bin/python bench/big_ledger.py --db /tmp/big.db --rebuild
+
+Builds a ledger with ``--rows`` deliveries over 10 (campaign, step) pairs with a realistic
+status mix (mostly sent; some failed, deferred, skipped, suppressed, bounced, pending) and
+one attempts row per delivery that reached the server. The schema comes from
+``mailer.ledger.Ledger(path)``; the rows go in with plain sqlite3 ``executemany`` in one
+transaction (secondary indexes are dropped for the load and rebuilt by reopening the
+ledger, which recreates exactly the schema's indexes).
+
+Then it times, R times each (median shown), target < 0.5 s:
+
+* ``mailer status --db PATH`` and ``mailer log --db PATH --status failed`` as subprocesses
+  (output to a pipe, as when redirected; includes Python start-up and imports, shown
+  separately as ``mailer --version``);
+* the underlying ``Ledger.summary()`` and ``list(Ledger.log(status="failed"))`` in-process;
+
+and prints SQLite's EXPLAIN QUERY PLAN of both queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import PYTHON, ROOT, median  # noqa: E402
+
+TARGET = 0.5
+CAMPAIGNS = [
+    ("integratiepact-2018",
+     ["uitnodiging-infosessie", "herinnering-infosessie-week", "uitnodiging-aan-de-slag"]),
+    ("jaarcongres-2019", ["uitnodiging", "herinnering-week", "herinnering-dag"]),
+    ("opendeur-2019", ["uitnodiging", "herinnering"]),
+    ("netwerkdag-2020", ["uitnodiging", "herinnering"]),
+]
+PAIRS = [(c, s) for c, steps in CAMPAIGNS for s in steps]  # 10 (campaign, step) pairs
+#: (status, weight): mostly sent, as a finished campaign looks.
+MIX = [("sent", 900), ("failed", 25), ("deferred", 15), ("skipped", 30), ("suppressed", 10),
+       ("bounced", 10), ("pending", 7), ("sending", 3)]
+DOMAINS = ["example.be", "example.org", "example.com", "voorbeeld.be", "exemple.be",
+           "telenet.example", "skynet.example", "gmail.example", "outlook.example", "proximus.example"]
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _rows(n: int, seed: int = 6) -> Iterator[tuple[dict[str, Any], tuple[Any, ...] | None]]:
+    """(delivery columns, attempt row or None) for ``n`` deliveries."""
+    rnd = random.Random(seed)
+    statuses = [s for s, w in MIX for _ in range(w)]
+    per_pair = -(-n // len(PAIRS))
+    base = 1514764800.0  # 2018-01-01
+    i = 0
+    for p, (campaign, step) in enumerate(PAIRS):
+        due = base + 86400 * 30 * p
+        for k in range(per_pair):
+            if i >= n:
+                return
+            i += 1
+            status = rnd.choice(statuses)
+            email = f"contact.{k}@{DOMAINS[k % len(DOMAINS)]}"
+            t = due + rnd.random() * 3600
+            ts = _iso(t)
+            row: dict[str, Any] = {
+                "id": i, "campaign": campaign, "step": step, "event": step.split("-")[-1],
+                "email": email, "name": f"Contact {k}", "status": status, "attempts": 0,
+                "next_attempt": None, "due_at": _iso(due), "message_id": None, "sequence": 0,
+                "ics": 1 if step.startswith("uitnodiging") else 0, "smtp_code": None,
+                "smtp_text": None, "reason": None, "claimed_at": None, "sent_at": None,
+                "created": _iso(due), "updated": ts,
+            }
+            attempt = None
+            if status in ("sent", "failed", "deferred", "bounced", "sending"):
+                row["message_id"] = f"<{i:026x}.{campaign}@example.be>"
+                row["claimed_at"] = ts
+            if status in ("sent", "bounced"):
+                row.update(attempts=1, smtp_code=250, smtp_text="2.0.0 Ok: queued as 4F2A1B3C9D",
+                           sent_at=ts)
+                attempt = (i, ts, "sent", 250, "2.0.0 Ok: queued as 4F2A1B3C9D")
+                if status == "bounced":
+                    row["reason"] = "bounced: 5.1.1 user unknown"
+            elif status == "failed":
+                row.update(attempts=1, smtp_code=550,
+                           smtp_text=f"5.1.1 <{email}>: Recipient address rejected",
+                           reason="refused by the server")
+                attempt = (i, ts, "failed", 550, row["smtp_text"])
+            elif status == "deferred":
+                row.update(attempts=2, smtp_code=451, smtp_text="4.7.1 Try again later",
+                           next_attempt=_iso(t + 600))
+                attempt = (i, ts, "deferred", 451, "4.7.1 Try again later")
+            elif status == "skipped":
+                row["reason"] = "the event had started before this could be sent"
+            elif status == "suppressed":
+                row["reason"] = "address suppressed: unsubscribed"
+            yield row, attempt
+
+
+def build(path: Path, n: int) -> float:
+    """Create the ledger at ``path`` with ``n`` deliveries; returns the seconds it took."""
+    from mailer.ledger import Ledger
+
+    t0 = time.perf_counter()
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    Ledger(path).close()  # the schema, exactly as mailer creates it
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("PRAGMA cache_size=-262144")  # 256 MiB
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(deliveries)")]
+    indexes = conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL"
+        " AND tbl_name IN ('deliveries', 'attempts')"
+    ).fetchall()
+    conn.execute("BEGIN")
+    for name, _ in indexes:  # bulk load without them; Ledger() below recreates them
+        conn.execute(f"DROP INDEX {name}")
+    first = next(_rows(1))[0]
+    use = [c for c in cols if c in first]
+    ins = f"INSERT INTO deliveries ({', '.join(use)}) VALUES ({', '.join('?' * len(use))})"
+    attempts: list[tuple[Any, ...]] = []
+
+    def deliveries() -> Iterator[tuple[Any, ...]]:
+        for row, att in _rows(n):
+            if att is not None:
+                attempts.append(att)
+            yield tuple(row[c] for c in use)
+
+    conn.executemany(ins, deliveries())
+    conn.executemany(
+        "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)", attempts
+    )
+    for _, sql in indexes:
+        conn.execute(sql)
+    conn.execute("COMMIT")
+    conn.close()
+    Ledger(path).close()  # checks the schema and indexes are all there
+    return time.perf_counter() - t0
+
+
+def _time_cmd(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    t = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return t, proc.stdout
+
+
+def measure(path: Path, repeat: int) -> dict[str, Any]:
+    from mailer.ledger import Ledger
+
+    cwd = Path(tempfile.mkdtemp(prefix="big-ledger-cwd-"))  # no schedules.yaml here
+    mailer = [PYTHON, "-m", "mailer"]
+    out: dict[str, Any] = {}
+    cmds = {
+        "mailer --version (start-up only)": [*mailer, "--version"],
+        "mailer status": [*mailer, "status", "--db", str(path)],
+        "mailer log --status failed": [*mailer, "log", "--db", str(path), "--status", "failed"],
+    }
+    cwds = {label: cwd for label in cmds}
+    if (ROOT / "schedules.yaml").is_file():  # as run in a campaign folder: reads schedules.yaml
+        label = "mailer status (in the shipped campaign)"
+        cmds[label], cwds[label] = [*mailer, "status", "--db", str(path)], ROOT
+    for label, cmd in cmds.items():
+        times = []
+        for _ in range(repeat):
+            t, stdout = _time_cmd(cmd, cwds[label])
+            times.append(t)
+        out[label] = {"seconds": times, "median": median(times), "output_lines": stdout.count("\n")}
+
+    def inproc(label: str, fn: Any) -> None:
+        times, n = [], 0
+        for _ in range(repeat):
+            with Ledger(path) as ledger:
+                t0 = time.perf_counter()
+                n = len(fn(ledger))
+                times.append(time.perf_counter() - t0)
+        out[label] = {"seconds": times, "median": median(times), "rows": n}
+
+    inproc("Ledger.summary()", lambda L: L.summary())
+    inproc('list(Ledger.log(status="failed"))', lambda L: list(L.log(status="failed")))
+    with Ledger(path) as ledger:
+        plans = {}
+        for label, sql in (
+            ("summary", "SELECT campaign, step, status, count(*) AS n, min(next_attempt) AS next_attempt"
+                        " FROM deliveries GROUP BY campaign, step, status"),
+            ("log --status failed", "SELECT * FROM deliveries WHERE status=? ORDER BY id"),
+        ):
+            plans[label] = [r[3] for r in ledger.conn.execute("EXPLAIN QUERY PLAN " + sql,
+                                                               ("failed",) if "?" in sql else ())]
+        counts = dict(ledger.conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
+        n_att = ledger.conn.execute("SELECT count(*) FROM attempts").fetchone()[0]
+    out["_plans"] = plans
+    out["_counts"] = counts
+    out["_attempts"] = n_att
+    return out
+
+
+def what_if(path: Path, repeat: int) -> list[tuple[str, float, str]]:
+    """Time candidate fixes on this ledger (an index is created and dropped again)."""
+    conn = sqlite3.connect(str(path))
+
+    def t(sql: str, args: tuple[Any, ...] = ()) -> tuple[float, str]:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            conn.execute(sql, args).fetchall()
+            times.append(time.perf_counter() - t0)
+        plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+        return median(times), plan
+
+    out = []
+    summary = ("SELECT campaign, step, status, count(*) AS n, min(next_attempt) AS next_attempt"
+               " FROM deliveries GROUP BY campaign, step, status")
+    out.append(("summary as today", *t(summary)))
+    a, pa = t("SELECT campaign, step, status, count(*) FROM deliveries GROUP BY campaign, step, status")
+    b, pb = t("SELECT campaign, step, min(next_attempt) FROM deliveries WHERE status='deferred'"
+              " GROUP BY campaign, step")
+    out.append(("summary split: counts + deferred min()", a + b, f"{pa} ; {pb}"))
+    conn.execute("CREATE INDEX IF NOT EXISTS whatif_cover ON deliveries"
+                 " (campaign, step, status, next_attempt)")
+    out.append(("summary, index (campaign,step,status,next_attempt)", *t(summary)))
+    conn.execute("DROP INDEX whatif_cover")
+    out.append(("log failed: SELECT * + ORDER BY id", *t(
+        "SELECT * FROM deliveries WHERE status=? ORDER BY id", ("failed",))))
+    out.append(("log failed: only the 8 shown columns", *t(
+        "SELECT id, step, email, status, attempts, updated, smtp_code, smtp_text, reason"
+        " FROM deliveries WHERE status=? ORDER BY id", ("failed",))))
+    conn.close()
+    for mod in ("click", "rich.console", "rich.table", "mailer.ledger", "mailer.config", "mailer.cli"):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            subprocess.run([PYTHON, "-c", f"import {mod}"], check=True)
+            times.append(time.perf_counter() - t0)
+        out.append((f"python -c 'import {mod}'", median(times), "start-up + import"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--db", type=Path, default=Path(tempfile.gettempdir()) / "mailer-big-ledger.db",
+                    help="where the ledger is built (kept between runs; default in the temp dir)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild even if the file has --rows rows")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--what-if", action="store_true",
+                    help="also time candidate fixes (other queries, an extra index, imports)")
+    args = ap.parse_args(argv)
+
+    built = None
+    if args.rebuild or not _has_rows(args.db, args.rows):
+        built = build(args.db, args.rows)
+    res = measure(args.db, args.repeat)
+    size = sum(os.path.getsize(p) for p in (str(args.db), str(args.db) + "-wal") if os.path.exists(p))
+    whatif = what_if(args.db, args.repeat) if args.what_if else None
+    if args.json:
+        print(json.dumps({"rows": args.rows, "db": str(args.db), "bytes": size, "build_seconds": built,
+                          "results": res, "what_if": whatif}, indent=2))
+        return 0
+    print(f"ledger {args.db}: {args.rows:,} deliveries, {res['_attempts']:,} attempts, "
+          f"{size / 1e6:.0f} MB" + (f", built in {built:.1f} s" if built is not None else " (reused)"))
+    counts = sorted(res["_counts"].items(), key=lambda kv: -kv[1])
+    print("statuses: " + ", ".join(f"{k} {v:,}" for k, v in counts))
+    print()
+    print(f"{'what':<38} {'median s':>9}  {'runs':<24} target < {TARGET} s")
+    for label, r in res.items():
+        if label.startswith("_"):
+            continue
+        verdict = "" if "version" in label else ("OK" if r["median"] < TARGET else "MISSED")
+        runs = " ".join(f"{t:.3f}" for t in r["seconds"])
+        if "rows" in r:
+            extra = f"({r['rows']:,} rows)"
+        else:
+            extra = f"({r['output_lines']:,} lines out)" if r["output_lines"] > 2 else ""
+        print(f"{label:<38} {r['median']:>9.3f}  {runs:<24} {verdict} {extra}")
+    print()
+    for label, plan in res["_plans"].items():
+        print(f"EXPLAIN QUERY PLAN ({label}): " + " | ".join(plan))
+    if whatif:
+        print()
+        print("what if (candidate fixes, median seconds):")
+        for label, secs, plan in whatif:
+            print(f"  {label:<52} {secs:7.3f}  {plan}")
+    return 0
+
+
+def _has_rows(path: Path, n: int) -> bool:
+    if not path.exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT max(id) FROM deliveries").fetchone()[0] == n
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
