@@ -11,8 +11,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import sqlite_utils
-
 from .errors import LedgerError, LockedError
 from .responses import Responses
 from .times import iso, parse_iso
@@ -202,7 +200,8 @@ class Ledger(Responses):
                 raise LedgerError(f"{target}: cannot open the ledger: {exc}") from None
         conn.isolation_level = None  # autocommit; we open transactions explicitly
         self.conn = conn
-        self.db = sqlite_utils.Database(conn, tracer=tracer)
+        self._tracer = tracer
+        self._db: Any = None
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -210,6 +209,16 @@ class Ledger(Responses):
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{target}: not a mailer ledger or damaged: {exc}") from None
+
+    @property
+    def db(self) -> Any:
+        """A :class:`sqlite_utils.Database` on the same connection, for ad-hoc queries and
+        exports (imported on first use: `mailer status` should start fast)."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn, tracer=self._tracer)
+        return self._db
 
     # -- schema ---------------------------------------------------------------------------
 
