@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from .errors import LedgerError, LockedError
-from .responses import Responses
+from .responses import Responses, dicts
 from .times import iso, parse_iso
 
 __all__ = [
@@ -390,18 +390,17 @@ class Ledger(Responses):
         sql += " ORDER BY id"
         if limit:
             sql += f" LIMIT {int(limit)}"
-        cur = self.conn.execute(sql, args)
-        cols = [d[0] for d in cur.description]
-        for r in cur:
-            yield dict(zip(cols, r, strict=True))
+        yield from dicts(self.conn.execute(sql, args))
 
     def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
-        cur = self.conn.execute(
-            "SELECT at, outcome, code, text FROM attempts WHERE delivery_id=? ORDER BY id",
-            (delivery_id,),
+        return list(
+            dicts(
+                self.conn.execute(
+                    "SELECT at, outcome, code, text FROM attempts WHERE delivery_id=? ORDER BY id",
+                    (delivery_id,),
+                )
+            )
         )
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur]
 
     # -- writing ----------------------------------------------------------------------------
 

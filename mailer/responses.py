@@ -4,14 +4,21 @@ suppression list, kept in the ledger's SQLite file (a mixin of :class:`mailer.le
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
 from .times import iso
 
-__all__ = ["Responses"]
+__all__ = ["Responses", "dicts"]
+
+
+def dicts(cur: sqlite3.Cursor) -> Iterator[dict[str, Any]]:
+    """The rows of a cursor as dicts keyed by column name."""
+    cols = [d[0] for d in cur.description]
+    for row in cur:
+        yield dict(zip(cols, row, strict=True))
 
 
 class Responses:
@@ -65,9 +72,7 @@ class Responses:
         if campaign:
             sql += " WHERE campaign=?"
             args = (campaign,)
-        cur = self.conn.execute(sql + " GROUP BY campaign, event, partstat", args)
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur]
+        return list(dicts(self.conn.execute(sql + " GROUP BY campaign, event, partstat", args)))
 
     def bounced(self, email: str, message_id: str | None, code: str, text: str, now: datetime) -> int:
         """A hard bounce: the delivery with ``message_id`` (or, without it, the latest sent one
@@ -106,6 +111,4 @@ class Responses:
         )
 
     def suppressions(self) -> list[dict[str, Any]]:
-        cur = self.conn.execute("SELECT email, reason, at FROM suppressions ORDER BY email")
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur]
+        return list(dicts(self.conn.execute("SELECT email, reason, at FROM suppressions ORDER BY email")))
