@@ -104,19 +104,34 @@ def check(config_path: Path) -> None:
     counts: dict[str, int] = {}
     template_broken = {p.where.split(":")[0] for p in ws.errors}
     seen: set[str] = set()
-    for step in c.steps:
-        audience = ws.audience(step)
-        counts[step.id] = len(audience)
-        if any(step.template in w for w in template_broken):
-            continue
-        for contact in audience:
-            try:
-                composer.compose(step, c.event(step.event), contact, when=step.at)
-            except MailerError as exc:
-                for line in str(exc).splitlines():
-                    if line not in seen:  # one report per distinct template problem
-                        seen.add(line)
-                        problems.append(Problem(contact.source, f"step {step.id}: {line}"))
+    audiences = {step.id: ws.audience(step) for step in c.steps}
+    total = sum(len(a) for a in audiences.values())
+    # Rendering every mail of a large campaign takes a while: show how far it is (on a terminal).
+    with Progress(
+        TextColumn("rendering every mail"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=total < 2000 or not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("render", total=total)
+        for step in c.steps:
+            audience = audiences[step.id]
+            counts[step.id] = len(audience)
+            if any(step.template in w for w in template_broken):
+                bar.advance(task, len(audience))
+                continue
+            for contact in audience:
+                try:
+                    composer.compose(step, c.event(step.event), contact, when=step.at)
+                except MailerError as exc:
+                    for line in str(exc).splitlines():
+                        if line not in seen:  # one report per distinct template problem
+                            seen.add(line)
+                            problems.append(Problem(contact.source, f"step {step.id}: {line}"))
+                bar.advance(task)
 
     out.print(f"[bold]{c.name}[/bold] ({c.id}), time zone {c.timezone.key}, language {c.language}")
     out.print(f"From {c.sender.name} <{c.sender.address}>, organizer {c.sender.organizer}", markup=False)
