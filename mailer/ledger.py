@@ -123,6 +123,16 @@ CREATE TABLE IF NOT EXISTS steps_started (
 """
 
 
+def _filters(**columns: str | None) -> tuple[str, list[str]]:
+    """``col=?`` clauses joined by AND for the columns given a value (``1=1`` for none).
+
+    >>> _filters(status="failed", step=None)
+    ('status=?', ['failed'])
+    """
+    given = {k: v for k, v in columns.items() if v is not None}
+    return " AND ".join(f"{k}=?" for k in given) or "1=1", list(given.values())
+
+
 class Outcome(NamedTuple):
     """One SMTP attempt's result for :meth:`Ledger.outcomes`."""
 
@@ -324,16 +334,6 @@ class Ledger(Responses):
             for s, a in self.conn.execute("SELECT step, at FROM steps_started WHERE campaign=?", (campaign,))
         }
 
-    def count(self, campaign: str | None = None, status: str | None = None) -> int:
-        sql, args = "SELECT count(*) FROM deliveries WHERE 1=1", []
-        if campaign:
-            sql += " AND campaign=?"
-            args.append(campaign)
-        if status:
-            sql += " AND status=?"
-            args.append(status)
-        return int(self.conn.execute(sql, args).fetchone()[0])
-
     def summary(self, campaign: str | None = None) -> list[dict[str, Any]]:
         """Counts per (campaign, step, status), plus the earliest pending retry."""
         # Two queries, each answered from an index alone: the counts from
@@ -373,21 +373,9 @@ class Ledger(Responses):
         step: str | None = None,
         limit: int | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Delivery rows matching the filters, oldest update first."""
-        clauses, args = [], []
-        for col, val in (
-            ("campaign", campaign),
-            ("status", status),
-            ("email", email),
-            ("step", step),
-        ):
-            if val is not None:
-                clauses.append(f"{col}=?")
-                args.append(val)
-        sql = "SELECT * FROM deliveries"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY id"
+        """Delivery rows matching the filters, in the order they were created."""
+        where, args = _filters(campaign=campaign, status=status, email=email, step=step)
+        sql = f"SELECT * FROM deliveries WHERE {where} ORDER BY id"
         if limit:
             sql += f" LIMIT {int(limit)}"
         yield from dicts(self.conn.execute(sql, args))
@@ -568,16 +556,10 @@ class Ledger(Responses):
 
     def retry(self, campaign: str | None, step: str | None, now: datetime) -> int:
         """Failed rows become pending again (``mailer retry``). Returns how many."""
-        sql = "UPDATE deliveries SET status='pending', next_attempt=NULL, updated=? WHERE status='failed'"
-        args: list[Any] = [iso(now)]
-        if campaign:
-            sql += " AND campaign=?"
-            args.append(campaign)
-        if step:
-            sql += " AND step=?"
-            args.append(step)
+        where, args = _filters(status="failed", campaign=campaign, step=step)
+        sql = f"UPDATE deliveries SET status='pending', next_attempt=NULL, updated=? WHERE {where}"
         with self.transaction() as c:
-            return c.execute(sql, args).rowcount
+            return c.execute(sql, [iso(now), *args]).rowcount
 
     # -- event revisions (updates and cancellations) -------------------------------------------
 
