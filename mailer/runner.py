@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from . import planner
 from .compose import Composer, compose_batch, init_worker
@@ -327,7 +327,3 @@ async def run_pass(
             ledger.release(list(in_flight), clock())
             result.stopped = True
     return result
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
