@@ -141,23 +141,20 @@ class Daemon:
     async def watch(self) -> None:
         """Reload when schedules.yaml, a contact file or a template changes. An invalid edit
         is logged with its problems and the running campaign goes on unchanged."""
+        # A few stat() calls every WATCH_SECONDS; the campaign (all contact files) is read
+        # again only when one of its files changed.
+        current = _snapshot(self.ws)
+        if current == self._files:
+            return
+        self._files = current
         try:
             ws = load_workspace(self.config_path)
         except ConfigError as exc:
-            current = _snapshot(self.ws)
-            current[self.config_path.absolute()] = (
-                self.config_path.stat().st_mtime_ns if self.config_path.exists() else -1
-            )
-            if current != self._files:
-                self._files = current
-                log.error("reload refused, schedules.yaml is invalid; still running the previous version:")
-                for p in exc.problems:
-                    log.error("  %s", p)
+            log.error("reload refused, schedules.yaml is invalid; still running the previous version:")
+            for p in exc.problems:
+                log.error("  %s", p)
             return
-        snap = _snapshot(ws)
-        if snap == self._files:
-            return
-        self._files = snap
+        self._files = _snapshot(ws)
         if ws.blocking:
             log.error("reload refused; still running the previous version:")
             for p in ws.blocking:
