@@ -301,11 +301,9 @@ async def run_pass(
         assert stop is not None
         await stop.wait()
         while not queue.empty():
-            if queue.get_nowait() is None:
-                queue.put_nowait(None)
-                break
-        for _ in range(settings.connections):
-            queue.put_nowait(None) if not queue.full() else None
+            queue.get_nowait()
+        for _ in range(settings.connections):  # the queue holds 4 per connection: room enough
+            queue.put_nowait(None)
 
     producer = asyncio.create_task(produce())
     watcher = asyncio.create_task(drain_on_stop()) if stop is not None else None
