@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from datetime import UTC, datetime
@@ -10,8 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from . import __version__
 from .clikit import (
@@ -21,14 +18,18 @@ from .clikit import (
     handle_errors,
     out,
     print_problems,
+    progress_bar,
+    table,
     when,
 )
-from .config import Campaign
 from .errors import MailerError, Problem
-from .ledger import Ledger
 from .records import dashboard, export, inbox, log, retry, status, suppress
 
-if TYPE_CHECKING:  # the sending machinery loads only for the commands that send or render
+if TYPE_CHECKING:
+    # Each command imports what it needs when it runs: `mailer status` or `mailer log` on a
+    # big ledger should not pay for pydantic, asyncio, Jinja2 or the SMTP client up front.
+    from .config import Campaign
+    from .ledger import Ledger
     from .runner import PassResult
     from .transport import TransportSettings
     from .workspace import Workspace
@@ -107,15 +108,7 @@ def check(config_path: Path) -> None:
     audiences = {step.id: ws.audience(step) for step in c.steps}
     total = sum(len(a) for a in audiences.values())
     # Rendering every mail of a large campaign takes a while: show how far it is (on a terminal).
-    with Progress(
-        TextColumn("rendering every mail"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=total < 2000 or not err.is_terminal,
-    ) as bar:
+    with progress_bar("rendering every mail", disable=total < 2000) as bar:
         task = bar.add_task("render", total=total)
         for step in c.steps:
             audience = audiences[step.id]
@@ -135,9 +128,7 @@ def check(config_path: Path) -> None:
 
     out.print(f"[bold]{c.name}[/bold] ({c.id}), time zone {c.timezone.key}, language {c.language}")
     out.print(f"From {c.sender.name} <{c.sender.address}>, organizer {c.sender.organizer}", markup=False)
-    events = Table(title="Events", title_justify="left")
-    for col in ("id", "when", "where", "status"):
-        events.add_column(col)
+    events = table("Events", ("id", "when", "where", "status"))
     for e in c.events:
         if e.all_day:
             days = f"{e.start:%a %Y-%m-%d}" + (
@@ -148,9 +139,7 @@ def check(config_path: Path) -> None:
             span = f"{e.start:%a %Y-%m-%d %H:%M}-{e.end:%H:%M} {e.start.tzname()}"
         events.add_row(e.id, span, e.location or "(no location)", e.status)
     out.print(events)
-    steps = Table(title="Steps", title_justify="left")
-    for col in ("step", "event", "kind", "sends at", "rule", "recipients", "ics"):
-        steps.add_column(col)
+    steps = table("Steps", ("step", "event", "kind", "sends at", "rule", "recipients", "ics"))
     for s in c.steps:
         steps.add_row(
             s.id,
@@ -225,6 +214,7 @@ def _pending_changes(c: Campaign) -> None:
     import json
 
     from . import planner
+    from .ledger import Ledger
 
     with Ledger(c.ledger) as ledger:
         recorded = ledger.revisions(c.id)
@@ -276,6 +266,7 @@ def send(
     c = ws.campaign
     _known_steps(c, step_ids)
     now = _parse_now(now_text, c)
+    from .ledger import Ledger
     from .transport import TransportSettings
 
     settings = TransportSettings.from_config(c.smtp, os.environ)
@@ -295,17 +286,11 @@ def _send_with_progress(
     steps: tuple[str, ...] | None,
     dry_run: bool,
 ) -> PassResult:
+    import asyncio
+
     from .runner import run_pass, virtual_clock
 
-    with Progress(
-        TextColumn("sending"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=dry_run or not err.is_terminal,
-    ) as bar:
+    with progress_bar("sending", disable=dry_run) as bar:
         task = bar.add_task("send", total=None)
 
         def progress(done: int, total: int) -> None:
@@ -331,14 +316,13 @@ def _send_with_progress(
 def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
     local = result.now.astimezone(c.timezone)
     if dry_run and result.plan is not None:
-        table = Table(title=f"Due at {when(local)} (dry run: nothing sent or recorded)", title_justify="left")
-        for col in ("step", "recipient", "note"):
-            table.add_column(col)
+        title = f"Due at {when(local)} (dry run: nothing sent or recorded)"
+        due = table(title, ("step", "recipient", "note"))
         for d in result.plan.due:
-            table.add_row(d.step.id, d.contact.email, "re-send (was sending)" if d.resend else "")
+            due.add_row(d.step.id, d.contact.email, "re-send (was sending)" if d.resend else "")
         for s in result.plan.skips:
-            table.add_row(s.step.id, s.email, f"{s.status}: {s.reason}")
-        out.print(table)
+            due.add_row(s.step.id, s.email, f"{s.status}: {s.reason}")
+        out.print(due)
     parts = [
         f"{k} {result.counts[k]}"
         for k in ("sent", "deferred", "failed", "skipped", "suppressed", "resent")

@@ -6,13 +6,17 @@ import functools
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
 from .errors import ConfigError, MailerError, Problem
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from rich.table import Table
 
 __all__ = [
     "Failed",
@@ -23,6 +27,8 @@ __all__ = [
     "ledger_path",
     "out",
     "print_problems",
+    "progress_bar",
+    "table",
     "when",
 ]
 
@@ -108,3 +114,28 @@ def ledger_path(db_path: Path | None, config_path: Path) -> Path:
 
 def when(dt: datetime) -> str:
     return f"{dt:%a %Y-%m-%d %H:%M} {dt.tzname()}"
+
+
+def table(title: str | None = None, columns: tuple[str, ...] = (), **kwargs: Any) -> Table:
+    """A rich Table with these columns, titled on the left (rich.table loads on first use)."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", **kwargs)
+    for col in columns:
+        t.add_column(col)
+    return t
+
+
+def progress_bar(label: str, *, disable: bool = False) -> Progress:
+    """A progress bar on stderr, shown only on a terminal and gone when done."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=disable or not err.is_terminal,
+    )

@@ -314,3 +314,40 @@ def test_send_refuses_when_a_contact_file_is_unusable(
     )
     assert code == 1 and "Nothing was sent" in text
     assert not (tmp_path / "mailer.db").exists() or "sent" not in text
+
+
+def test_log_beyond_a_screenful_is_tab_separated_and_complete(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from mailer.ledger import Ledger
+
+    db = tmp_path / "ledger.db"
+    now = datetime(2018, 1, 4, 9, tzinfo=UTC)
+    with Ledger(db) as led:
+        items = [("invite", "ev", f"p{i:04d}@example.org", f"P {i}", now) for i in range(700)]
+        led.record("camp", items[:650], status="failed", reason="address\trejected\nby policy", now=now)
+        led.record("camp", items[650:], status="skipped", reason="unsubscribed", now=now)
+    r = CliRunner().invoke(cli, ["log", "--db", str(db), "--status", "failed"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split("\t") == ["step", "email", "status", "tries", "updated (UTC)", "reply / reason"]
+    assert len(lines) == 651
+    rows = [ln.split("\t") for ln in lines[1:]]
+    assert all(len(row) == 6 for row in rows)  # tabs and line breaks in the data are flattened
+    assert [row[1] for row in rows] == [f"p{i:04d}@example.org" for i in range(650)]
+    assert {row[2] for row in rows} == {"failed"} and rows[0][5] == "address rejected by policy"
+
+
+def test_record_commands_start_without_the_sending_machinery() -> None:
+    """`mailer status` / `mailer log` must start fast: no pydantic, asyncio, Jinja2 or SMTP
+    client is imported before a command needs it (they cost ~0.3 s on every start)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, mailer.cli; "
+        "print(' '.join(m for m in ('pydantic', 'asyncio', 'jinja2', 'aiosmtplib', 'email_validator',"
+        " 'rich.progress', 'sqlite_utils') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == ""
