@@ -15,7 +15,10 @@ pipeline   `mailer send`'s pass: load_workspace, Ledger, run_pass (plan, render,
            claim, SMTP over C kept-open connections, record each outcome). The rate counts
            run_pass only; "e2e" adds loading the workspace (CSV, templates).
 ceiling    aiosmtplib alone sending the N real messages, composed before the clock starts,
-           over the same C kept-open connections.
+           over the same C kept-open connections, with SMTP.sendmail (the issue's ceiling).
+transport  the same pre-built messages through mailer.transport.Transport (which writes the
+           prepared bytes itself instead of calling sendmail): what is left of the pipeline
+           when planning, composing and the ledger cost nothing.
 naive      EmailMessage (policy.default) with set_content/add_alternative/add_attachment,
            an icalendar.Calendar per mail, one new SMTP connection per mail (aiosmtplib.send),
            C workers at once, on min(N, --naive-max) mails.
@@ -111,7 +114,7 @@ def child_pipeline(folder: Path, port: int, connections: int, profile_out: str |
     else:
         result = asyncio.run(coro)
     t2, c2 = time.perf_counter(), _cpu()
-    sent = ledger.count(status="sent")
+    sent = ledger.conn.execute("SELECT count(*) FROM deliveries WHERE status = 'sent'").fetchone()[0]
     ledger.close()
     size = sum(f.stat().st_size for f in folder.glob("ledger.db*") if not f.name.endswith(".lock"))
     return {
@@ -226,6 +229,33 @@ def child_ceiling(folder: Path, port: int, connections: int) -> dict[str, Any]:
     t3, c3 = time.perf_counter(), _cpu()
     return {"seconds": t3 - t2, "cpu_seconds": c3 - c2, "prebuild_seconds": t1 - t0, "sent": sent[0],
             "avg_bytes": avg, "peak_rss_mb": _rss_mb()}
+
+
+def child_transport(folder: Path, port: int, connections: int) -> dict[str, Any]:
+    from mailer.transport import Outgoing, Result, Transport, TransportSettings
+
+    t0 = time.perf_counter()
+    sender, msgs = _compose_all(folder)
+    t1 = time.perf_counter()
+    settings = TransportSettings(host=HOST, port=port, tls="none", connections=connections, timeout=60)
+    outcomes: dict[str, int] = {}
+
+    def on_result(job: Outgoing, result: Result) -> None:
+        outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
+
+    async def run() -> None:
+        queue: asyncio.Queue[Outgoing | None] = asyncio.Queue()
+        for i, (rcpt, data) in enumerate(msgs):
+            queue.put_nowait(Outgoing(i, sender, rcpt, data))
+        for _ in range(connections):
+            queue.put_nowait(None)
+        await Transport(settings).run(queue, on_result)
+
+    t2, c2 = time.perf_counter(), _cpu()
+    asyncio.run(run())
+    t3, c3 = time.perf_counter(), _cpu()
+    return {"seconds": t3 - t2, "cpu_seconds": c3 - c2, "prebuild_seconds": t1 - t0,
+            "sent": outcomes.get("sent", 0), "outcomes": outcomes, "peak_rss_mb": _rss_mb()}
 
 
 def child_naive(folder: Path, port: int, connections: int, n: int) -> dict[str, Any]:
@@ -356,7 +386,8 @@ def measure(n: int, args: argparse.Namespace, sink: Sink, work: Path, log: Any) 
     c = str(args.connections)
     port = str(sink.port)
     naive_n = min(n, args.naive_max)
-    runs: dict[str, list[dict[str, Any]]] = {"pipeline": [], "ceiling": [], "naive": [], "smtp_source": []}
+    runs: dict[str, list[dict[str, Any]]] = {
+        "pipeline": [], "ceiling": [], "transport": [], "naive": [], "smtp_source": []}
     for r in range(args.repeat):
         _note_load()
         log(f"N={n} run {r + 1}/{args.repeat}: pipeline")
@@ -367,6 +398,11 @@ def measure(n: int, args: argparse.Namespace, sink: Sink, work: Path, log: Any) 
         log(f"N={n} run {r + 1}/{args.repeat}: ceiling")
         ce = _child("ceiling", str(folder), port, c)
         runs["ceiling"].append(ce)
+        log(f"N={n} run {r + 1}/{args.repeat}: transport")
+        tr = _child("transport", str(folder), port, c)
+        if tr["sent"] != n:
+            raise RuntimeError(f"transport sent {tr['sent']} of {n}: {tr['outcomes']}")
+        runs["transport"].append(tr)
         if not args.no_naive:
             log(f"N={n} run {r + 1}/{args.repeat}: naive ({naive_n} mails)")
             runs["naive"].append(_child("naive", str(folder), port, c, str(naive_n)))
@@ -397,6 +433,7 @@ def measure(n: int, args: argparse.Namespace, sink: Sink, work: Path, log: Any) 
         "n": n,
         "pipeline": summary("pipeline", n),
         "ceiling": summary("ceiling", n),
+        "transport": summary("transport", n),
         "naive": summary("naive", naive_n),
         "smtp_source": summary("smtp_source", n),
     }
@@ -404,6 +441,7 @@ def measure(n: int, args: argparse.Namespace, sink: Sink, work: Path, log: Any) 
     pl["e2e_rate"] = n / (pl["seconds_median"] + pl["load_seconds"])
     pl["rss_max_mb"] = max(x["peak_rss_mb"] for x in runs["pipeline"])
     res["pipeline_over_ceiling"] = pl["rate"] / res["ceiling"]["rate"]
+    res["pipeline_over_transport"] = pl["rate"] / res["transport"]["rate"]
     res["pipeline_over_naive"] = pl["rate"] / res["naive"]["rate"] if res["naive"] else None
     res["pipeline_over_smtp_source"] = pl["rate"] / res["smtp_source"]["rate"] if res["smtp_source"] else None
     return res
@@ -428,7 +466,7 @@ def _fmt_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
     for r in results:
         n = r["n"]
-        p, ce, nv, ss = r["pipeline"], r["ceiling"], r["naive"], r["smtp_source"]
+        p, ce, tr, nv, ss = r["pipeline"], r["ceiling"], r["transport"], r["naive"], r["smtp_source"]
         lines.append(row(
             str(n), "pipeline (run_pass, as mailer send)", p,
             f"peak RSS {p['rss_max_mb']:.0f} MB, ledger {p['ledger_bytes'] / 1e6:.1f} MB, "
@@ -437,6 +475,7 @@ def _fmt_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "", "ceiling (aiosmtplib, pre-built)", ce,
             f"avg message {ce['avg_bytes'] / 1024:.1f} KiB, composed beforehand in "
             f"{ce['prebuild_seconds']:.1f} s"))
+        lines.append(row("", "transport (mailer's, pre-built)", tr, "prepared bytes, no sendmail()"))
         if nv:
             lines.append(row("", f"naive (EmailMessage, n={nv['n']})", nv, "one SMTP connection per mail"))
         if ss:
@@ -452,6 +491,8 @@ def _fmt_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if r["pipeline_over_smtp_source"] is not None:
             ratio += f"; pipeline/smtp-source {r['pipeline_over_smtp_source']:.0%}"
         lines.append(ratio)
+        lines.append(f"{'':>7}  pipeline/transport {r['pipeline_over_transport']:.0%} (what planning, "
+                     "composing and the ledger leave of mailer's own transport)")
         if n >= 100_000:
             lines.append(f"{'':>7}  peak RSS {p['rss_max_mb']:.0f} MB (target < {TARGET_RSS_MB:.0f} MB: "
                          f"{ok(p['rss_max_mb'] < TARGET_RSS_MB)})")
@@ -567,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
             out = child_pipeline(Path(rest[0]), int(rest[1]), int(rest[2]), None, stages=True)
         elif role == "ceiling":
             out = child_ceiling(Path(rest[0]), int(rest[1]), int(rest[2]))
+        elif role == "transport":
+            out = child_transport(Path(rest[0]), int(rest[1]), int(rest[2]))
         elif role == "naive":
             out = child_naive(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))
         else:
