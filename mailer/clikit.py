@@ -102,14 +102,12 @@ def db_option(fn: F) -> F:
 
 
 def ledger_path(db_path: Path | None, config_path: Path) -> Path:
+    """``--db``, else the ``ledger:`` of the campaign file, else ``mailer.db``."""
     if db_path is not None:
         return db_path
-    try:
-        from .config import load
+    from .yamlsource import ledger_setting
 
-        return load(config_path).ledger
-    except ConfigError:
-        return Path("mailer.db")
+    return ledger_setting(config_path) or Path("mailer.db")
 
 
 def when(dt: datetime) -> str:

@@ -40,14 +40,15 @@ TABLE_ROWS = 500
 @handle_errors
 def status(config_path: Path, db_path: Path | None) -> None:
     """Per campaign and step: sent, deferred, failed, skipped, suppressed, pending, next send time."""
-    campaign: Campaign | None
-    try:
-        from .config import load
+    campaign: Campaign | None = None
+    if config_path.exists():  # else the ledger alone (and no pydantic to import)
+        try:
+            from .config import load
 
-        campaign = load(config_path)
-    except ConfigError:
-        campaign = None
-    path = db_path or (campaign.ledger if campaign else Path("mailer.db"))
+            campaign = load(config_path)
+        except ConfigError:
+            pass
+    path = db_path or (campaign.ledger if campaign else ledger_path(None, config_path))
     if not path.exists():
         raise MailerError(f"{path}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
     with Ledger(path) as ledger:
@@ -122,7 +123,9 @@ def log(
             email = email.strip()
     cols = ("step", "email", "status", "tries", "updated (UTC)", "reply / reason")
     with Ledger(path) as ledger:
-        rows = ledger.log(status=status_, email=email, step=step, limit=limit)
+        rows = ledger.log(
+            status=status_, email=email, step=step, limit=limit, columns=_LOG_COLUMNS
+        )
         lines = _log_lines(ledger, rows, show_attempts)
         first = list(itertools.islice(lines, TABLE_ROWS + 1))
         if out.is_terminal and len(first) <= TABLE_ROWS:
@@ -140,6 +143,9 @@ def log(
         write("\t".join(cols) + "\n")
         for ln in itertools.chain(first, lines):
             write("\t".join(x.replace("\t", " ").replace("\n", " ") for x in ln) + "\n")
+
+
+_LOG_COLUMNS = ("id", "step", "email", "status", "attempts", "updated", "smtp_code", "smtp_text", "reason")
 
 
 def _log_lines(
@@ -177,20 +183,10 @@ def export(config_path: Path, db_path: Path | None, status_: str, step: str | No
     n = 0
     with Ledger(path) as ledger, output.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated"])
-        for r in ledger.log(status=status_, step=step):
-            w.writerow(
-                [
-                    r["email"],
-                    r["name"],
-                    r["step"],
-                    r["status"],
-                    r["smtp_code"] or "",
-                    r["smtp_text"] or "",
-                    r["reason"] or "",
-                    r["updated"],
-                ]
-            )
+        cols = ("email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated")
+        w.writerow(cols)
+        for r in ledger.log(status=status_, step=step, columns=cols):
+            w.writerow(["" if r[c] is None else r[c] for c in cols])
             n += 1
     out.print(f"Wrote {n} row(s) to {output}.", markup=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -70,3 +71,22 @@ def line_for(lines: dict[YamlPath, int], loc: YamlPath) -> int | None:
             return lines[loc]
         loc = loc[:-1]
     return lines.get(())
+
+
+def ledger_setting(config_path: Path) -> Path | None:
+    """The ledger file a campaign file names (``ledger:``, relative to its folder; default
+    ``mailer.db`` there), read without validating the rest of the file, or None when the file
+    cannot be read as YAML.
+
+    The record commands (log, export, retry, suppress) need only this, so they start without
+    loading the validation machinery, and still work while schedules.yaml has an unrelated error.
+    ``mailer.config.load`` resolves the same path for a valid file (tests/test_config.py).
+    """
+    try:
+        data = yaml.load(config_path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    value = data.get("ledger", "mailer.db") if isinstance(data, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return (config_path.parent / value).resolve()

@@ -203,3 +203,28 @@ def test_durations() -> None:
     assert config.parse_duration("1w 2d 3h 4m") == timedelta(weeks=1, days=2, hours=3, minutes=4)
     with pytest.raises(ValueError):
         config.parse_duration("soon")
+
+
+@pytest.mark.parametrize("ledger_line", ["", "ledger: data/ledger.db\n", "ledger: /srv/mailer/x.db\n"])
+def test_ledger_setting_is_the_path_load_resolves(
+    ledger_line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record commands read `ledger:` without validating the file; it must be the same path."""
+    from mailer.yamlsource import ledger_setting
+
+    (tmp_path / "c.csv").write_text("email\nx@example.org\n", encoding="utf-8")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "schedules.yaml").write_text(BASE + ledger_line, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for path in (Path("schedules.yaml"), tmp_path / "schedules.yaml"):
+        assert ledger_setting(path) == config.load(path).ledger
+    assert ledger_setting(ROOT / "schedules.yaml") == config.load(ROOT / "schedules.yaml").ledger
+    # an unrelated mistake does not hide the ledger from `mailer log`
+    (tmp_path / "schedules.yaml").write_text(BASE.replace("Europe/Brussels", "Mars/Base") + ledger_line)
+    with pytest.raises(ConfigError):
+        config.load(tmp_path / "schedules.yaml")
+    expected = (tmp_path / (ledger_line.split(": ")[1].strip() if ledger_line else "mailer.db")).resolve()
+    assert ledger_setting(tmp_path / "schedules.yaml") == expected
+    (tmp_path / "schedules.yaml").write_text("campaign: [unclosed\n")
+    assert ledger_setting(tmp_path / "schedules.yaml") is None
+    assert ledger_setting(tmp_path / "missing.yaml") is None
