@@ -129,9 +129,10 @@ CREATE TABLE IF NOT EXISTS steps_started (
 #: stay (readers skip those). The triggers fire for every INSERT, UPDATE (an upsert's DO
 #: UPDATE too) and DELETE on deliveries, from any connection; a REPLACE that deletes a row
 #: fires the DELETE trigger only with ``PRAGMA recursive_triggers`` on (the Ledger turns it
-#: on; mailer itself never REPLACEs a delivery). Also drops an index that early version-1
-#: files still carry (the schema lost it in 6cda7d8; IF NOT EXISTS never removed it): every
-#: status change updated it for nothing.
+#: on; mailer itself never REPLACEs a delivery). Also drops two indexes that cost every
+#: status change or attempt a B-tree write for nothing: one that early version-1 files still
+#: carry (the schema lost it in 6cda7d8; IF NOT EXISTS never removed it), and attempts (at),
+#: which no query uses (attempts are read per delivery).
 _SCHEMA_V2 = """
 CREATE TABLE delivery_counts (
     campaign TEXT NOT NULL,
@@ -159,6 +160,7 @@ END;
 INSERT INTO delivery_counts (campaign, step, status, n)
     SELECT campaign, step, status, count(*) FROM deliveries GROUP BY 1, 2, 3;
 DROP INDEX IF EXISTS deliveries_status_only;
+DROP INDEX IF EXISTS attempts_by_time;
 """
 
 #: ``{version: the SQL that brings version - 1 to it}``: a new file runs them all, in order.

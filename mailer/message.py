@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 from datetime import datetime
@@ -54,9 +55,14 @@ def message_id(campaign_id: str, step_id: str, email: str, domain: str) -> str:
     """
     digest = hashlib.sha256("\0".join((campaign_id, step_id, email)).encode("utf-8")).digest()
     token = base64.b32encode(digest).decode("ascii")[:26].lower()
+    return f"<{token}{_id_right(campaign_id, domain)}>"
+
+
+@functools.lru_cache(maxsize=64)
+def _id_right(campaign_id: str, domain: str) -> str:
+    """``.campaign@domain``: the part of a Message-ID that is the same for a whole campaign."""
     label = ".".join(p for p in _NOT_ATEXT.sub("-", campaign_id).split(".") if p)
-    left = f"{token}.{label}" if label else token
-    return f"<{left}@{_ascii_domain(domain)}>"
+    return f"{'.' + label if label else ''}@{_ascii_domain(domain)}"
 
 
 # --------------------------------------------------------------------------------------
@@ -162,7 +168,9 @@ def _uri(uri: str) -> str:
 
 def _qp(text: str) -> bytes:
     """Quoted-printable (RFC 2045 6.7) UTF-8 with CRLF hard and soft line breaks."""
-    data = _CRLF_RE.sub("\r\n", text).encode("utf-8")
+    # str.replace when there is no CR to fold: a tenth of the regular expression's cost
+    text = text.replace("\n", "\r\n") if "\r" not in text else _CRLF_RE.sub("\r\n", text)
+    data = text.encode("utf-8")
     # b2a_qp keeps CRLF input but writes soft breaks as "=\n" when it saw no CRLF first.
     return binascii.b2a_qp(data, istext=True).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 

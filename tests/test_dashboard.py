@@ -433,7 +433,12 @@ def test_metadata() -> None:
     meta = build_metadata("America/New_York")
     assert meta["title"] == "mailer delivery log"
     db = meta["databases"][DATABASE]
-    assert {t for t, v in db["tables"].items() if v.get("hidden")} == {"meta", "steps_started", "inbox"}
+    assert {t for t, v in db["tables"].items() if v.get("hidden")} == {
+        "meta",
+        "steps_started",
+        "inbox",
+        "delivery_counts",
+    }
     assert {q["title"] for q in db["queries"].values()} >= {
         "Summary per campaign and step",
         "Failed and deferred deliveries with the server's reply",
