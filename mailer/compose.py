@@ -185,15 +185,17 @@ def init_worker(
     )
 
 
-def compose_batch(jobs: list[Job], composer: Composer | None = None) -> list[bytes | str]:
-    """Compose each job: the message bytes, or the error text of a mail that cannot be built.
-    Runs in the worker (``composer`` None) or inline; both give the same bytes."""
+def compose_batch(jobs: list[Job], composer: Composer | None = None) -> list[tuple[bytes, int] | str]:
+    """Compose each job: the DATA payload and size of its message (:func:`message.data_payload`,
+    ready for the transport), or the error text of a mail that cannot be built. Runs in the
+    worker (``composer`` None) or inline; both give the same bytes."""
     comp = composer or _WORKER
     assert comp is not None, "init_worker() was not called"
-    out: list[bytes | str] = []
+    out: list[tuple[bytes, int] | str] = []
     for step, event, contact, when, seq in jobs:
         try:
-            out.append(comp.compose_due(step, event, contact, when=when, sequence=seq).data)
+            composed = comp.compose_due(step, event, contact, when=when, sequence=seq)
+            out.append(message.data_payload(composed.data))
         except MailerError as exc:
             out.append(str(exc))
     return out

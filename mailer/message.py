@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from .config import Campaign
 
-__all__ = ["build", "encoded_words", "message_id"]
+__all__ = ["build", "data_payload", "encoded_words", "message_id"]
 
 # Header injection (checklist 16): every data value loses CR, LF and every other control
 # character (C0, DEL, C1, U+2028/U+2029) before it goes near a header; they become spaces.
@@ -290,3 +290,34 @@ def build(
         alt = _multipart("alternative", alt_boundary, alternatives)
         body = _multipart("mixed", mix_boundary, [alt, attachment])
     return "".join(head).encode("utf-8") + body
+
+
+# --------------------------------------------------------------------------------------
+# On the wire.
+# --------------------------------------------------------------------------------------
+
+#: A lone CR or LF (or a CRLF), as aiosmtplib normalises line endings.
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+def data_payload(message: bytes) -> tuple[bytes, int]:
+    r"""What goes on the wire after DATA, and the size to announce with ``SIZE=`` (RFC 1870).
+
+    Line endings become CRLF (a lone CR or LF is turned into one, as aiosmtplib does), a
+    line starting with "." gets a second one (RFC 5321 4.5.2) and the payload ends with
+    CRLF "." CRLF. ``message.build()`` already writes CRLF only, so the regular expression
+    runs only for other input: counting is ~20x cheaper than aiosmtplib's two passes of
+    regular expressions over every message (mailer.transport sends this payload itself).
+
+    >>> data_payload(b"a\n.b\r\n")
+    (b'a\r\n..b\r\n.\r\n', 7)
+    """
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = _LINE_ENDINGS.sub(b"\r\n", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    size = len(message)
+    if message.startswith(b"."):
+        message = b"." + message
+    return message.replace(b"\r\n.", b"\r\n..") + b".\r\n", size

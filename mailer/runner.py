@@ -29,8 +29,8 @@ WORKER_MIN = 1000
 
 
 async def _zip(
-    ids: list[int], batch: list[Due], fut: asyncio.Future[list[bytes | str]]
-) -> list[tuple[int, Due, bytes | str]]:
+    ids: list[int], batch: list[Due], fut: asyncio.Future[list[tuple[bytes, int] | str]]
+) -> list[tuple[int, Due, tuple[bytes, int] | str]]:
     return list(zip(ids, batch, await fut, strict=True))
 
 
@@ -242,7 +242,7 @@ async def run_pass(
             initargs=(campaign, ledger.revisions(cid), ledger.snapshots(cid), unsubscribe_secret),
         )
 
-    def start(batch: list[Due]) -> asyncio.Future[list[tuple[int, Due, bytes | str]]]:
+    def start(batch: list[Due]) -> asyncio.Future[list[tuple[int, Due, tuple[bytes, int] | str]]]:
         """Claim a batch (committed before any of its DATA), then compose it: in the worker
         process while earlier mails are being sent, or inline for small passes."""
         claims = ledger.claim(
@@ -283,15 +283,16 @@ async def run_pass(
             # Keep one batch composing ahead so the connections never wait for the composer.
             stopping = stop is not None and stop.is_set()
             ahead = start(batches[k + 1]) if k + 1 < len(batches) and not stopping else None
-            for rid, d, data in await current:
+            for rid, d, composed in await current:
                 if stop is not None and stop.is_set():
                     break
-                if isinstance(data, str):
+                if isinstance(composed, str):
                     in_flight.pop(rid)
-                    ledger.failed(rid, None, "", clock(), f"could not build the mail: {data}")
+                    ledger.failed(rid, None, "", clock(), f"could not build the mail: {composed}")
                     result.counts["failed"] += 1
                     continue
-                await queue.put(Outgoing(rid, sender, d.contact.email, data))
+                payload, size = composed
+                await queue.put(Outgoing(rid, sender, d.contact.email, payload, size))
         for _ in range(settings.connections):
             await queue.put(None)
 
