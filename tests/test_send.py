@@ -346,3 +346,22 @@ def test_large_pass_composes_in_a_worker_with_identical_bytes(
         expected = inline.compose_due(step, ws.campaign.event("ev"), c, when=parse_iso(row["claimed_at"]), sequence=0)
         assert by_rcpt[c.email] == expected.data
         check_message(by_rcpt[c.email], expect_method="REQUEST")
+
+
+def test_an_address_beyond_ascii_goes_out_with_smtputf8(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
+    """RFC 6531/6532: a local part in UTF-8 travels with SMTPUTF8 and stays UTF-8 in To:."""
+    people = "email,name,lists\njörg.müller@example.org,Jörg Müller,a\nann@example.org,Ann,a\n"
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=people)
+    code, out = send(cfg, "2018-01-04T10:00", smtp_env)
+    assert code == 0 and "sent 2" in out, out
+    handler = smtp_server.handler
+    assert isinstance(handler, FaultyHandler)
+    got = {r.rcpt_tos[0]: r for r in handler.received}
+    assert set(got) == {"jörg.müller@example.org", "ann@example.org"}
+    # RFC 6532 headers are UTF-8: read them as text (the bytes parser would surrogate-escape them)
+    data = got["jörg.müller@example.org"].data.decode("utf-8")
+    msg = email.message_from_string(data, policy=email.policy.default)
+    assert msg["To"].addresses[0].addr_spec == "jörg.müller@example.org"
+    assert rows(cfg)[("invite", "jörg.müller@example.org")]["status"] == "sent"
