@@ -18,7 +18,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from markupsafe import Markup, escape
 
-from .errors import MailerError
+from .errors import LedgerError, MailerError
+from .ledger import Ledger
+from .responses import CURRENT_REPLY
 
 if TYPE_CHECKING:  # datasette is the optional extra mailer[dashboard]
     from datasette.app import Datasette
@@ -103,19 +105,22 @@ def build_metadata(timezone: str) -> dict[str, Any]:
     _zone(timezone)
     text = resources.files("mailer").joinpath("dashboard_metadata.yaml").read_text("utf-8")
     metadata: dict[str, Any] = _fill(
-        yaml.safe_load(text), {"{timezone}": timezone, "{max_rows}": str(MAX_ROWS)}
+        yaml.safe_load(text),
+        {"{timezone}": timezone, "{max_rows}": str(MAX_ROWS)},
+        # Into SQL go only our own constants, never a value a user typed.
+        {"{current_reply}": CURRENT_REPLY},
     )
     metadata["plugins"] = {_PLUGIN: {"timezone": timezone}}
     return metadata
 
 
-def _fill(node: Any, values: dict[str, str], key: str = "") -> Any:
+def _fill(node: Any, values: dict[str, str], sql_values: dict[str, str], key: str = "") -> Any:
     if isinstance(node, dict):
-        return {k: _fill(v, values, k) for k, v in node.items()}
+        return {k: _fill(v, values, sql_values, k) for k, v in node.items()}
     if isinstance(node, list):
-        return [_fill(v, values) for v in node]
-    if isinstance(node, str) and key != "sql":
-        for placeholder, value in values.items():
+        return [_fill(v, values, sql_values) for v in node]
+    if isinstance(node, str):
+        for placeholder, value in (sql_values if key == "sql" else values).items():
             safe = str(escape(value)) if key.endswith("_html") else value
             node = node.replace(placeholder, safe)
     return node
@@ -150,6 +155,12 @@ def _check_ledger(db: Path) -> None:
         raise MailerError(f"{db}: cannot read the ledger: {exc}") from None
     if not found:
         raise MailerError(f"{db}: not a mailer ledger (no deliveries table)")
+    try:
+        # Bring an older ledger's schema up to date (the queries read what it adds); a current
+        # one costs one read. Datasette itself then reads the file read-only.
+        Ledger(db).close()
+    except LedgerError as exc:
+        raise MailerError(str(exc)) from None
 
 
 # -- the Datasette plugin: hook functions, marked with datasette's hookimpl on first use ------

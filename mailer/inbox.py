@@ -72,6 +72,7 @@ class Finding:
     email: str
     event_id: str | None = None
     partstat: str | None = None
+    sequence: int | None = None  # of a reply: the SEQUENCE (revision) it answers, if given
     status: str = ""
     diagnostic: str = ""
     original_message_id: str | None = None
@@ -145,6 +146,10 @@ def _replies(msg: Message, campaign: Campaign) -> list[Finding]:
 
 def _attendees(ev: Any, event_id: str, msg: Message) -> list[Finding]:
     raw = ev.get("ATTENDEE")
+    try:
+        sequence: int | None = int(str(ev["SEQUENCE"]).strip())
+    except (KeyError, ValueError):
+        sequence = None
     attendees = raw if isinstance(raw, list) else [raw] if raw is not None else []
     found = []
     for att in attendees:
@@ -152,7 +157,7 @@ def _attendees(ev: Any, event_id: str, msg: Message) -> list[Finding]:
         partstat = str(params.get("PARTSTAT", "")).strip().upper()
         addr = normalise_address(str(att))
         if addr and partstat in _PARTSTATS:
-            found.append(Finding("reply", addr, event_id, partstat))
+            found.append(Finding("reply", addr, event_id, partstat, sequence=sequence))
     if len(found) > 1:
         # RFC 5546 3.2.3: a REPLY carries the replying attendee; if a client lists more,
         # trust the one that sent the mail.
@@ -329,7 +334,7 @@ def apply(
     lines = []
     for f in findings:
         if f.kind == "reply" and f.event_id and f.partstat:
-            ledger.record_reply(campaign.id, f.event_id, f.email, f.partstat, now, message_id)
+            ledger.record_reply(campaign.id, f.event_id, f.email, f.partstat, now, message_id, f.sequence)
             lines.append(f"reply: {f.email} {f.partstat.lower()} {f.event_id}")
         elif f.kind == "bounce":
             n = ledger.bounced(f.email, f.original_message_id, f.status, f.diagnostic, now)

@@ -40,7 +40,7 @@ STATUSES: tuple[str, ...] = (
 #: Statuses a row never leaves on its own (``mailer retry`` turns failed back into pending).
 FINAL: frozenset[str] = frozenset({"sent", "failed", "skipped", "suppressed", "bounced"})
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Version 1: the tables and indexes. ``IF NOT EXISTS`` as in the releases before migrations,
 #: which ran it on every open.
@@ -163,8 +163,15 @@ DROP INDEX IF EXISTS deliveries_status_only;
 DROP INDEX IF EXISTS attempts_by_time;
 """
 
+#: Version 3: the SEQUENCE an answer was given for (RFC 5546 2.1.5). A reply to an earlier
+#: revision of the event no longer counts as the attendee's answer once the event changed;
+#: NULL (a client that sent no SEQUENCE) counts for every revision.
+_SCHEMA_V3 = """
+ALTER TABLE replies ADD COLUMN sequence INTEGER;
+"""
+
 #: ``{version: the SQL that brings version - 1 to it}``: a new file runs them all, in order.
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 #: The columns of ``deliveries`` (for checking column names before they go into SQL).

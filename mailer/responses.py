@@ -21,6 +21,17 @@ def dicts(cur: sqlite3.Cursor) -> Iterator[dict[str, Any]]:
         yield dict(zip(cols, row, strict=True))
 
 
+#: SQL condition on ``replies AS r``: the answer was given for the event's current revision
+#: (RFC 5546 2.1.5: SEQUENCE orders the versions of an event). After an update (a new time,
+#: place or title: SEQUENCE + 1) earlier answers no longer count, so a reminder filtered on
+#: ``rsvp`` treats those invitees as not having answered the new version. A reply without
+#: SEQUENCE counts for every revision.
+CURRENT_REPLY = (
+    "(r.sequence IS NULL OR r.sequence >= coalesce((SELECT max(v.sequence) FROM revisions AS v"
+    " WHERE v.campaign = r.campaign AND v.event = r.event), 0))"
+)
+
+
 class Responses:
     """Ledger methods for replies, bounces, the inbox and suppressions."""
 
@@ -52,25 +63,36 @@ class Responses:
         partstat: str,
         now: datetime,
         message_id: str | None,
+        sequence: int | None = None,
     ) -> None:
-        """Store an attendee's answer (ACCEPTED, DECLINED, TENTATIVE); the latest one wins."""
+        """Store an attendee's answer (ACCEPTED, DECLINED, TENTATIVE) to revision ``sequence``
+        of the event (None: the reply carried no SEQUENCE). The latest one wins, unless it
+        answers an older revision than the one stored (a late mail about an earlier version)."""
         self.conn.execute(
-            "INSERT INTO replies (campaign, event, email, partstat, at, message_id) VALUES (?,?,?,?,?,?)"
+            "INSERT INTO replies (campaign, event, email, partstat, at, message_id, sequence)"
+            " VALUES (?,?,?,?,?,?,?)"
             " ON CONFLICT (campaign, event, email) DO UPDATE SET partstat=excluded.partstat,"
-            " at=excluded.at, message_id=excluded.message_id",
-            (campaign, event, email, partstat.upper(), iso(now), message_id),
+            " at=excluded.at, message_id=excluded.message_id, sequence=excluded.sequence"
+            " WHERE excluded.sequence IS NULL OR replies.sequence IS NULL"
+            " OR excluded.sequence >= replies.sequence",
+            (campaign, event, email, partstat.upper(), iso(now), message_id, sequence),
         )
 
     def replies(self, campaign: str) -> dict[tuple[str, str], str]:
-        """``{(event, email): PARTSTAT}``."""
-        cur = self.conn.execute("SELECT event, email, partstat FROM replies WHERE campaign=?", (campaign,))
+        """``{(event, email): PARTSTAT}``: the answers that count for the event as it is now
+        (see :data:`CURRENT_REPLY`)."""
+        cur = self.conn.execute(
+            f"SELECT event, email, partstat FROM replies AS r WHERE campaign=? AND {CURRENT_REPLY}",
+            (campaign,),
+        )
         return {(e, m): p for e, m, p in cur}
 
     def reply_counts(self, campaign: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT campaign, event, partstat, count(*) AS n FROM replies"
+        """Answers per (campaign, event, PARTSTAT) that count for the event as it is now."""
+        sql = f"SELECT campaign, event, partstat, count(*) AS n FROM replies AS r WHERE {CURRENT_REPLY}"
         args: tuple[str, ...] = ()
         if campaign:
-            sql += " WHERE campaign=?"
+            sql += " AND campaign=?"
             args = (campaign,)
         return list(dicts(self.conn.execute(sql + " GROUP BY campaign, event, partstat", args)))
 

@@ -121,6 +121,11 @@ def ledger_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
             datetime(2030, 2, 2, 10, 0, tzinfo=UTC),
             "<r1@example.org>",
         )
+        # bob declined version 0 of another event that has since moved (SEQUENCE 1)
+        at = datetime(2030, 2, 3, 10, 0, tzinfo=UTC)
+        ledger.add_revision("test", "party", 0, "invite", "f0", "{}", at)
+        ledger.add_revision("test", "party", 1, "update", "f1", "{}", at)
+        ledger.record_reply("test", "party", "bob@example.org", "DECLINED", at, "<r2@example.org>", 0)
     return db
 
 
@@ -308,9 +313,16 @@ def test_not_reached_and_answers(dashboard: str, browser: Any) -> None:
     assert "invite: failed (550 5.1.1" in happened and "remind: failed" in happened
     browser.get(f"{dashboard}/{DATABASE}/answers")
     heads, rows = _table(browser)
-    assert [
-        [r[heads.index(h)] for h in ("Event", "Coming", "Maybe", "Not coming", "Latest answer")] for r in rows
-    ] == [["launch", "1", "0", "0", "2030-02-02 11:00:00 CET"]]
+    cols = ("Event", "Coming", "Maybe", "Not coming", "Latest answer", "Answers to an earlier version")
+    assert [[r[heads.index(h)] for h in cols] for r in rows] == [
+        ["launch", "1", "0", "0", "2030-02-02 11:00:00 CET", "0"],
+        ["party", "0", "0", "0", "2030-02-03 11:00:00 CET", "1"],
+    ]
+    browser.get(f"{dashboard}/{DATABASE}/answers_for_event?event=party")
+    heads, rows = _table(browser)
+    assert [(r[heads.index("Invitee")], r[heads.index("Answer")], r[heads.index("Counts")]) for r in rows] == [
+        ("bob@example.org", "not coming", "no: answered an earlier version")
+    ]
 
 
 def test_table_pages_show_local_times_and_hide_internal_tables(dashboard: str, browser: Any) -> None:
@@ -520,7 +532,7 @@ def _fill_big_ledger(db: Path, per_step: int) -> None:
     conn.execute(
         """INSERT INTO replies SELECT campaign, event, email,
              CASE id % 3 WHEN 0 THEN 'ACCEPTED' WHEN 1 THEN 'DECLINED' ELSE 'TENTATIVE' END,
-             '2018-01-06T10:00:00Z', NULL
+             '2018-01-06T10:00:00Z', NULL, id % 2
            FROM deliveries WHERE id % 7 = 0 AND step LIKE 'invite-%'"""
     )
     for _, sql in indexes:

@@ -58,7 +58,9 @@ def uid(campaign: Campaign, event: str = "aan-de-slag") -> str:
 # --------------------------------------------------------------------------------------
 
 
-def reply_ics(event_uid: str, attendee: str, partstat: str, *, method: str = "REPLY") -> bytes:
+def reply_ics(
+    event_uid: str, attendee: str, partstat: str, *, method: str = "REPLY", sequence: int | None = 0
+) -> bytes:
     """An iMIP REPLY as a calendar client writes it (RFC 5546 3.2.3)."""
     cal = icalendar.Calendar()
     cal.add("prodid", "-//mailer tests//inbox//EN")
@@ -67,7 +69,8 @@ def reply_ics(event_uid: str, attendee: str, partstat: str, *, method: str = "RE
     ev = icalendar.Event()
     ev.add("uid", event_uid)
     ev.add("dtstamp", datetime(2018, 1, 5, 8, 0, tzinfo=UTC))
-    ev.add("sequence", 0)
+    if sequence is not None:
+        ev.add("sequence", sequence)
     ev.add("dtstart", datetime(2018, 1, 22, 8, 30, tzinfo=UTC))
     ev.add("organizer", icalendar.vCalAddress("mailto:integratiepact@example.be"))
     att = icalendar.vCalAddress(attendee)
@@ -462,22 +465,22 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
         (
             "accepted",
             reply_mail(reply_ics(u, R, "ACCEPTED"), "jan@example.be"),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "ACCEPTED")],
+            [Finding("reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=0)],
         ),
         (
             "MAILTO upper-case, domain case",
             reply_mail(reply_ics(u, "MAILTO:Jan@Example.BE", "accepted"), "x@y.be"),
-            [Finding("reply", "Jan@example.be", "aan-de-slag", "ACCEPTED")],
+            [Finding("reply", "Jan@example.be", "aan-de-slag", "ACCEPTED", sequence=0)],
         ),
         (
             "other event",
             reply_mail(reply_ics(uid(c, "infosessie"), R, "DECLINED"), "jan@example.be"),
-            [Finding("reply", "jan@example.be", "infosessie", "DECLINED")],
+            [Finding("reply", "jan@example.be", "infosessie", "DECLINED", sequence=0)],
         ),
         (
             "inline and attached: once",
             reply_mail(reply_ics(u, R, "TENTATIVE"), "j@x.be", attach=True),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "TENTATIVE")],
+            [Finding("reply", "jan@example.be", "aan-de-slag", "TENTATIVE", sequence=0)],
         ),
         (
             "unknown UID",
@@ -488,6 +491,16 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
             "REQUEST, not REPLY",
             reply_mail(reply_ics(u, R, "ACCEPTED", method="REQUEST"), "jan@example.be"),
             [],
+        ),
+        (
+            "an answer to revision 2",
+            reply_mail(reply_ics(u, R, "ACCEPTED", sequence=2), "jan@example.be"),
+            [Finding("reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=2)],
+        ),
+        (
+            "no SEQUENCE",
+            reply_mail(reply_ics(u, R, "ACCEPTED", sequence=None), "jan@example.be"),
+            [Finding("reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=None)],
         ),
         ("NEEDS-ACTION", reply_mail(reply_ics(u, R, "NEEDS-ACTION"), "jan@example.be"), []),
         (
@@ -505,7 +518,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
             reply_mail(
                 reply_ics(u, R, "DECLINED").replace(b"DTSTART:2018", b"DTSTART:xx18"), "j@x.be"
             ),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "DECLINED")],
+            [Finding("reply", "jan@example.be", "aan-de-slag", "DECLINED", sequence=0)],
         ),
         ("not a calendar at all", reply_mail("\x00\x01 garbage", "j@x.be"), []),
         (
@@ -655,3 +668,27 @@ def test_cli_inbox(tmp_path: Path, campaign: Campaign) -> None:
     assert r.exit_code == 1
     assert "set MAILER_IMAP_USER, MAILER_IMAP_PASSWORD" in r.output
     assert "Traceback" not in r.output
+
+
+def test_answers_to_an_earlier_version_stop_counting(tmp_path: Path, campaign: Campaign) -> None:
+    """RFC 5546 2.1.5: after an update (SEQUENCE 1) an answer to SEQUENCE 0 is out of date."""
+    ev = "aan-de-slag"
+    with Ledger(tmp_path / "mailer.db") as ledger:
+        ledger.record_reply(campaign.id, ev, "jan@example.be", "DECLINED", NOW, "<a@x>", 0)
+        ledger.record_reply(campaign.id, ev, "els@example.be", "ACCEPTED", NOW, "<b@x>", None)
+        ledger.record_reply(campaign.id, ev, "piet@example.be", "ACCEPTED", NOW, "<c@x>", 0)
+        assert len(ledger.replies(campaign.id)) == 3
+        ledger.add_revision(campaign.id, ev, 0, "invite", "f0", "{}", NOW)
+        ledger.add_revision(campaign.id, ev, 1, "update", "f1", "{}", NOW)
+        # piet answers the new version; a late copy of his old answer does not undo it
+        ledger.record_reply(campaign.id, ev, "piet@example.be", "TENTATIVE", NOW, "<d@x>", 1)
+        ledger.record_reply(campaign.id, ev, "piet@example.be", "ACCEPTED", NOW, "<c@x>", 0)
+        assert ledger.replies(campaign.id) == {
+            (ev, "els@example.be"): "ACCEPTED",  # no SEQUENCE: counts for every version
+            (ev, "piet@example.be"): "TENTATIVE",
+        }
+        counts = {(r["event"], r["partstat"]): r["n"] for r in ledger.reply_counts(campaign.id)}
+        assert counts == {(ev, "ACCEPTED"): 1, (ev, "TENTATIVE"): 1}
+        # jan answers the new version: he counts again
+        ledger.record_reply(campaign.id, ev, "jan@example.be", "ACCEPTED", NOW, "<e@x>", 1)
+        assert ledger.replies(campaign.id)[(ev, "jan@example.be")] == "ACCEPTED"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from mailer.errors import LedgerError, LockedError
-from mailer.ledger import STATUSES, Ledger, Outcome
+from mailer.ledger import SCHEMA_VERSION, STATUSES, Ledger, Outcome
 
 T0 = datetime(2018, 1, 4, 9, 0, tzinfo=UTC)
 
@@ -28,11 +28,11 @@ def item(email: str, step: str = "invite") -> tuple[str, str, str, str, datetime
 
 def test_file_is_wal_with_schema_version(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        assert led.schema_version == 2
+        assert led.schema_version == 3
         assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # reopening keeps the data and the version
     with Ledger(tmp_path / "l.db") as led:
-        assert led.schema_version == 2
+        assert led.schema_version == 3
 
 
 def test_claim_then_sent_records_attempt(tmp_path: Path) -> None:
@@ -301,7 +301,7 @@ def test_counts_follow_every_ledger_operation(tmp_path: Path) -> None:
 
 
 def make_v1(path: Path, seed: int = 6, n: int = 150) -> dict[tuple[str, str, str], int]:
-    """A real version-1 ledger: filled through the ledger, then the version-2 objects dropped,
+    """A real version-1 ledger: filled through the ledger, then the version-2 and -3 objects dropped,
     as early version-1 files are: without an index added later, with one removed later.
     Returns its GROUP BY counts."""
     with Ledger(path) as led:
@@ -311,6 +311,7 @@ def make_v1(path: Path, seed: int = 6, n: int = 150) -> dict[tuple[str, str, str
         for (name,) in c.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
             c.execute(f"DROP TRIGGER {name}")
         c.execute("DROP TABLE delivery_counts")
+        c.execute("ALTER TABLE replies DROP COLUMN sequence")  # version 3
         c.execute("DROP INDEX deliveries_by_message_id")
         c.execute("CREATE INDEX deliveries_status_only ON deliveries (status, campaign)")
         c.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
@@ -325,7 +326,7 @@ def test_version_1_ledger_is_migrated(tmp_path: Path) -> None:
     truth = make_v1(db)
     assert truth and sum(truth.values()) > 30
     with Ledger(db) as led:
-        assert led.schema_version == 2
+        assert led.schema_version == 3
         assert counts(led.conn) == truth == group_by(led.conn)
         assert led.summary() == expected_summary(led.conn)
         names = {r[0] for r in led.conn.execute("SELECT name FROM sqlite_master")}
@@ -354,7 +355,7 @@ with Ledger(conn) as led:
 
 def test_concurrent_opens_migrate_once(tmp_path: Path) -> None:
     """Three processes open the same version-1 file at once: each reads version 1, the first
-    to take the write lock migrates, the others then find version 2 and count nothing."""
+    to take the write lock migrates, the others then find it current and count nothing."""
     db = tmp_path / "l.db"
     truth = make_v1(db, n=400)
     procs = [
@@ -385,7 +386,7 @@ def test_concurrent_opens_migrate_once(tmp_path: Path) -> None:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [r["version"] for r in reports] == [2, 2, 2]
+    assert [r["version"] for r in reports] == [SCHEMA_VERSION] * 3
     tried = [r for r in reports if "BEGIN IMMEDIATE" in r["sql"]]
     migrated = [r for r in reports if any(q.startswith("CREATE TABLE delivery_counts") for q in r["sql"])]
     assert len(tried) >= 2  # they saw version 1 at once: the race really happened
@@ -397,9 +398,9 @@ def test_concurrent_opens_migrate_once(tmp_path: Path) -> None:
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "l.db"
     with Ledger(db) as led:
-        led.conn.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
-    with pytest.raises(LedgerError, match=r"ledger schema 3 is newer than this mailer understands \(2\); upgrade"):
+        led.conn.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
+    with pytest.raises(LedgerError, match=r"ledger schema 4 is newer than this mailer understands \(3\); upgrade"):
         Ledger(db)
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("4",)
     conn.close()
