@@ -321,6 +321,28 @@ def make_v1(path: Path, seed: int = 6, n: int = 150) -> dict[tuple[str, str, str
     return truth
 
 
+def test_version_2_ledger_gets_reply_sequences(tmp_path: Path) -> None:
+    """A version-2 file (counts, no replies.sequence, the old status index) runs step 3 only:
+    its answers stay, with no SEQUENCE (they count for every revision), and its counts stay."""
+    db = tmp_path / "l.db"
+    when = datetime(2018, 1, 5, 9, 0, tzinfo=UTC)
+    with Ledger(db) as led:
+        random_operations(led, random.Random(3), 80, lambda: None)
+        led.record_reply("c", "ev", "ann@example.org", "ACCEPTED", when, "<a@x>", 4)
+        c = led.conn
+        c.execute("ALTER TABLE replies DROP COLUMN sequence")
+        c.execute("CREATE INDEX deliveries_by_status ON deliveries (campaign, step, status)")
+        c.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+        before = counts(c)
+    with Ledger(db) as led:
+        assert led.schema_version == 3
+        names = {r[0] for r in led.conn.execute("SELECT name FROM sqlite_master")}
+        assert "deliveries_by_status" not in names and "delivery_counts_insert" in names
+        assert counts(led.conn) == before == group_by(led.conn)
+        assert led.replies("c") == {("ev", "ann@example.org"): "ACCEPTED"}
+        assert led.conn.execute("SELECT sequence FROM replies").fetchall() == [(None,)]
+
+
 def test_version_1_ledger_is_migrated(tmp_path: Path) -> None:
     db = tmp_path / "l.db"
     truth = make_v1(db)
