@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from datetime import UTC, datetime
@@ -384,3 +385,8 @@ def main() -> None:
     except KeyboardInterrupt:  # pragma: no cover - interactive
         err.print("interrupted")
         sys.exit(130)
+    finally:
+        # The process is ending: spare the interpreter's last full garbage collection of
+        # every object the imports made (~0.05-0.1 s with pydantic loaded; `mailer status`
+        # should answer in well under half a second). atexit handlers and flushing still run.
+        gc.freeze()
