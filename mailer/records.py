@@ -141,8 +141,12 @@ def log(
         # flat), fast and easy to grep or load elsewhere (rich's table costs ~1.5 ms a row).
         write = sys.stdout.write
         write("\t".join(cols) + "\n")
+        tabs = len(cols) - 1
         for ln in itertools.chain(first, lines):
-            write("\t".join(x.replace("\t", " ").replace("\n", " ") for x in ln) + "\n")
+            line = "\t".join(ln)
+            if line.count("\t") != tabs or "\n" in line or "\r" in line:  # rare: mend the fields
+                line = "\t".join(" ".join(x.split("\t")).replace("\r", " ").replace("\n", " ") for x in ln)
+            write(line + "\n")
 
 
 _LOG_COLUMNS = ("id", "step", "email", "status", "attempts", "updated", "smtp_code", "smtp_text", "reason")
@@ -153,8 +157,9 @@ def _log_lines(
 ) -> Iterator[tuple[str, ...]]:
     """`mailer log`'s lines: one per delivery, then (with --attempts) one per SMTP attempt."""
     for r in rows:
-        reply = " ".join(str(x) for x in (r["smtp_code"], r["smtp_text"]) if x is not None)
-        why = "; ".join(x for x in (reply, r["reason"] or "") if x)
+        code, text, reason = r["smtp_code"], r["smtp_text"], r["reason"]
+        reply = text or "" if code is None else f"{code} {text}" if text else str(code)
+        why = f"{reply}; {reason}" if reply and reason else reply or reason or ""
         yield r["step"], r["email"], r["status"], str(r["attempts"]), r["updated"], why
         if show_attempts:
             for a in ledger.attempts(r["id"]):
