@@ -44,6 +44,12 @@ def test_move_then_cancel_the_meeting(
     uid = str(calendar(meeting[0].data)["UID"])
     assert {int(calendar(r.data)["SEQUENCE"]) for r in meeting} == {0}
 
+    # two invitees decline the meeting as first announced (SEQUENCE 0), as the inbox records it
+    replied = datetime(2018, 1, 4, 12, 0, tzinfo=UTC)
+    with Ledger(shipped / "mailer.db") as led:
+        for who in ("an.declercq@example.be", "jan.peeters@example.org"):
+            led.record_reply("integratiepact-2018", "aan-de-slag", who, "DECLINED", replied, None, 0)
+
     # the 22 January session moves by an hour
     text = cfg.read_text(encoding="utf-8")
     cfg.write_text(
@@ -71,6 +77,11 @@ def test_move_then_cancel_the_meeting(
     # exactly one: a second pass sends nothing more
     assert "0 due" in send("2018-01-05T10:00", smtp_env)
     assert len(received) == before + 14
+    # Jan declines the new time too (SEQUENCE 1); An's answer was for the old time only
+    with Ledger(shipped / "mailer.db") as led:
+        led.record_reply(
+            "integratiepact-2018", "aan-de-slag", "jan.peeters@example.org", "DECLINED", replied, None, 1
+        )
 
     # the reminder a week before carries the new time
     before = len(received)
@@ -82,7 +93,11 @@ def test_move_then_cancel_the_meeting(
         for r in received[before:]
     ]
     meeting_reminders = [b for b in bodies if "Arduinkaai 7" in b]
-    assert len(meeting_reminders) == 14 and len(bodies) == 14 + 8
+    reminded = {r.rcpt_tos[0] for r in received[before:] if b"Arduinkaai 7" in r.data}
+    # the reminder (rsvp: accepted, tentative, no-reply) reaches An, who has not answered the
+    # new time, and not Jan, who declined it
+    assert "an.declercq@example.be" in reminded and "jan.peeters@example.org" not in reminded
+    assert len(meeting_reminders) == 13 and len(bodies) == 13 + 8
     assert all("van 10:30 tot 17:30" in b for b in meeting_reminders), meeting_reminders[0]
 
     # cancelled: METHOD:CANCEL to the same people, SEQUENCE 2, and no further reminders
