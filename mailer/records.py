@@ -123,9 +123,7 @@ def log(
             email = email.strip()
     cols = ("step", "email", "status", "tries", "updated (UTC)", "reply / reason")
     with Ledger(path) as ledger:
-        rows = ledger.log(
-            status=status_, email=email, step=step, limit=limit, columns=_LOG_COLUMNS
-        )
+        rows = ledger.log(status=status_, email=email, step=step, limit=limit, columns=_LOG_COLUMNS)
         lines = _log_lines(ledger, rows, show_attempts)
         first = list(itertools.islice(lines, TABLE_ROWS + 1))
         if out.is_terminal and len(first) <= TABLE_ROWS:

@@ -22,6 +22,8 @@ Outcome = Literal["sent", "deferred", "failed"]
 #: Replies that mean "you are going too fast / I am overloaded": slow the whole transport.
 SLOW_DOWN_CODES = frozenset({421, 451, 452, 454})
 _DEFAULT_PORTS = {"tls": 465, "starttls": 587, "none": 25}
+
+
 @dataclass(frozen=True)
 class TransportSettings:
     """Everything needed to reach the SMTP server. Secrets come only from the environment."""
@@ -337,8 +339,7 @@ async def _transaction(client: aiosmtplib.SMTP, job: Outgoing) -> aiosmtplib.SMT
     if not addresses.isascii():
         if not client.supports_extension("smtputf8"):
             raise _Unsendable(
-                f"{job.recipient}: the address is not ASCII and the server does not offer "
-                "SMTPUTF8 (RFC 6531)"
+                f"{job.recipient}: the address is not ASCII and the server does not offer SMTPUTF8 (RFC 6531)"
             )
         mail.append(b"SMTPUTF8")
     reply = await client.execute_command(b"MAIL", *mail)
