@@ -296,8 +296,8 @@ def build(
 # On the wire.
 # --------------------------------------------------------------------------------------
 
-#: A lone CR or LF (or a CRLF), as aiosmtplib normalises line endings.
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+#: _CRLF_RE for bytes: a CRLF, a lone CR or a lone LF (as aiosmtplib normalises line endings).
+_LINE_ENDINGS = re.compile(_CRLF_RE.pattern.encode("ascii"))
 
 
 def data_payload(message: bytes) -> tuple[bytes, int]:
