@@ -1,0 +1,111 @@
+"""The fixed vocabulary: delivery statuses, attempt outcomes, step kinds, answers, event states.
+
+Each word is spelled once, here. The ledger's SQL guards, the planner, the CLI choices and the
+dashboard derive from these enums and sets, so no list of statuses can forget one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = [
+    "Answer",
+    "Attempt",
+    "EventStatus",
+    "Status",
+    "StepKind",
+    "sql_list",
+]
+
+
+class Status(StrEnum):
+    """The status of one delivery (one row of the ledger: campaign, step, contact)."""
+
+    PENDING = "pending"  #: due, not yet claimed
+    SENDING = "sending"  #: claimed; its DATA may be on the wire (outcome unknown until recorded)
+    DEFERRED = "deferred"  #: a 4xx or a lost connection before DATA; tried again at next_attempt
+    SENT = "sent"  #: the server answered 2xx to the final dot
+    FAILED = "failed"  #: refused (5xx) or given up; `mailer retry` makes it pending again
+    BOUNCED = "bounced"  #: sent, then a DSN said it could not be delivered
+    SKIPPED = "skipped"  #: decided without sending (audience, answer, lateness, superseded)
+    SUPPRESSED = "suppressed"  #: the address is on the suppression list
+
+    @classmethod
+    def final(cls) -> frozenset[Status]:
+        """Statuses no pass changes. The documented exits: `mailer retry` (failed, skipped ->
+        pending) and a DSN (sent -> bounced)."""
+        return FINAL
+
+    @classmethod
+    def open(cls) -> frozenset[Status]:
+        """Statuses a pass may still act on."""
+        return OPEN
+
+
+FINAL: frozenset[Status] = frozenset(
+    {Status.SENT, Status.FAILED, Status.BOUNCED, Status.SKIPPED, Status.SUPPRESSED}
+)
+OPEN: frozenset[Status] = frozenset(Status) - FINAL
+#: Rows whose mail may have reached the recipient (a calendar entry may exist for them).
+MAY_HAVE_ARRIVED: frozenset[Status] = frozenset({Status.SENT, Status.SENDING})
+
+
+class Attempt(StrEnum):
+    """What one SMTP attempt came to."""
+
+    SENT = "sent"  #: 2xx to the final dot
+    DEFERRED = "deferred"  #: 4xx, or the connection failed before the payload was written
+    FAILED = "failed"  #: 5xx: the server refused it
+    #: The transaction went out of step (a reply we did not expect, garbage after the final
+    #: dot, the connection lost while the payload was on the wire): the server may or may not
+    #: have the mail. The row stays ``sending`` and goes again byte-identical (same Message-ID).
+    UNKNOWN = "unknown"
+
+
+class StepKind(StrEnum):
+    INVITATION = "invitation"
+    REMINDER = "reminder"
+    UPDATE = "update"
+    CANCEL = "cancel"
+
+    @property
+    def revises(self) -> bool:
+        """An update or cancellation made by a change of the event (not configured)."""
+        return self in (StepKind.UPDATE, StepKind.CANCEL)
+
+
+class Answer(StrEnum):
+    """An invitee's answer as ``audience.rsvp`` spells it (iMIP PARTSTAT, lower-cased)."""
+
+    ACCEPTED = "accepted"
+    TENTATIVE = "tentative"
+    DECLINED = "declined"
+    NO_REPLY = "no-reply"
+
+    @property
+    def partstat(self) -> str:
+        """The iCalendar PARTSTAT (RFC 5545 3.2.12); NEEDS-ACTION for no reply."""
+        return "NEEDS-ACTION" if self is Answer.NO_REPLY else self.value.upper()
+
+    @classmethod
+    def from_partstat(cls, partstat: str) -> Answer:
+        """``ACCEPTED`` -> accepted; anything unknown (NEEDS-ACTION, DELEGATED) -> no-reply."""
+        try:
+            return cls(partstat.strip().lower())
+        except ValueError:
+            return cls.NO_REPLY
+
+
+class EventStatus(StrEnum):
+    CONFIRMED = "confirmed"
+    CANCELLED = "cancelled"
+
+
+def sql_list(values: frozenset[Status] | set[Status] | tuple[Status, ...]) -> str:
+    """A SQL list literal of statuses, for guards built from the sets above (the values are
+    our own constants, never data).
+
+    >>> sql_list(frozenset({Status.SENT, Status.BOUNCED}))
+    "('bounced', 'sent')"
+    """
+    return "(" + ", ".join(f"'{s.value}'" for s in sorted(values)) + ")"
