@@ -47,18 +47,38 @@ from common import PYTHON, ROOT, median  # noqa: E402
 
 TARGET = 0.5
 CAMPAIGNS = [
-    ("integratiepact-2018",
-     ["uitnodiging-infosessie", "herinnering-infosessie-week", "uitnodiging-aan-de-slag"]),
+    (
+        "integratiepact-2018",
+        ["uitnodiging-infosessie", "herinnering-infosessie-week", "uitnodiging-aan-de-slag"],
+    ),
     ("jaarcongres-2019", ["uitnodiging", "herinnering-week", "herinnering-dag"]),
     ("opendeur-2019", ["uitnodiging", "herinnering"]),
     ("netwerkdag-2020", ["uitnodiging", "herinnering"]),
 ]
 PAIRS = [(c, s) for c, steps in CAMPAIGNS for s in steps]  # 10 (campaign, step) pairs
 #: (status, weight): mostly sent, as a finished campaign looks.
-MIX = [("sent", 900), ("failed", 25), ("deferred", 15), ("skipped", 30), ("suppressed", 10),
-       ("bounced", 10), ("pending", 7), ("sending", 3)]
-DOMAINS = ["example.be", "example.org", "example.com", "voorbeeld.be", "exemple.be",
-           "telenet.example", "skynet.example", "gmail.example", "outlook.example", "proximus.example"]
+MIX = [
+    ("sent", 900),
+    ("failed", 25),
+    ("deferred", 15),
+    ("skipped", 30),
+    ("suppressed", 10),
+    ("bounced", 10),
+    ("pending", 7),
+    ("sending", 3),
+]
+DOMAINS = [
+    "example.be",
+    "example.org",
+    "example.com",
+    "voorbeeld.be",
+    "exemple.be",
+    "telenet.example",
+    "skynet.example",
+    "gmail.example",
+    "outlook.example",
+    "proximus.example",
+]
 
 
 def _iso(t: float) -> str:
@@ -83,31 +103,48 @@ def _rows(n: int, seed: int = 6) -> Iterator[tuple[dict[str, Any], tuple[Any, ..
             t = due + rnd.random() * 3600
             ts = _iso(t)
             row: dict[str, Any] = {
-                "id": i, "campaign": campaign, "step": step, "event": step.split("-")[-1],
-                "email": email, "name": f"Contact {k}", "status": status, "attempts": 0,
-                "next_attempt": None, "due_at": _iso(due), "message_id": None, "sequence": 0,
-                "ics": 1 if step.startswith("uitnodiging") else 0, "smtp_code": None,
-                "smtp_text": None, "reason": None, "claimed_at": None, "sent_at": None,
-                "created": _iso(due), "updated": ts,
+                "id": i,
+                "campaign": campaign,
+                "step": step,
+                "event": step.split("-")[-1],
+                "email": email,
+                "name": f"Contact {k}",
+                "status": status,
+                "attempts": 0,
+                "next_attempt": None,
+                "due_at": _iso(due),
+                "message_id": None,
+                "sequence": 0,
+                "ics": 1 if step.startswith("uitnodiging") else 0,
+                "smtp_code": None,
+                "smtp_text": None,
+                "reason": None,
+                "claimed_at": None,
+                "sent_at": None,
+                "created": _iso(due),
+                "updated": ts,
             }
             attempt = None
             if status in ("sent", "failed", "deferred", "bounced", "sending"):
                 row["message_id"] = f"<{i:026x}.{campaign}@example.be>"
                 row["claimed_at"] = ts
             if status in ("sent", "bounced"):
-                row.update(attempts=1, smtp_code=250, smtp_text="2.0.0 Ok: queued as 4F2A1B3C9D",
-                           sent_at=ts)
+                row.update(attempts=1, smtp_code=250, smtp_text="2.0.0 Ok: queued as 4F2A1B3C9D", sent_at=ts)
                 attempt = (i, ts, "sent", 250, "2.0.0 Ok: queued as 4F2A1B3C9D")
                 if status == "bounced":
                     row["reason"] = "bounced: 5.1.1 user unknown"
             elif status == "failed":
-                row.update(attempts=1, smtp_code=550,
-                           smtp_text=f"5.1.1 <{email}>: Recipient address rejected",
-                           reason="refused by the server")
+                row.update(
+                    attempts=1,
+                    smtp_code=550,
+                    smtp_text=f"5.1.1 <{email}>: Recipient address rejected",
+                    reason="refused by the server",
+                )
                 attempt = (i, ts, "failed", 550, row["smtp_text"])
             elif status == "deferred":
-                row.update(attempts=2, smtp_code=451, smtp_text="4.7.1 Try again later",
-                           next_attempt=_iso(t + 600))
+                row.update(
+                    attempts=2, smtp_code=451, smtp_text="4.7.1 Try again later", next_attempt=_iso(t + 600)
+                )
                 attempt = (i, ts, "deferred", 451, "4.7.1 Try again later")
             elif status == "skipped":
                 row["reason"] = "the event had started before this could be sent"
@@ -231,13 +268,16 @@ def measure(path: Path, repeat: int) -> dict[str, Any]:
             *((f"summary {i + 1}", q) for i, q in enumerate(summary_sql)),
             ("log --status failed", "SELECT * FROM deliveries WHERE status=? ORDER BY id"),
         ):
-            plans[label] = [r[3] for r in ledger.conn.execute("EXPLAIN QUERY PLAN " + sql,
-                                                               ("failed",) if "?" in sql else ())]
+            plans[label] = [
+                r[3]
+                for r in ledger.conn.execute("EXPLAIN QUERY PLAN " + sql, ("failed",) if "?" in sql else ())
+            ]
         counts = dict(ledger.conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
         # the trigger-kept counts must be the GROUP BY's, group for group
         kept = set(ledger.conn.execute("SELECT campaign, step, status, n FROM delivery_counts WHERE n > 0"))
-        truth = set(ledger.conn.execute(
-            "SELECT campaign, step, status, count(*) FROM deliveries GROUP BY 1, 2, 3"))
+        truth = set(
+            ledger.conn.execute("SELECT campaign, step, status, count(*) FROM deliveries GROUP BY 1, 2, 3")
+        )
         n_att = ledger.conn.execute("SELECT count(*) FROM attempts").fetchone()[0]
     out["_plans"] = plans
     out["_counts"] = counts
@@ -260,25 +300,42 @@ def what_if(path: Path, repeat: int) -> list[tuple[str, float, str]]:
         return median(times), plan
 
     out = []
-    summary = ("SELECT campaign, step, status, count(*) AS n, min(next_attempt) AS next_attempt"
-               " FROM deliveries GROUP BY campaign, step, status")
+    summary = (
+        "SELECT campaign, step, status, count(*) AS n, min(next_attempt) AS next_attempt"
+        " FROM deliveries GROUP BY campaign, step, status"
+    )
     out.append(("summary, one GROUP BY", *t(summary)))
     a, pa = t("SELECT campaign, step, status, count(*) FROM deliveries GROUP BY campaign, step, status")
-    b, pb = t("SELECT campaign, step, min(next_attempt) FROM deliveries WHERE status='deferred'"
-              " GROUP BY campaign, step")
+    b, pb = t(
+        "SELECT campaign, step, min(next_attempt) FROM deliveries WHERE status='deferred'"
+        " GROUP BY campaign, step"
+    )
     out.append(("summary split: counts + deferred min() (schema 1)", a + b, f"{pa} ; {pb}"))
-    c, pc = t("SELECT campaign, step, status, n FROM delivery_counts WHERE n > 0"
-              " ORDER BY campaign, step, status")
+    c, pc = t(
+        "SELECT campaign, step, status, n FROM delivery_counts WHERE n > 0 ORDER BY campaign, step, status"
+    )
     out.append(("summary: delivery_counts + deferred min() (schema 2)", c + b, f"{pc} ; {pb}"))
-    conn.execute("CREATE INDEX IF NOT EXISTS whatif_cover ON deliveries"
-                 " (campaign, step, status, next_attempt)")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS whatif_cover ON deliveries (campaign, step, status, next_attempt)"
+    )
     out.append(("summary, index (campaign,step,status,next_attempt)", *t(summary)))
     conn.execute("DROP INDEX whatif_cover")
-    out.append(("log failed: SELECT * + ORDER BY id", *t(
-        "SELECT * FROM deliveries WHERE status=? ORDER BY id", ("failed",))))
-    out.append(("log failed: only the 8 shown columns", *t(
-        "SELECT id, step, email, status, attempts, updated, smtp_code, smtp_text, reason"
-        " FROM deliveries WHERE status=? ORDER BY id", ("failed",))))
+    out.append(
+        (
+            "log failed: SELECT * + ORDER BY id",
+            *t("SELECT * FROM deliveries WHERE status=? ORDER BY id", ("failed",)),
+        )
+    )
+    out.append(
+        (
+            "log failed: only the 8 shown columns",
+            *t(
+                "SELECT id, step, email, status, attempts, updated, smtp_code, smtp_text, reason"
+                " FROM deliveries WHERE status=? ORDER BY id",
+                ("failed",),
+            ),
+        )
+    )
     conn.close()
     for mod in ("click", "rich.console", "rich.table", "mailer.ledger", "mailer.config", "mailer.cli"):
         times = []
@@ -293,13 +350,20 @@ def what_if(path: Path, repeat: int) -> list[tuple[str, float, str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--db", type=Path, default=Path(tempfile.gettempdir()) / "mailer-big-ledger.db",
-                    help="where the ledger is built (kept between runs; default in the temp dir)")
+    ap.add_argument(
+        "--db",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "mailer-big-ledger.db",
+        help="where the ledger is built (kept between runs; default in the temp dir)",
+    )
     ap.add_argument("--rebuild", action="store_true", help="rebuild even if the file has --rows rows")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--what-if", action="store_true",
-                    help="also time candidate fixes (other queries, an extra index, imports)")
+    ap.add_argument(
+        "--what-if",
+        action="store_true",
+        help="also time candidate fixes (other queries, an extra index, imports)",
+    )
     args = ap.parse_args(argv)
 
     built = None
@@ -310,12 +374,25 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(os.path.getsize(p) for p in (str(args.db), str(args.db) + "-wal") if os.path.exists(p))
     whatif = what_if(args.db, args.repeat) if args.what_if else None
     if args.json:
-        print(json.dumps({"rows": args.rows, "db": str(args.db), "bytes": size, "build_seconds": built,
-                          "open": {"schema_before": before, "schema_after": after, "seconds": opened},
-                          "results": res, "what_if": whatif}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "rows": args.rows,
+                    "db": str(args.db),
+                    "bytes": size,
+                    "build_seconds": built,
+                    "open": {"schema_before": before, "schema_after": after, "seconds": opened},
+                    "results": res,
+                    "what_if": whatif,
+                },
+                indent=2,
+            )
+        )
         return 0 if res["_counts_match"] else 1
-    print(f"ledger {args.db}: {args.rows:,} deliveries, {res['_attempts']:,} attempts, "
-          f"{size / 1e6:.0f} MB" + (f", built in {built:.1f} s" if built is not None else " (reused)"))
+    print(
+        f"ledger {args.db}: {args.rows:,} deliveries, {res['_attempts']:,} attempts, "
+        f"{size / 1e6:.0f} MB" + (f", built in {built:.1f} s" if built is not None else " (reused)")
+    )
     if before != after:
         print(f"first open: schema {before} -> {after} (migration) in {opened:.2f} s")
     else:

@@ -30,14 +30,61 @@ NOW = datetime(2018, 1, 4, 10, 0, tzinfo=ZoneInfo("Europe/Brussels"))
 STEP_ID = "uitnodiging-aan-de-slag"
 TEMPLATE = "uitnodiging-aan-de-slag"
 
-_FIRST = ["An", "Jan", "Els", "François", "Hélène", "Mehmet", "Zoë", "Désiré", "Pieter", "Sofie",
-          "Fatima", "Koen", "Liesbeth", "Joël", "Ines", "Wouter", "Aïcha", "Bram", "Chloé", "Dirk"]
-_LAST = ["De Clercq", "Peeters", "Van de Velde", "Lefèvre", "Claes", "Yilmaz", "Vermeulen",
-         "Mbuyi", "Janssens", "Maes", "El Amrani", "Willems", "Goossens", "Dubois", "Wouters",
-         "Van Damme", "Mertens", "Öztürk", "Dumont", "Verstraete"]
-_ORGS = ["vzw Samen Sterk Gent", "Buurtwerking De Kaai", "Vormingplus Regio Zuid",
-         "Maison des Voisins asbl", "Kenniscentrum Samenleven", "Huis van de Buurt Genk",
-         "Steunpunt Diversiteit & Werk", "Réseau Bruxellois Vivre Ensemble", ""]
+_FIRST = [
+    "An",
+    "Jan",
+    "Els",
+    "François",
+    "Hélène",
+    "Mehmet",
+    "Zoë",
+    "Désiré",
+    "Pieter",
+    "Sofie",
+    "Fatima",
+    "Koen",
+    "Liesbeth",
+    "Joël",
+    "Ines",
+    "Wouter",
+    "Aïcha",
+    "Bram",
+    "Chloé",
+    "Dirk",
+]
+_LAST = [
+    "De Clercq",
+    "Peeters",
+    "Van de Velde",
+    "Lefèvre",
+    "Claes",
+    "Yilmaz",
+    "Vermeulen",
+    "Mbuyi",
+    "Janssens",
+    "Maes",
+    "El Amrani",
+    "Willems",
+    "Goossens",
+    "Dubois",
+    "Wouters",
+    "Van Damme",
+    "Mertens",
+    "Öztürk",
+    "Dumont",
+    "Verstraete",
+]
+_ORGS = [
+    "vzw Samen Sterk Gent",
+    "Buurtwerking De Kaai",
+    "Vormingplus Regio Zuid",
+    "Maison des Voisins asbl",
+    "Kenniscentrum Samenleven",
+    "Huis van de Buurt Genk",
+    "Steunpunt Diversiteit & Werk",
+    "Réseau Bruxellois Vivre Ensemble",
+    "",
+]
 _DOMAINS = ["example.be", "example.org", "example.com", "voorbeeld.be", "exemple.be"]
 
 SCHEDULES = """\
@@ -184,7 +231,10 @@ class Sink:
 
     def __enter__(self) -> Sink:
         self.proc = subprocess.Popen(
-            self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         _wait_port(self.port, self.proc)

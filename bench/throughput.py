@@ -79,8 +79,9 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def child_pipeline(folder: Path, port: int, connections: int, profile_out: str | None,
-                   stages: bool = False) -> dict[str, Any]:
+def child_pipeline(
+    folder: Path, port: int, connections: int, profile_out: str | None, stages: bool = False
+) -> dict[str, Any]:
     acc = _install_stage_timers() if stages else None
     from mailer.ledger import Ledger
     from mailer.runner import run_pass, virtual_clock
@@ -227,8 +228,14 @@ def child_ceiling(folder: Path, port: int, connections: int) -> dict[str, Any]:
     t2, c2 = time.perf_counter(), _cpu()
     asyncio.run(run())
     t3, c3 = time.perf_counter(), _cpu()
-    return {"seconds": t3 - t2, "cpu_seconds": c3 - c2, "prebuild_seconds": t1 - t0, "sent": sent[0],
-            "avg_bytes": avg, "peak_rss_mb": _rss_mb()}
+    return {
+        "seconds": t3 - t2,
+        "cpu_seconds": c3 - c2,
+        "prebuild_seconds": t1 - t0,
+        "sent": sent[0],
+        "avg_bytes": avg,
+        "peak_rss_mb": _rss_mb(),
+    }
 
 
 def child_transport(folder: Path, port: int, connections: int) -> dict[str, Any]:
@@ -254,8 +261,14 @@ def child_transport(folder: Path, port: int, connections: int) -> dict[str, Any]
     t2, c2 = time.perf_counter(), _cpu()
     asyncio.run(run())
     t3, c3 = time.perf_counter(), _cpu()
-    return {"seconds": t3 - t2, "cpu_seconds": c3 - c2, "prebuild_seconds": t1 - t0,
-            "sent": outcomes.get("sent", 0), "outcomes": outcomes, "peak_rss_mb": _rss_mb()}
+    return {
+        "seconds": t3 - t2,
+        "cpu_seconds": c3 - c2,
+        "prebuild_seconds": t1 - t0,
+        "sent": outcomes.get("sent", 0),
+        "outcomes": outcomes,
+        "peak_rss_mb": _rss_mb(),
+    }
 
 
 def child_naive(folder: Path, port: int, connections: int, n: int) -> dict[str, Any]:
@@ -331,8 +344,7 @@ def child_naive(folder: Path, port: int, connections: int, n: int) -> dict[str, 
     async def worker() -> None:
         for contact in it:
             msg = build(contact)
-            await aiosmtplib.send(msg, hostname=HOST, port=port, use_tls=False, start_tls=False,
-                                  timeout=60)
+            await aiosmtplib.send(msg, hostname=HOST, port=port, use_tls=False, start_tls=False, timeout=60)
             sent[0] += 1
 
     async def run() -> None:
@@ -347,7 +359,9 @@ def child_naive(folder: Path, port: int, connections: int, n: int) -> dict[str, 
 def _child(role: str, *args: str, timeout: float = 3600) -> dict[str, Any]:
     proc = subprocess.run(
         [PYTHON, str(HERE), "--child", role, *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{role} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -358,8 +372,21 @@ def smtp_source(port: int, connections: int, n: int, size: int) -> dict[str, Any
     tool = postfix_tool("smtp-source")
     if tool is None:
         return None
-    cmd = [tool, "-s", str(connections), "-m", str(n), "-l", str(size), "-d",
-           "-f", "integratiepact@example.be", "-t", "bench@example.org", f"{HOST}:{port}"]
+    cmd = [
+        tool,
+        "-s",
+        str(connections),
+        "-m",
+        str(n),
+        "-l",
+        str(size),
+        "-d",
+        "-f",
+        "integratiepact@example.be",
+        "-t",
+        "bench@example.org",
+        f"{HOST}:{port}",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     t1 = time.perf_counter()
@@ -387,7 +414,12 @@ def measure(n: int, args: argparse.Namespace, sink: Sink, work: Path, log: Any) 
     port = str(sink.port)
     naive_n = min(n, args.naive_max)
     runs: dict[str, list[dict[str, Any]]] = {
-        "pipeline": [], "ceiling": [], "transport": [], "naive": [], "smtp_source": []}
+        "pipeline": [],
+        "ceiling": [],
+        "transport": [],
+        "naive": [],
+        "smtp_source": [],
+    }
     for r in range(args.repeat):
         _note_load()
         log(f"N={n} run {r + 1}/{args.repeat}: pipeline")
@@ -454,8 +486,11 @@ def _fmt_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"median of {meta['repeat']} run(s); {meta['cpus']} CPU(s), Python {meta['python']}",
         f"mailer code: {meta.get('git') or meta['mailer']}; "
         f"load average before {load['before']:.2f}, highest seen between runs {load['max']:.2f}"
-        + ("  (other work was running: wall-clock rates are pessimistic; compare CPU ms/mail)"
-           if load["max"] > 0.5 * (meta["cpus"] or 1) else ""),
+        + (
+            "  (other work was running: wall-clock rates are pessimistic; compare CPU ms/mail)"
+            if load["max"] > 0.5 * (meta["cpus"] or 1)
+            else ""
+        ),
         "",
         f"{'N':>7}  {'line':<36} {'mails/s':>8} {'seconds':>8} {'CPU ms':>7}  notes",
     ]
@@ -467,14 +502,24 @@ def _fmt_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in results:
         n = r["n"]
         p, ce, tr, nv, ss = r["pipeline"], r["ceiling"], r["transport"], r["naive"], r["smtp_source"]
-        lines.append(row(
-            str(n), "pipeline (run_pass, as mailer send)", p,
-            f"peak RSS {p['rss_max_mb']:.0f} MB, ledger {p['ledger_bytes'] / 1e6:.1f} MB, "
-            f"with load_workspace {p['e2e_rate']:.0f}/s (+{p['load_seconds']:.2f} s)"))
-        lines.append(row(
-            "", "ceiling (aiosmtplib, pre-built)", ce,
-            f"avg message {ce['avg_bytes'] / 1024:.1f} KiB, composed beforehand in "
-            f"{ce['prebuild_seconds']:.1f} s"))
+        lines.append(
+            row(
+                str(n),
+                "pipeline (run_pass, as mailer send)",
+                p,
+                f"peak RSS {p['rss_max_mb']:.0f} MB, ledger {p['ledger_bytes'] / 1e6:.1f} MB, "
+                f"with load_workspace {p['e2e_rate']:.0f}/s (+{p['load_seconds']:.2f} s)",
+            )
+        )
+        lines.append(
+            row(
+                "",
+                "ceiling (aiosmtplib, pre-built)",
+                ce,
+                f"avg message {ce['avg_bytes'] / 1024:.1f} KiB, composed beforehand in "
+                f"{ce['prebuild_seconds']:.1f} s",
+            )
+        )
         lines.append(row("", "transport (mailer's, pre-built)", tr, "prepared bytes, no sendmail()"))
         if nv:
             lines.append(row("", f"naive (EmailMessage, n={nv['n']})", nv, "one SMTP connection per mail"))
@@ -486,19 +531,27 @@ def _fmt_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"(target >= {TARGET_CEILING:.0%}: {ok(r['pipeline_over_ceiling'] >= TARGET_CEILING)})"
         )
         if r["pipeline_over_naive"] is not None:
-            ratio += (f"; pipeline/naive {r['pipeline_over_naive']:.1f}x "
-                      f"(target >= {TARGET_NAIVE:.0f}x: {ok(r['pipeline_over_naive'] >= TARGET_NAIVE)})")
+            ratio += (
+                f"; pipeline/naive {r['pipeline_over_naive']:.1f}x "
+                f"(target >= {TARGET_NAIVE:.0f}x: {ok(r['pipeline_over_naive'] >= TARGET_NAIVE)})"
+            )
         if r["pipeline_over_smtp_source"] is not None:
             ratio += f"; pipeline/smtp-source {r['pipeline_over_smtp_source']:.0%}"
         lines.append(ratio)
-        lines.append(f"{'':>7}  pipeline/transport {r['pipeline_over_transport']:.0%} (what planning, "
-                     "composing and the ledger leave of mailer's own transport)")
+        lines.append(
+            f"{'':>7}  pipeline/transport {r['pipeline_over_transport']:.0%} (what planning, "
+            "composing and the ledger leave of mailer's own transport)"
+        )
         if n >= 100_000:
-            lines.append(f"{'':>7}  peak RSS {p['rss_max_mb']:.0f} MB (target < {TARGET_RSS_MB:.0f} MB: "
-                         f"{ok(p['rss_max_mb'] < TARGET_RSS_MB)})")
+            lines.append(
+                f"{'':>7}  peak RSS {p['rss_max_mb']:.0f} MB (target < {TARGET_RSS_MB:.0f} MB: "
+                f"{ok(p['rss_max_mb'] < TARGET_RSS_MB)})"
+            )
         lines.append("")
-    lines.append("Targets (issue 6): at N=10,000 the ratios; at N=100,000 the peak RSS. CPU ms = CPU "
-                 "time of the sending process per mail (the sink's not included).")
+    lines.append(
+        "Targets (issue 6): at N=10,000 the ratios; at N=100,000 the peak RSS. CPU ms = CPU "
+        "time of the sending process per mail (the sink's not included)."
+    )
     return "\n".join(lines)
 
 
@@ -512,8 +565,10 @@ def profile(n: int, args: argparse.Namespace, sink: Sink, work: Path) -> str:
     import io
 
     buf = io.StringIO()
-    buf.write(f"cProfile of the pipeline, N={n}: {p['seconds']:.2f} s under the profiler "
-              f"({n / p['seconds']:.0f} mails/s), stats in {out}\n")
+    buf.write(
+        f"cProfile of the pipeline, N={n}: {p['seconds']:.2f} s under the profiler "
+        f"({n / p['seconds']:.0f} mails/s), stats in {out}\n"
+    )
     st = pstats.Stats(str(out), stream=buf)
     st.strip_dirs().sort_stats("tottime").print_stats(args.profile_top)
     st.sort_stats("cumulative").print_stats(args.profile_top)
@@ -532,11 +587,21 @@ def stages(n: int, args: argparse.Namespace, sink: Sink, work: Path) -> str:
             rows.setdefault(name, []).append((secs, calls))
         ceil.append(_child("ceiling", str(folder), str(sink.port), str(args.connections))["cpu_seconds"])
     total = median(totals)
-    out = [f"CPU time per mail of the pipeline's steps, N={n}, median of {args.repeat} run(s) "
-           "(inclusive: compose_due contains compose, which contains render/ICS/build)", "",
-           f"{'step':<28} {'us/mail':>8} {'calls/mail':>10} {'share':>6}"]
-    top = ("plan", "Ledger.add_pending", "Ledger.record", "Ledger.claim", "Ledger.sent",
-           "Composer.compose_due", "Composer.message_id")
+    out = [
+        f"CPU time per mail of the pipeline's steps, N={n}, median of {args.repeat} run(s) "
+        "(inclusive: compose_due contains compose, which contains render/ICS/build)",
+        "",
+        f"{'step':<28} {'us/mail':>8} {'calls/mail':>10} {'share':>6}",
+    ]
+    top = (
+        "plan",
+        "Ledger.add_pending",
+        "Ledger.record",
+        "Ledger.claim",
+        "Ledger.sent",
+        "Composer.compose_due",
+        "Composer.message_id",
+    )
     accounted = 0.0
     for name, vals in rows.items():
         secs, calls = median([v[0] for v in vals]), median([v[1] for v in vals])
@@ -557,11 +622,19 @@ def stages(n: int, args: argparse.Namespace, sink: Sink, work: Path) -> str:
 def _git_state() -> str | None:
     """HEAD and whether mailer/ has uncommitted changes (the code measured)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent.parent,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=HERE.parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", "mailer"],
-            cwd=HERE.parent.parent, capture_output=True, text=True, timeout=10,
+            cwd=HERE.parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -575,10 +648,15 @@ def _mailer_path() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=lambda s: [int(x.replace("_", "")) for x in s.split(",")], action="extend",
-                    help="recipient counts, comma separated (default: 1000,10000; repeatable)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--n",
+        type=lambda s: [int(x.replace("_", "")) for x in s.split(",")],
+        action="extend",
+        help="recipient counts, comma separated (default: 1000,10000; repeatable)",
+    )
     ap.add_argument("--large", action="store_true", help="also N=100,000")
     ap.add_argument("--connections", type=int, default=4, help="SMTP connections (default 4)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; medians shown (default 3)")
@@ -587,11 +665,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--json-out", type=Path, help="also write the JSON to this file")
-    ap.add_argument("--profile", action="store_true",
-                    help="instead of the table: cProfile one pipeline run at the largest N")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the table: cProfile one pipeline run at the largest N",
+    )
     ap.add_argument("--profile-top", type=int, default=30)
-    ap.add_argument("--stages", action="store_true",
-                    help="instead of the table: CPU time per mail of each pipeline step at the largest N")
+    ap.add_argument(
+        "--stages",
+        action="store_true",
+        help="instead of the table: CPU time per mail of each pipeline step at the largest N",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated campaigns and ledgers")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -618,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     ns = sorted(set(args.n or [1000, 10000]) | ({100_000} if args.large else set()))
+
     def log(msg: str) -> None:  # progress on stderr; the table goes to stdout
         print(msg, file=sys.stderr, flush=True)
 

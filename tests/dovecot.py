@@ -178,9 +178,7 @@ def dovecot_fixture(tmp_path: Path) -> Iterator[Dovecot]:
             stderr=subprocess.STDOUT,
         )
         _wait_for(imap_port, proc, log)  # the master opens every listener before it forks
-        yield Dovecot(
-            "127.0.0.1", imap_port, imaps_port, USER, PASSWORD, ca_file, home / "Maildir", log
-        )
+        yield Dovecot("127.0.0.1", imap_port, imaps_port, USER, PASSWORD, ca_file, home / "Maildir", log)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

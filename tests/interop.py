@@ -55,9 +55,7 @@ class Component:
 
     def one(self, name: str, where: str) -> tuple[str, dict[str, list[str]], str]:
         found = self.all(name)
-        assert len(found) == 1, (
-            f"{where}: expected exactly one {name} in {self.name}, found {len(found)}"
-        )
+        assert len(found) == 1, f"{where}: expected exactly one {name} in {self.name}, found {len(found)}"
         return found[0]
 
     def sub(self, name: str) -> list[Component]:
@@ -271,9 +269,7 @@ def check_calendar(
             for key in ("TZOFFSETFROM", "TZOFFSETTO"):
                 assert _OFFSET.fullmatch(o.one(key, "[8]")[2]), f"[8] {name}: bad {key}"
             for r in o.all("RRULE"):
-                assert _RRULE.fullmatch(r[2]), (
-                    f"[8] {name}: RRULE {r[2]!r} not FREQ=YEARLY;BYMONTH;BYDAY"
-                )
+                assert _RRULE.fullmatch(r[2]), f"[8] {name}: RRULE {r[2]!r} not FREQ=YEARLY;BYMONTH;BYDAY"
 
     # [9] ORGANIZER and ATTENDEE mailto:, recipient with RSVP and NEEDS-ACTION.
     _, op, ov = ev.one("ORGANIZER", "[9]")
@@ -285,9 +281,7 @@ def check_calendar(
         addr = _mailto(av, "ATTENDEE")
         addresses.append(addr)
         assert ap.get("RSVP") == ["TRUE"], f"[9] ATTENDEE {addr} needs RSVP=TRUE"
-        assert ap.get("PARTSTAT") == ["NEEDS-ACTION"], (
-            f"[9] ATTENDEE {addr} needs PARTSTAT=NEEDS-ACTION"
-        )
+        assert ap.get("PARTSTAT") == ["NEEDS-ACTION"], f"[9] ATTENDEE {addr} needs PARTSTAT=NEEDS-ACTION"
         if not allow_organizer_attendee:
             assert addr.lower() != organizer.lower(), f"[9] the recipient {addr} is the ORGANIZER"
         for pp in (ap, op):
@@ -315,8 +309,7 @@ def check_calendar(
     # Independent readers. icalendar reads the file as sent (IANA TZIDs -> zoneinfo); both
     # readers then read it with private TZIDs, which forces them to use our VTIMEZONE.
     private = {
-        n: "X-CHECK-" + hashlib.sha1("\n".join(lines).encode() + n.encode()).hexdigest()[:16]
-        for n in vtz
+        n: "X-CHECK-" + hashlib.sha1("\n".join(lines).encode() + n.encode()).hexdigest()[:16] for n in vtz
     }
     variants = [
         ("icalendar", ics),
@@ -336,8 +329,7 @@ def check_calendar(
     for who, texts, start, end in readings[1:]:
         assert texts == first[1], f"{who} reads UID/SUMMARY/LOCATION {texts}, icalendar {first[1]}"
         assert (start, end) == (first[2], first[3]), (
-            f"{who} (via our VTIMEZONE) reads {start} - {end}, "
-            f"icalendar (zoneinfo) {first[2]} - {first[3]}"
+            f"{who} (via our VTIMEZONE) reads {start} - {end}, icalendar (zoneinfo) {first[2]} - {first[3]}"
         )
         assert type(start) is type(first[2]), f"{who}: all-day vs timed disagreement"
     assert first[3] > first[2], "[7] DTEND must be after DTSTART"
@@ -398,9 +390,7 @@ def check_message(
 
     # [15] exactly one of each core header; [16] no data line breaks; [18] Auto-Submitted.
     for h in CORE_HEADERS:
-        assert counts.get(h.lower()) == 1, (
-            f"[15] need exactly one {h}, found {counts.get(h.lower(), 0)}"
-        )
+        assert counts.get(h.lower()) == 1, f"[15] need exactly one {h}, found {counts.get(h.lower(), 0)}"
     for h, n in counts.items():
         assert n == 1, f"[15] header {h} appears {n} times"
     for h, v in msg.items():
@@ -440,9 +430,7 @@ def check_message(
         assert isinstance(payload, bytes)
         cte = p.get("Content-Transfer-Encoding", "7bit").lower()
         if not payload.isascii():
-            assert cte in ("base64", "quoted-printable"), (
-                f"[14] non-ASCII {p.get_content_type()} as {cte}"
-            )
+            assert cte in ("base64", "quoted-printable"), f"[14] non-ASCII {p.get_content_type()} as {cte}"
         if p.get_content_maintype() == "text":
             assert (p.get_content_charset() or "").lower() == "utf-8", "text parts must be utf-8"
             payload.decode("utf-8")

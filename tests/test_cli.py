@@ -25,9 +25,7 @@ def test_every_command_has_help() -> None:
     code, text = invoke("--help")
     assert code == 0
     commands = list(cli.commands)  # type: ignore[attr-defined]
-    assert {"check", "preview", "send", "status", "log", "export", "retry", "run", "demo"} <= set(
-        commands
-    )
+    assert {"check", "preview", "send", "status", "log", "export", "retry", "run", "demo"} <= set(commands)
     for name in commands:
         code, text = invoke(name, "--help")
         assert code == 0 and "Usage: " in text and len(text.splitlines()) > 4, name
@@ -278,9 +276,7 @@ def test_bad_input_table(
         assert frag in text, text
 
 
-def test_hostile_names_are_safe_in_the_mail(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hostile_names_are_safe_in_the_mail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     csv = HDR + (
         b'crlf@example.org,"Evil\r\nBcc: x@example.com",nl,indieners\n'
         b"html@example.org,<script>alert(1)</script>,nl,indieners\n"

@@ -144,9 +144,7 @@ BAD = [
     ),
     (
         "date and start",
-        BASE.replace(
-            "    start: 2018-01-22 09:30\n", "    start: 2018-01-22 09:30\n    date: 2018-01-22\n"
-        ),
+        BASE.replace("    start: 2018-01-22 09:30\n", "    start: 2018-01-22 09:30\n    date: 2018-01-22\n"),
         ["events[0].date: give either date"],
     ),
     (
@@ -158,12 +156,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"), [(t, e) for _, t, e in BAD], ids=[n for n, _, _ in BAD]
-)
-def test_bad_config(
-    text: str, expected: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize(("text", "expected"), [(t, e) for _, t, e in BAD], ids=[n for n, _, _ in BAD])
+def test_bad_config(text: str, expected: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     problems = _err(text, tmp_path)
     joined = "\n".join(problems)

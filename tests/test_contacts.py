@@ -97,7 +97,11 @@ def test_header_aliases_are_accepted(tmp_path: Path) -> None:
     assert result.problems == []
     c = result.contacts[0]
     assert (c.email, c.name, c.language, c.lists, c.fields) == (
-        "an@example.be", "An", "fr", frozenset({"a"}), {}
+        "an@example.be",
+        "An",
+        "fr",
+        frozenset({"a"}),
+        {},
     )
 
 
@@ -160,8 +164,13 @@ def test_domain_is_lowercased_and_idn_normalised(tmp_path: Path) -> None:
 def test_addresses_match_email_validator_normalisation(tmp_path: Path) -> None:
     # _address takes a shortcut for common addresses; it must agree with the library.
     addresses = [
-        "a.b+c@Example.ORG", "Postmaster@Example.org", "INFO@example.be", "o'brien@example.com",
-        "élève@example.be", "x@xn--bcher-kva.example", "user@sub.Domain.example.com",
+        "a.b+c@Example.ORG",
+        "Postmaster@Example.org",
+        "INFO@example.be",
+        "o'brien@example.com",
+        "élève@example.be",
+        "x@xn--bcher-kva.example",
+        "user@sub.Domain.example.com",
         "Ünïcode@Exämple.org",
     ]
     text = "email\n" + "".join(f"{a}\n" for a in addresses)
@@ -180,7 +189,9 @@ def test_addresses_match_email_validator_normalisation(tmp_path: Path) -> None:
 def test_duplicates_are_merged_with_a_warning_naming_both_rows(tmp_path: Path) -> None:
     a = write(tmp_path, "a.csv", "email,name,lists,tags,org\nan@example.be,,indieners,x,\n")
     b = write(
-        tmp_path, "b.csv", "email;name;language;lists;tags;org\nAN@EXAMPLE.BE;x;fr;z;w;v\n"
+        tmp_path,
+        "b.csv",
+        "email;name;language;lists;tags;org\nAN@EXAMPLE.BE;x;fr;z;w;v\n"
         "an@Example.be;An De Clercq;nl;lerend-netwerk;y;vzw Samen\n",
     )
     result = load(tmp_path, a, b)
@@ -250,7 +261,10 @@ def test_extra_columns_become_fields_with_normalised_keys(tmp_path: Path) -> Non
     text = "email;Organisation;Postal Code;first-name;Prijs (€)\nan@example.be;vzw X;1000;An;5\n"
     result = load(tmp_path, write(tmp_path, "c.csv", text))
     assert result.contacts[0].fields == {
-        "organisation": "vzw X", "postal_code": "1000", "first_name": "An", "prijs_(€)": "5"
+        "organisation": "vzw X",
+        "postal_code": "1000",
+        "first_name": "An",
+        "prijs_(€)": "5",
     }
     [warning] = result.problems  # "prijs_(€)" is kept but is not a usable variable name
     assert warning.severity == "warning" and "prijs_(€)" in warning.message

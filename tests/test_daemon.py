@@ -65,7 +65,9 @@ def test_daemon_sends_on_time_reloads_and_stops(
     # far enough ahead that the daemon is up and waiting (not catching up) when it falls due
     first_at = start + timedelta(seconds=8)
     event = start + timedelta(days=1)
-    events = f'- {{id: ev, title: Soon, start: "{local(event)}", end: "{local(event + timedelta(hours=2))}"}}\n'
+    events = (
+        f'- {{id: ev, title: Soon, start: "{local(event)}", end: "{local(event + timedelta(hours=2))}"}}\n'
+    )
     steps = f'- {{id: invite, event: ev, template: invite, at: "{local(first_at)}"}}\n'
     cfg = write_campaign(tmp_path, events=events, steps=steps)
     received = smtp_server.handler.received
@@ -86,17 +88,13 @@ def test_daemon_sends_on_time_reloads_and_stops(
         assert other.returncode == 1 and "in use by another mailer process" in other.stderr
         assert wait_for(lambda: len(received) >= 2, 20), d.text()
         arrival["invite"] = time.time()
-        assert arrival["invite"] - first_at.timestamp() < 2.0, (
-            "mails arrive within 2 s of their time"
-        )
+        assert arrival["invite"] - first_at.timestamp() < 2.0, "mails arrive within 2 s of their time"
         assert arrival["invite"] >= first_at.timestamp() - 0.05, "not early"
 
         # an edit that adds a step is picked up
         second_at = datetime.now(TZ).replace(microsecond=0) + timedelta(seconds=5)
         text = cfg.read_text()
-        cfg.write_text(
-            text + f'  - {{id: remind, event: ev, template: remind, at: "{local(second_at)}"}}\n'
-        )
+        cfg.write_text(text + f'  - {{id: remind, event: ev, template: remind, at: "{local(second_at)}"}}\n')
         assert wait_for(lambda: "reload" in d.text(), 10), d.text()
         assert wait_for(lambda: len(received) >= 4, 15), d.text()
         assert time.time() - second_at.timestamp() < 2.5
@@ -122,8 +120,5 @@ def test_daemon_sends_on_time_reloads_and_stops(
         time.sleep(1.5)
     finally:
         assert d2.stop() == 0
-    ids = [
-        email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"]
-        for r in received
-    ]
+    ids = [email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"] for r in received]
     assert len(ids) == len(set(ids)) == 4

@@ -320,9 +320,9 @@ def test_not_reached_and_answers(dashboard: str, browser: Any) -> None:
     ]
     browser.get(f"{dashboard}/{DATABASE}/answers_for_event?event=party")
     heads, rows = _table(browser)
-    assert [(r[heads.index("Invitee")], r[heads.index("Answer")], r[heads.index("Counts")]) for r in rows] == [
-        ("bob@example.org", "not coming", "no: answered an earlier version")
-    ]
+    assert [
+        (r[heads.index("Invitee")], r[heads.index("Answer")], r[heads.index("Counts")]) for r in rows
+    ] == [("bob@example.org", "not coming", "no: answered an earlier version")]
 
 
 def test_table_pages_show_local_times_and_hide_internal_tables(dashboard: str, browser: Any) -> None:

@@ -10,7 +10,9 @@ import pytest
 
 import mailer
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(mailer.__path__, "mailer.") if m.name != "mailer.__main__")
+MODULES = sorted(
+    m.name for m in pkgutil.iter_modules(mailer.__path__, "mailer.") if m.name != "mailer.__main__"
+)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -312,9 +312,7 @@ def test_vtimezone_agrees_with_zoneinfo(shipped: Campaign, zone: str) -> None:
 def test_repeated_hour_second_occurrence_is_written_in_utc(shipped: Campaign) -> None:
     tz = shipped.timezone
     start = datetime(2018, 10, 28, 2, 30, fold=1, tzinfo=tz)  # 01:30Z, the second 02:30
-    ev = dataclasses.replace(
-        shipped.event("aan-de-slag"), start=start, end=start + timedelta(hours=1)
-    )
+    ev = dataclasses.replace(shipped.event("aan-de-slag"), start=start, end=start + timedelta(hours=1))
     lines = content(ics_for(shipped, ev))
     assert "DTSTART:20181028T013000Z" in lines
     assert "DTEND;TZID=Europe/Brussels:20181028T033000" in lines
@@ -337,9 +335,7 @@ def test_all_day_event_uses_value_date(shipped: Campaign) -> None:
 
 
 def test_multi_day_all_day_event(tmp_path: Path) -> None:
-    text = SHIPPED.read_text().replace(
-        "date: 2018-01-16", "date: 2018-01-16\n    end_date: 2018-01-18"
-    )
+    text = SHIPPED.read_text().replace("date: 2018-01-16", "date: 2018-01-16\n    end_date: 2018-01-18")
     c = config.loads(text, tmp_path / "schedules.yaml")
     lines = content(ics_for(c, c.event("infosessie")))
     assert "DTSTART;VALUE=DATE:20180116" in lines and "DTEND;VALUE=DATE:20180119" in lines
@@ -368,10 +364,7 @@ def test_request_header_and_required_properties(shipped: Campaign) -> None:
         "ATTENDEE;ROLE=REQ-PARTICIPANT;PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:jan@example.be",
     ):
         assert lines.count(expected) == 1, expected
-    assert (
-        "LOCATION:KVS (Koninklijke Vlaamse Schouwburg) - zaal Top\\, Arduinkaai 7\\, 1000 Brussel"
-        in lines
-    )
+    assert "LOCATION:KVS (Koninklijke Vlaamse Schouwburg) - zaal Top\\, Arduinkaai 7\\, 1000 Brussel" in lines
     assert not any(x.startswith(("DURATION", "BEGIN:VALARM", "RDATE")) for x in lines)
     assert ics.count(b"\n") == ics.count(b"\r\n")
 
@@ -387,15 +380,10 @@ def test_description_and_url(tmp_path: Path) -> None:
         location="Zaal 1; gang B",
     )
     lines = content(ics_for(c))
-    assert (
-        "DESCRIPTION:Agenda\\; koffie\\, thee\\nen taart\\n\\nhttps://example.org/e?a=1&b=2"
-        in lines
-    )
+    assert "DESCRIPTION:Agenda\\; koffie\\, thee\\nen taart\\n\\nhttps://example.org/e?a=1&b=2" in lines
     assert "URL:https://example.org/e?a=1&b=2" in lines
     ev = icalendar.Calendar.from_ical(ics_for(c)).walk("VEVENT")[0]
-    assert (
-        str(ev["DESCRIPTION"]) == "Agenda; koffie, thee\nen taart\n\nhttps://example.org/e?a=1&b=2"
-    )
+    assert str(ev["DESCRIPTION"]) == "Agenda; koffie, thee\nen taart\n\nhttps://example.org/e?a=1&b=2"
     assert check_calendar(ics_for(c)).location == "Zaal 1; gang B"
 
 

@@ -90,17 +90,14 @@ def reply_mail(
     msg["Subject"] = "Answer: Aan de slag INTEGRATIEPACT"
     msg["Date"] = "Fri, 05 Jan 2018 09:00:00 +0100"
     msg["Message-ID"] = (
-        mid
-        or f"<reply.{hashlib.sha1(repr((ics, sender)).encode()).hexdigest()[:16]}@client.example>"
+        mid or f"<reply.{hashlib.sha1(repr((ics, sender)).encode()).hexdigest()[:16]}@client.example>"
     )
     msg.set_content("My answer is in the calendar object.\n")
     text = ics.decode() if isinstance(ics, bytes) else ics
     if inline:
         msg.add_alternative(text, subtype="calendar", params={"method": "REPLY"})
     if attach:
-        msg.add_attachment(
-            text.encode(), maintype="application", subtype="ics", filename="invite.ics"
-        )
+        msg.add_attachment(text.encode(), maintype="application", subtype="ics", filename="invite.ics")
     return bytes(msg)
 
 
@@ -168,9 +165,7 @@ def scenario(campaign: Campaign) -> dict[str, bytes]:
     """The mails of the end-to-end tests, by name."""
     u = uid(campaign)
     return {
-        "accepted": reply_mail(
-            reply_ics(u, "mailto:jan@example.be", "ACCEPTED"), "Jan <jan@example.be>"
-        ),
+        "accepted": reply_mail(reply_ics(u, "mailto:jan@example.be", "ACCEPTED"), "Jan <jan@example.be>"),
         "declined": reply_mail(
             reply_ics(u, "MAILTO:els@Example.BE", "DECLINED"), "els@example.be", attach=True
         ),
@@ -259,9 +254,7 @@ def assert_recorded(ledger: Ledger, campaign: Campaign) -> None:
 @pytest.fixture
 def imap(dovecot: Dovecot) -> Iterator[IMAPClient]:
     ctx = ssl.create_default_context(cafile=str(dovecot.ca_file))
-    client = IMAPClient(
-        dovecot.host, port=dovecot.imaps_port, ssl=True, ssl_context=ctx, timeout=10
-    )
+    client = IMAPClient(dovecot.host, port=dovecot.imaps_port, ssl=True, ssl_context=ctx, timeout=10)
     client.login(dovecot.user, dovecot.password)
     client.select_folder("INBOX")
     yield client
@@ -281,20 +274,15 @@ def flags(client: IMAPClient, uid_: int) -> set[bytes]:
     return set(client.get_flags([uid_])[uid_])
 
 
-def test_imap_end_to_end(
-    tmp_path: Path, campaign: Campaign, dovecot: Dovecot, imap: IMAPClient
-) -> None:
+def test_imap_end_to_end(tmp_path: Path, campaign: Campaign, dovecot: Dovecot, imap: IMAPClient) -> None:
     uids = append_all(imap, scenario(campaign))
     ledger_with_deliveries(tmp_path / "mailer.db", campaign).close()
 
-    result = run_inbox(
-        ROOT / "schedules.yaml", tmp_path / "mailer.db", None, dovecot.env("tls"), now=NOW
-    )
+    result = run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", None, dovecot.env("tls"), now=NOW)
     assert dict(result.counts) == {"reply": 3, "bounce": 1, "delay": 1, "unsubscribe": 1}
     assert (result.handled, result.ignored) == (6, 1)
     assert (
-        result.summary()
-        == "3 replies, 1 bounce, 1 delay, 1 unsubscribe; 6 message(s) handled, 1 left alone."
+        result.summary() == "3 replies, 1 bounce, 1 delay, 1 unsubscribe; 6 message(s) handled, 1 left alone."
     )
     assert any(line.startswith("bounce: gone@example.net 5.1.1 550 5.1.1") for line in result.lines)
     with Ledger(tmp_path / "mailer.db") as ledger:
@@ -307,9 +295,7 @@ def test_imap_end_to_end(
             assert {b"\\Seen", b"$MailerProcessed"} <= flags(imap, u), name
 
     # Second pass, over STARTTLS: nothing new.
-    again = run_inbox(
-        ROOT / "schedules.yaml", tmp_path / "mailer.db", None, dovecot.env("starttls"), now=NOW
-    )
+    again = run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", None, dovecot.env("starttls"), now=NOW)
     assert (again.handled, again.ignored, sum(again.counts.values())) == (0, 1, 0)
     assert not flags(imap, uids["unrelated"]) & {b"\\Seen", b"$MailerProcessed"}
 
@@ -343,9 +329,7 @@ def test_imap_certificate_is_checked(
 
 def test_imap_wrong_mailbox_or_password(tmp_path: Path, dovecot: Dovecot) -> None:
     env = dovecot.env() | {"MAILER_IMAP_MAILBOX": "Nope"}
-    with pytest.raises(
-        InboxError, match="IMAP 127.0.0.1:[0-9]+: select failed: Mailbox doesn't exist: Nope"
-    ):
+    with pytest.raises(InboxError, match="IMAP 127.0.0.1:[0-9]+: select failed: Mailbox doesn't exist: Nope"):
         run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", None, env, now=NOW)
     # Last: after a failed login Dovecot slows down further logins from the address.
     env = dovecot.env() | {"MAILER_IMAP_PASSWORD": "not-the-Secret-42"}
@@ -358,9 +342,7 @@ def test_imap_wrong_mailbox_or_password(tmp_path: Path, dovecot: Dovecot) -> Non
 
 
 def test_imap_settings_from_environment(tmp_path: Path) -> None:
-    with pytest.raises(
-        InboxError, match="no inbox to read: pass --maildir DIR, or set MAILER_IMAP_HOST"
-    ):
+    with pytest.raises(InboxError, match="no inbox to read: pass --maildir DIR, or set MAILER_IMAP_HOST"):
         run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", None, {}, now=NOW)
     assert not (tmp_path / "mailer.db").exists()
     with pytest.raises(InboxError, match="set MAILER_IMAP_USER, MAILER_IMAP_PASSWORD"):
@@ -418,9 +400,7 @@ def test_maildir_end_to_end(tmp_path: Path, campaign: Campaign) -> None:
         keys[name] = md.add(m)
     ledger_with_deliveries(tmp_path / "mailer.db", campaign).close()
 
-    result = run_inbox(
-        ROOT / "schedules.yaml", tmp_path / "mailer.db", tmp_path / "Maildir", {}, now=NOW
-    )
+    result = run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", tmp_path / "Maildir", {}, now=NOW)
     assert dict(result.counts) == {"reply": 3, "bounce": 1, "delay": 1, "unsubscribe": 1}
     assert (result.handled, result.ignored) == (6, 1)
     with Ledger(tmp_path / "mailer.db") as ledger:
@@ -430,9 +410,7 @@ def test_maildir_end_to_end(tmp_path: Path, campaign: Campaign) -> None:
     assert [p.name for p in new] == [keys["unrelated"]]
     assert len(cur) == 6 and all(p.name.endswith(":2,S") for p in cur)
 
-    again = run_inbox(
-        ROOT / "schedules.yaml", tmp_path / "mailer.db", tmp_path / "Maildir", {}, now=NOW
-    )
+    again = run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", tmp_path / "Maildir", {}, now=NOW)
     assert (again.handled, again.ignored, sum(again.counts.values())) == (0, 1, 0)
     assert sorted((tmp_path / "Maildir" / "cur").iterdir()) == cur
 
@@ -515,17 +493,13 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
         ("truncated calendar", reply_mail(reply_ics(u, R, "ACCEPTED")[:-40], "j@x.be"), []),
         (
             "a broken DTSTART does not hide the answer",
-            reply_mail(
-                reply_ics(u, R, "DECLINED").replace(b"DTSTART:2018", b"DTSTART:xx18"), "j@x.be"
-            ),
+            reply_mail(reply_ics(u, R, "DECLINED").replace(b"DTSTART:2018", b"DTSTART:xx18"), "j@x.be"),
             [Finding("reply", "jan@example.be", "aan-de-slag", "DECLINED", sequence=0)],
         ),
         ("not a calendar at all", reply_mail("\x00\x01 garbage", "j@x.be"), []),
         (
             "DSN, two recipients",
-            dsn_mail(
-                [hard, ("late@example.net", "delayed", "4.4.1", "connection timed out")], mine
-            ),
+            dsn_mail([hard, ("late@example.net", "delayed", "4.4.1", "connection timed out")], mine),
             [
                 Finding(
                     "bounce",
@@ -606,9 +580,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
     ]
 
 
-@pytest.mark.parametrize(
-    ("raw", "expected"), [pytest.param(r, e, id=n) for n, r, e in _cases(CAMPAIGN)]
-)
+@pytest.mark.parametrize(("raw", "expected"), [pytest.param(r, e, id=n) for n, r, e in _cases(CAMPAIGN)])
 def test_classify(raw: bytes, expected: list[Finding]) -> None:
     assert classify(raw, CAMPAIGN) == expected
 

@@ -81,9 +81,7 @@ def test_record_never_overwrites_final(tmp_path: Path) -> None:
 
 def test_defer_fail_retry(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(ra, _, _), (rb, _, _)] = led.claim(
-            "c", [item("a@example.org"), item("b@example.org")], T0
-        )
+        [(ra, _, _), (rb, _, _)] = led.claim("c", [item("a@example.org"), item("b@example.org")], T0)
         led.deferred(ra, 451, "try later", T0, T0 + timedelta(minutes=1))
         led.failed(rb, 550, "no such user", T0)
         summary = {(r["step"], r["status"]): r["n"] for r in led.summary("c")}
@@ -143,9 +141,7 @@ def test_status_queries_use_indexes(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
         plan = " ".join(
             str(r)
-            for r in led.conn.execute(
-                "EXPLAIN QUERY PLAN SELECT * FROM deliveries WHERE status='failed'"
-            )
+            for r in led.conn.execute("EXPLAIN QUERY PLAN SELECT * FROM deliveries WHERE status='failed'")
         )
         assert "USING INDEX" in plan
 
@@ -198,8 +194,13 @@ def expected_summary(conn: sqlite3.Connection, campaign: str | None = None) -> l
             if st == "deferred" and nxt is not None:
                 retry[c, s] = min(retry.get((c, s), nxt), nxt)
     return [
-        {"campaign": c, "step": s, "status": st, "n": k,
-         "next_attempt": retry.get((c, s)) if st == "deferred" else None}
+        {
+            "campaign": c,
+            "step": s,
+            "status": st,
+            "n": k,
+            "next_attempt": retry.get((c, s)) if st == "deferred" else None,
+        }
         for (c, s, st), k in sorted(n.items())
     ]
 
@@ -220,8 +221,21 @@ def random_operations(led: Ledger, rnd: random.Random, n: int, check: Any) -> Co
         now += timedelta(seconds=rnd.randint(1, 90))
         campaign, step = rnd.choice(CAMPAIGNS), rnd.choice(STEPS)
         op = rnd.choice(
-            ["add_pending", "claim", "claim", "outcomes", "outcomes", "release", "retry", "record",
-             "bounced", "revision", "delete", "move", "replace"]
+            [
+                "add_pending",
+                "claim",
+                "claim",
+                "outcomes",
+                "outcomes",
+                "release",
+                "retry",
+                "record",
+                "bounced",
+                "revision",
+                "delete",
+                "move",
+                "replace",
+            ]
         )
         if op == "add_pending":
             led.add_pending(campaign, [(step, "ev", e, "", T0) for e in some(EMAILS, 6)], now)
@@ -292,8 +306,19 @@ def test_counts_follow_every_ledger_operation(tmp_path: Path) -> None:
 
         done = random_operations(led, rnd, 400, check)
     # the sequence really went through every operation and every status
-    assert set(done) >= {"add_pending", "claim", "outcomes", "release", "retry", "record", "bounced",
-                         "revision", "delete", "move", "replace"}
+    assert set(done) >= {
+        "add_pending",
+        "claim",
+        "outcomes",
+        "release",
+        "retry",
+        "record",
+        "bounced",
+        "revision",
+        "delete",
+        "move",
+        "replace",
+    }
     assert seen == set(STATUSES)
     # and another connection (another process) reads the same counts
     with Ledger(tmp_path / "l.db") as other:
@@ -381,8 +406,12 @@ def test_concurrent_opens_migrate_once(tmp_path: Path) -> None:
     db = tmp_path / "l.db"
     truth = make_v1(db, n=400)
     procs = [
-        subprocess.Popen([sys.executable, "-c", _OPEN_ON_GO, str(db)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_ON_GO, str(db)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(3)
     ]
     try:
@@ -421,7 +450,9 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "l.db"
     with Ledger(db) as led:
         led.conn.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
-    with pytest.raises(LedgerError, match=r"ledger schema 4 is newer than this mailer understands \(3\); upgrade"):
+    with pytest.raises(
+        LedgerError, match=r"ledger schema 4 is newer than this mailer understands \(3\); upgrade"
+    ):
         Ledger(db)
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("4",)

@@ -36,9 +36,7 @@ def test_move_then_cancel_the_meeting(
     received = smtp_server.handler.received
     cfg = shipped / "schedules.yaml"
     send("2018-01-04T10:00", smtp_env)
-    invites = [
-        r for r in received if b"uitnodiging-aan-de-slag" in r.data or b"Uitnodiging" in r.data
-    ]
+    invites = [r for r in received if b"uitnodiging-aan-de-slag" in r.data or b"Uitnodiging" in r.data]
     meeting = [r for r in received if calendar(r.data)["UID"].startswith("aan-de-slag.")]
     assert len(meeting) == 14 and invites
     uid = str(calendar(meeting[0].data)["UID"])
@@ -87,9 +85,7 @@ def test_move_then_cancel_the_meeting(
     before = len(received)
     send("2018-01-15T09:00", smtp_env)
     bodies = [
-        email.message_from_bytes(r.data, policy=email.policy.default)
-        .get_body(("plain",))
-        .get_content()
+        email.message_from_bytes(r.data, policy=email.policy.default).get_body(("plain",)).get_content()
         for r in received[before:]
     ]
     meeting_reminders = [b for b in bodies if "Arduinkaai 7" in b]
@@ -125,10 +121,7 @@ def test_move_then_cancel_the_meeting(
         skipped = list(led.log(step="herinnering-aan-de-slag-dag"))
         assert {r["status"] for r in skipped} == {"skipped"}
         assert {r["reason"] for r in skipped} == {"the event is cancelled"}
-    ids = [
-        email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"]
-        for r in received
-    ]
+    ids = [email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"] for r in received]
     assert len(ids) == len(set(ids))
 
 
@@ -143,13 +136,23 @@ def test_replies_bounces_and_unsubscribes_from_the_inbox(
 
     send("2018-01-04T10:00", smtp_env)
     with Ledger(shipped / "mailer.db") as led:
-        an_invite = next(led.log(step="uitnodiging-aan-de-slag", email="an.declercq@example.be"))["message_id"]
+        an_invite = next(led.log(step="uitnodiging-aan-de-slag", email="an.declercq@example.be"))[
+            "message_id"
+        ]
     box = mailbox.Maildir(tmp_path / "inbox", create=True)
-    box.add(reply_mail(reply_ics("aan-de-slag.integratiepact-2018@example.be", "mailto:jan.peeters@example.org", "DECLINED"),
-                       "Jan Peeters <jan.peeters@example.org>"))
+    box.add(
+        reply_mail(
+            reply_ics(
+                "aan-de-slag.integratiepact-2018@example.be", "mailto:jan.peeters@example.org", "DECLINED"
+            ),
+            "Jan Peeters <jan.peeters@example.org>",
+        )
+    )
     box.add(dsn_mail([("an.declercq@example.be", "failed", "5.1.1", "550 5.1.1 user unknown")], an_invite))
-    box.add(b"From: Els <els.vandevelde@example.be>\nTo: afmelden@example.be\nSubject: afmelden\n"
-            b"Message-ID: <unsub.1@example.be>\n\nGraag afmelden.\n")
+    box.add(
+        b"From: Els <els.vandevelde@example.be>\nTo: afmelden@example.be\nSubject: afmelden\n"
+        b"Message-ID: <unsub.1@example.be>\n\nGraag afmelden.\n"
+    )
     r = CliRunner().invoke(cli, ["inbox", "--maildir", str(tmp_path / "inbox")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "1 reply, 1 bounce, 1 unsubscribe" in r.output
@@ -171,7 +174,10 @@ def test_replies_bounces_and_unsubscribes_from_the_inbox(
         assert row["status"] == "suppressed" and "hard bounce" in row["reason"]
         row = next(led.log(step="herinnering-infosessie-week", email="els.vandevelde@example.be"))
         assert row["status"] == "suppressed" and "unsubscribed" in row["reason"]
-        assert next(led.log(step="herinnering-aan-de-slag-week", email="zoe.vermeulen@example.org"))["status"] == "sent"
+        assert (
+            next(led.log(step="herinnering-aan-de-slag-week", email="zoe.vermeulen@example.org"))["status"]
+            == "sent"
+        )
     # processing the same inbox again changes nothing
     r = CliRunner().invoke(cli, ["inbox", "--maildir", str(tmp_path / "inbox")], catch_exceptions=False)
     assert "nothing new" in r.output

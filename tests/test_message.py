@@ -162,9 +162,7 @@ def test_core_headers(shipped: Campaign) -> None:
     assert "Reply-To: integratiepact@example.be" in lines
     assert "MIME-Version: 1.0" in lines and "Auto-Submitted: auto-generated" in lines
     assert "Content-Language: nl-BE" in lines
-    no_reply = dataclasses.replace(
-        shipped, sender=dataclasses.replace(shipped.sender, reply_to=None)
-    )
+    no_reply = dataclasses.replace(shipped, sender=dataclasses.replace(shipped.sender, reply_to=None))
     assert "Reply-To" not in parse(mail(no_reply))
 
 
@@ -207,16 +205,12 @@ def test_encoded_words_never_split_characters() -> None:
         assert b"".join(decoded).decode() == text
 
 
-@pytest.mark.parametrize(
-    "field", ["subject", "to_name", "from_name", "to_email", "language", "message_id"]
-)
+@pytest.mark.parametrize("field", ["subject", "to_name", "from_name", "to_email", "language", "message_id"])
 def test_header_injection_is_blocked(shipped: Campaign, field: str) -> None:
     evil = "\r\nBcc: evil@example.com\r\n"
     c, kw = shipped, dict[str, Any]()
     if field == "from_name":
-        c = dataclasses.replace(
-            shipped, sender=dataclasses.replace(shipped.sender, name="Org" + evil)
-        )
+        c = dataclasses.replace(shipped, sender=dataclasses.replace(shipped.sender, name="Org" + evil))
     elif field == "to_email":  # an address is refused, not mended (it would reach another)
         with pytest.raises(ValueError, match="not an email address"):
             mail(c, to_email="jan@example.be" + evil, event=None)
@@ -296,9 +290,7 @@ def test_bodies_normalised_to_crlf_and_boundary_safe(shipped: Campaign) -> None:
 def test_same_inputs_same_bytes(shipped: Campaign) -> None:
     assert mail(shipped) == mail(shipped)
     other = mail(shipped, message_id="<other@example.be>")
-    assert re.search(rb'boundary="([^"]+)"', other) != re.search(
-        rb'boundary="([^"]+)"', mail(shipped)
-    )
+    assert re.search(rb'boundary="([^"]+)"', other) != re.search(rb'boundary="([^"]+)"', mail(shipped))
 
 
 def test_message_id() -> None:
@@ -388,8 +380,14 @@ def test_one_click_unsubscribe_link_is_signed(tmp_path: Path) -> None:
     from mailer.templates import Templates
 
     root = Path(__file__).resolve().parent.parent
-    text = (root / "schedules.yaml").read_text(encoding="utf-8").replace(
-        "  mailto: afmelden@example.be", "  mailto: afmelden@example.be\n  url: https://example.be/afmelden")
+    text = (
+        (root / "schedules.yaml")
+        .read_text(encoding="utf-8")
+        .replace(
+            "  mailto: afmelden@example.be",
+            "  mailto: afmelden@example.be\n  url: https://example.be/afmelden",
+        )
+    )
     camp = config.loads(text, root / "schedules.yaml")
     tpl = Templates(camp.templates_dir, camp.language)
     with pytest.raises(ConfigError, match="MAILER_UNSUBSCRIBE_SECRET"):

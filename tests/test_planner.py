@@ -51,9 +51,7 @@ def run(
     by_step: dict[str, dict[str, Row]] = {}
     for r in rows:
         by_step.setdefault(r.step, {})[r.email] = r
-    return planner.plan(
-        c, [A, B], lambda s: by_step.get(s, {}), suppressed or {}, started or {}, now
-    )
+    return planner.plan(c, [A, B], lambda s: by_step.get(s, {}), suppressed or {}, started or {}, now)
 
 
 def due(p: planner.Plan) -> set[tuple[str, str]]:
@@ -152,9 +150,7 @@ CASES = [
 @pytest.mark.parametrize(
     ("rows", "now", "exp_due", "exp_skips"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_plan_table(
-    rows: list[Row], now: datetime, exp_due: set, exp_skips: set, tmp_path: Path
-) -> None:
+def test_plan_table(rows: list[Row], now: datetime, exp_due: set, exp_skips: set, tmp_path: Path) -> None:
     p = run(camp(tmp_path), rows, now)
     assert due(p) == exp_due
     assert skips(p) == exp_skips
@@ -169,9 +165,7 @@ def test_suppressed_recorded_not_dropped(tmp_path: Path) -> None:
 
 def test_suppression_ignores_case(tmp_path: Path) -> None:
     c = Contact("A@example.org", "A", lists=frozenset({"x"}))
-    p = planner.plan(
-        camp(tmp_path), [c], lambda s: {}, {"a@example.org": "unsubscribed"}, {}, T(4, 10)
-    )
+    p = planner.plan(camp(tmp_path), [c], lambda s: {}, {"a@example.org": "unsubscribed"}, {}, T(4, 10))
     assert [(s.email, s.status) for s in p.skips] == [("A@example.org", "suppressed")] and not p.due
 
 
@@ -183,9 +177,7 @@ def test_late_contacts_off(tmp_path: Path) -> None:
     assert skips(p) == {("invite", B.email, "skipped")}
     assert "late_contacts" in p.skips[0].reason
     # with the default (on) the newcomer still gets the invitation
-    assert due(run(camp(tmp_path), rows, T(5), started={"invite": T(4, 10)})) == {
-        ("invite", B.email)
-    }
+    assert due(run(camp(tmp_path), rows, T(5), started={"invite": T(4, 10)})) == {("invite", B.email)}
 
 
 def test_next_wake(tmp_path: Path) -> None:

@@ -50,14 +50,11 @@ def rows(cfg: Path) -> dict[tuple[str, str], dict]:
 
 def ids(handler: FaultyHandler) -> list[str]:
     return [
-        email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"]
-        for r in handler.received
+        email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"] for r in handler.received
     ]
 
 
-def test_send_once_then_nothing(
-    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
-) -> None:
+def test_send_once_then_nothing(tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS)
     code, out = send(cfg, "2018-01-04T10:00", smtp_env)
     assert code == 0, out
@@ -85,9 +82,7 @@ def test_send_once_then_nothing(
         check_message(r.data, expect_method=None)
 
 
-def test_faults_each_outcome(
-    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
-) -> None:
+def test_faults_each_outcome(tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]) -> None:
     handler = smtp_server.handler
     assert isinstance(handler, FaultyHandler)
     handler.rcpt_replies = {
@@ -146,9 +141,7 @@ def test_slow_server_times_out_and_is_deferred(
 ) -> None:
     smtp_server.handler.data_delay = 2.0
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, extra="delivery: {retry_base: 1m}\n")
-    cfg.write_text(
-        cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 2, timeout: 0.5}")
-    )
+    cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 2, timeout: 0.5}"))
     code, out = send(cfg, "2018-01-04T10:00", smtp_env)
     assert code == 0, out
     assert {r["status"] for r in rows(cfg).values()} == {"deferred"}
@@ -227,9 +220,7 @@ def test_crash_then_restart_sends_everything_once(
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30
-    while (
-        len(handler.received) < kill_after and time.monotonic() < deadline and proc.poll() is None
-    ):
+    while len(handler.received) < kill_after and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -308,8 +299,13 @@ def test_a_mail_that_cannot_be_built_fails_alone(
     """A template that needs a column one contact lacks: that delivery fails with the reason,
     the others go out (``mailer check`` reports this before anything is sent)."""
     templates = {**__import__("conftest").SIMPLE_TEMPLATES, "invite/en/body.txt": "For {{ contact.org }}\n"}
-    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, templates=templates,
-                         contacts="email,name,lists,org\nann@example.org,Ann,a,ACME\nbob@example.org,Bob,a,\n")
+    cfg = write_campaign(
+        tmp_path,
+        events=EVENTS,
+        steps=STEPS,
+        templates=templates,
+        contacts="email,name,lists,org\nann@example.org,Ann,a,ACME\nbob@example.org,Bob,a,\n",
+    )
     (tmp_path / "contacts" / "more.csv").write_text("email,name,lists\ncy@example.org,Cy,a\n")
     code, out = send(cfg, "2018-01-04T10:00", smtp_env)
     assert code == 0, out
@@ -343,7 +339,9 @@ def test_large_pass_composes_in_a_worker_with_identical_bytes(
     for c in ws.contacts[:: n // 25]:
         row = led[("invite", c.email)]
         step = ws.campaign.step("invite")
-        expected = inline.compose_due(step, ws.campaign.event("ev"), c, when=parse_iso(row["claimed_at"]), sequence=0)
+        expected = inline.compose_due(
+            step, ws.campaign.event("ev"), c, when=parse_iso(row["claimed_at"]), sequence=0
+        )
         assert by_rcpt[c.email] == expected.data
         check_message(by_rcpt[c.email], expect_method="REQUEST")
 

@@ -32,7 +32,10 @@ def shipped(campaign: Campaign) -> Templates:
 
 
 JAN = Contact(
-    "jan@example.be", "Jan Peeters", "nl", frozenset({"indieners"}),
+    "jan@example.be",
+    "Jan Peeters",
+    "nl",
+    frozenset({"indieners"}),
     fields={"organisation": "vzw Samen Sterk"},
 )
 ANON = Contact("info@example.be", "", None, frozenset({"lerend-netwerk"}))
@@ -51,11 +54,12 @@ def write(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def tree(
-    name: str, lang: str, subject: str = "S", text: str = "T", html: str = "H"
-) -> dict[str, str]:
-    return {f"{name}/{lang}/subject.txt": subject, f"{name}/{lang}/body.txt": text,
-            f"{name}/{lang}/body.html": html}
+def tree(name: str, lang: str, subject: str = "S", text: str = "T", html: str = "H") -> dict[str, str]:
+    return {
+        f"{name}/{lang}/subject.txt": subject,
+        f"{name}/{lang}/body.txt": text,
+        f"{name}/{lang}/body.html": html,
+    }
 
 
 DATES = "{{ event.start | date }}|{{ event.start | time }}|{{ event.start | datetime }}"
@@ -84,8 +88,7 @@ def test_dutch_date_time_and_datetime(tmp_path: Path, campaign: Campaign) -> Non
 
 
 def test_french_locale(tmp_path: Path, campaign: Campaign) -> None:
-    t = Templates(write(tmp_path, {**tree("x", "nl", text=DATES), **tree("x", "fr", text=DATES)}),
-                  "nl")
+    t = Templates(write(tmp_path, {**tree("x", "nl", text=DATES), **tree("x", "fr", text=DATES)}), "nl")
     r = t.render("x", "fr", ctx(campaign, "uitnodiging-aan-de-slag"))
     assert r.language == "fr"
     assert r.text.startswith("lundi 22 janvier 2018|09:30|lundi 22 janvier 2018")
@@ -116,8 +119,13 @@ def test_fallback_to_the_campaign_language_when_there_is_no_french(
 
 
 def test_exact_then_base_then_default(tmp_path: Path, campaign: Campaign) -> None:
-    t = Templates(write(tmp_path, {**tree("x", "nl", text="nl"), **tree("x", "nl_BE", text="be"),
-                                   **tree("x", "en", text="en")}), "en")
+    t = Templates(
+        write(
+            tmp_path,
+            {**tree("x", "nl", text="nl"), **tree("x", "nl_BE", text="be"), **tree("x", "en", text="en")},
+        ),
+        "en",
+    )
     c = ctx(campaign, "uitnodiging-aan-de-slag")
     assert t.languages("x") == ["en", "nl", "nl_BE"]
     assert (t.render("x", "nl_BE", c).text, t.render("x", "nl_BE", c).language) == ("be", "nl_BE")
@@ -137,10 +145,14 @@ def test_shipped_nl_be_falls_back_to_nl(shipped: Templates, campaign: Campaign) 
 
 
 def test_html_is_escaped_and_text_is_verbatim(shipped: Templates, campaign: Campaign) -> None:
-    evil = Contact("x@example.be", "<script>alert(1)</script>", "nl", frozenset({"indieners"}),
-                   fields={"organisation": "Tom & Jerry"})
-    r = shipped.render("uitnodiging-aan-de-slag", "nl",
-                       ctx(campaign, "uitnodiging-aan-de-slag", evil))
+    evil = Contact(
+        "x@example.be",
+        "<script>alert(1)</script>",
+        "nl",
+        frozenset({"indieners"}),
+        fields={"organisation": "Tom & Jerry"},
+    )
+    r = shipped.render("uitnodiging-aan-de-slag", "nl", ctx(campaign, "uitnodiging-aan-de-slag", evil))
     assert "<script>" not in r.html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in r.html
     assert "Tom &amp; Jerry" in r.html and "Tom & Jerry" not in r.html
@@ -158,9 +170,7 @@ def test_subject_from_data_is_one_line(tmp_path: Path, campaign: Campaign) -> No
 # -- errors ------------------------------------------------------------------------------
 
 
-def test_undefined_variable_names_file_line_and_what_exists(
-    tmp_path: Path, campaign: Campaign
-) -> None:
+def test_undefined_variable_names_file_line_and_what_exists(tmp_path: Path, campaign: Campaign) -> None:
     files = tree("x", "nl", text="a\nb\nHallo {{ contact.nickname }}\n")
     t = Templates(write(tmp_path, files), "nl")
     with pytest.raises(TemplateError) as info:
@@ -175,8 +185,9 @@ def test_undefined_variable_names_file_line_and_what_exists(
 
 def test_undefined_variable_in_the_layout(tmp_path: Path, campaign: Campaign) -> None:
     files = tree("x", "nl", html='{% extends "_layout.html" %}{% block c %}x{% endblock %}')
-    t = Templates(write(tmp_path, {**files, "_layout.html": "<p>\n{% block c %}{% endblock %}"
-                                   "\n{{ footer }}</p>"}), "nl")
+    t = Templates(
+        write(tmp_path, {**files, "_layout.html": "<p>\n{% block c %}{% endblock %}\n{{ footer }}</p>"}), "nl"
+    )
     assert t.check(["x"]) == []  # an undefined name is a render-time problem
     with pytest.raises(TemplateError) as info:
         t.render("x", "nl", ctx(campaign, "uitnodiging-aan-de-slag"))
@@ -206,7 +217,10 @@ def test_check_reports_every_problem_at_once(tmp_path: Path) -> None:
     names = ["good", "missing", "broken", "english-only", "incomplete", "layout", "broken"]
     problems = {p.where.replace(str(tmp_path) + "/", ""): p.message for p in t.check(names)}
     assert set(problems) == {
-        "missing", "broken/nl/body.txt:4", "english-only/nl", "incomplete/nl/body.html",
+        "missing",
+        "broken/nl/body.txt:4",
+        "english-only/nl",
+        "incomplete/nl/body.html",
         "_layout.html:2",
     }
     assert "not found" in problems["missing"]
@@ -247,8 +261,7 @@ STEPS = [s.id for s in load(ROOT / "schedules.yaml").steps]
 def test_every_shipped_mail_renders(
     shipped: Templates, campaign: Campaign, step_id: str, contact: Contact
 ) -> None:
-    r = shipped.render(campaign.step(step_id).template, contact.language,
-                       ctx(campaign, step_id, contact))
+    r = shipped.render(campaign.step(step_id).template, contact.language, ctx(campaign, step_id, contact))
     assert isinstance(r, Rendered) and r.language == "nl"
     assert r.subject and "\n" not in r.subject and len(r.subject) < 130
     for body in (r.text, r.html):
@@ -262,9 +275,7 @@ def test_every_shipped_mail_renders(
 
 
 @pytest.mark.parametrize("step_id", [s for s in STEPS if "infosessie" in s])
-def test_info_session_invents_no_hour_or_place(
-    shipped: Templates, campaign: Campaign, step_id: str
-) -> None:
+def test_info_session_invents_no_hour_or_place(shipped: Templates, campaign: Campaign, step_id: str) -> None:
     r = shipped.render(campaign.step(step_id).template, "nl", ctx(campaign, step_id))
     assert "dinsdag 16 januari 2018" in r.subject
     for part in (r.subject, r.text, r.html):
@@ -286,10 +297,24 @@ def test_info_session_invitation(shipped: Templates, campaign: Campaign) -> None
 def test_aan_de_slag_invitation(shipped: Templates, campaign: Campaign) -> None:
     r = shipped.render("uitnodiging-aan-de-slag", "nl", ctx(campaign, "uitnodiging-aan-de-slag"))
     assert r.subject == "Uitnodiging: Aan de slag INTEGRATIEPACT – maandag 22 januari 2018"
-    facts = ["maandag 22 januari 2018", "09:30", "16:30", "Arduinkaai 7", "zaal Top",
-             "KVS (Koninklijke Vlaamse Schouwburg)", "1.000.000,00 euro", "100.000,00",
-             "250.000,00", "25%", "partnerschap", "lerend netwerk", "Mechelen",
-             "Sint-Niklaas", "najaar van 2017", "16 januari 2018"]
+    facts = [
+        "maandag 22 januari 2018",
+        "09:30",
+        "16:30",
+        "Arduinkaai 7",
+        "zaal Top",
+        "KVS (Koninklijke Vlaamse Schouwburg)",
+        "1.000.000,00 euro",
+        "100.000,00",
+        "250.000,00",
+        "25%",
+        "partnerschap",
+        "lerend netwerk",
+        "Mechelen",
+        "Sint-Niklaas",
+        "najaar van 2017",
+        "16 januari 2018",
+    ]
     for part in (r.text, r.html):  # text and HTML say the same things
         for fact in facts:
             assert fact in part, fact
@@ -310,9 +335,7 @@ def test_reminder_the_day_before_says_tomorrow(shipped: Templates, campaign: Cam
     assert "morgen" in r.text and "morgen" in r.html
 
 
-def test_reminder_for_multi_day_and_cancelled_events(
-    shipped: Templates, campaign: Campaign
-) -> None:
+def test_reminder_for_multi_day_and_cancelled_events(shipped: Templates, campaign: Campaign) -> None:
     ev = campaign.event("infosessie")
     two_days = replace(ev, end=ev.end + timedelta(days=1))
     step = campaign.step("herinnering-infosessie-week")
@@ -325,8 +348,11 @@ def test_reminder_for_multi_day_and_cancelled_events(
 
 
 def test_context_variables(campaign: Campaign) -> None:
-    c = ctx(campaign, "uitnodiging-aan-de-slag",
-            replace(JAN, lists=frozenset({"b", "a"}), tags=frozenset({"y", "x"})))
+    c = ctx(
+        campaign,
+        "uitnodiging-aan-de-slag",
+        replace(JAN, lists=frozenset({"b", "a"}), tags=frozenset({"y", "x"})),
+    )
     assert c["contact"]["organisation"] == "vzw Samen Sterk"
     assert c["contact"]["lists"] == ["a", "b"] and c["contact"]["tags"] == ["x", "y"]
     assert c["event"]["location"].startswith("KVS")

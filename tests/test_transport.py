@@ -151,7 +151,9 @@ def test_refusals_are_classified_and_the_connection_goes_on() -> None:
     assert "no such user" in results[2].text and "spam" in results[4].text
     # RSET after each refusal: the last mail went out on the same connection, to its recipient only
     assert handler.ehlos == 1
-    assert [(r.mail_from, r.rcpt_tos) for r in handler.received] == [("organiser@example.org", ("ok@example.org",))]
+    assert [(r.mail_from, r.rcpt_tos) for r in handler.received] == [
+        ("organiser@example.org", ("ok@example.org",))
+    ]
 
 
 def test_an_address_beyond_ascii_needs_smtputf8() -> None:
