@@ -26,6 +26,7 @@ preview: $(STAMP)
 	$(BIN)/mailer preview --out preview-out
 
 bench: $(STAMP)
+	$(BIN)/python bench/micro.py
 	$(BIN)/python bench/throughput.py
 
 lint: $(STAMP)

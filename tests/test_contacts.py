@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -313,18 +312,16 @@ def test_invalid_language_is_a_warning_and_none(tmp_path: Path) -> None:
 # --- scale and the shipped campaign -------------------------------------------------------------
 
 
-def test_twenty_thousand_rows_load_fast(tmp_path: Path) -> None:
+def test_twenty_thousand_rows_load(tmp_path: Path) -> None:
+    """All rows load, sorted by email (the time it takes is measured by bench/micro.py)."""
     rows = "".join(
         f"user.{i}@example{i % 97}.be;Naam {i};nl-BE;indieners;a|b;Org {i}\n" for i in range(20_000)
     )
     path = write(tmp_path, "big.csv", "email;name;language;lists;tags;organisation\n" + rows)
-    start = time.perf_counter()
     result = load(tmp_path, path)
-    elapsed = time.perf_counter() - start
     assert result.problems == []
     assert len(result.contacts) == 20_000
     assert result.contacts[0].email == "user.0@example0.be"  # sorted by email
-    assert elapsed < 2.0
 
 
 def test_shipped_contacts_load_without_problems() -> None:

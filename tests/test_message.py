@@ -1,4 +1,4 @@
-"""Tests for mailer.message: headers, MIME tree, encodings, determinism, speed."""
+"""Tests for mailer.message: headers, MIME tree, encodings, determinism (speed: bench/micro.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import doctest
 import email
 import email.policy
 import re
-import time
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -338,37 +337,6 @@ def test_checker_rejects_duplicate_headers_and_tampering(shipped: Campaign) -> N
         check_message(raw.replace(b"auto-generated", b"no"))
     with pytest.raises(AssertionError, match=r"\[3\]"):
         check_message(raw, expect_method="CANCEL")
-
-
-# --------------------------------------------------------------------------------------
-# Speed.
-# --------------------------------------------------------------------------------------
-
-
-def test_speed(shipped: Campaign) -> None:
-    proto = prototype(shipped, shipped.event("aan-de-slag"), dtstamp=DTSTAMP)
-    text = "Beste Éloïse,\n\n" + "U bent van harte uitgenodigd op onze bijeenkomst. " * 30
-    html = "<html><body><p>" + "U bent van harte uitgenodigd op onze bijeenkomst. " * 40 + "</p>"
-    n = 500
-    t0 = time.perf_counter()
-    for i in range(n):
-        to = f"user{i}@example.be"
-        build(
-            campaign=shipped,
-            to_email=to,
-            to_name="Éloïse Dupont",
-            subject="Uitnodiging: Aan de slag",
-            text=text,
-            html=html,
-            language="nl",
-            message_id=message_id(shipped.id, "s", to, "example.be"),
-            date=DTSTAMP,
-            ics=proto.for_attendee(to, "Éloïse Dupont"),
-            unsubscribe_url=f"https://example.be/u/{i}",
-        )
-    per = (time.perf_counter() - t0) / n
-    print(f"for_attendee + message_id + build: {per * 1e6:.0f} µs per mail")
-    assert per < 2e-3
 
 
 def test_one_click_unsubscribe_link_is_signed(tmp_path: Path) -> None:
