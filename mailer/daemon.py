@@ -1,4 +1,4 @@
-"""Scheduling: the long-running daemon (APScheduler) and the virtual-clock demo."""
+"""The long-running daemon (``mailer run``): APScheduler wakes it, a clock tells it the time."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 
+from .clock import Clock, SystemClock
 from .errors import ConfigError, LockedError, MailerError, TransportFatalError
 from .inbox import InboxResult, process_configured
 from .ledger import Ledger
@@ -55,7 +56,17 @@ def _snapshot(ws: Workspace) -> dict[Path, int]:
 
 
 class Daemon:
-    """Wakes at each step's time and each retry time, runs a pass, reloads on edits."""
+    """Wakes at each step's time and each retry time, runs a pass, reloads on edits.
+
+    The daemon knows the time only through ``clock`` (:class:`~mailer.clock.SystemClock` in
+    ``mailer run``): each pass, each wake-up and the inbox poll ask it. APScheduler decides on
+    real time *when* to wake. A test starts the daemon with ``run_jobs=False`` (the scheduler
+    paused: jobs are scheduled but never fire), moves a :class:`~mailer.clock.ManualClock` and
+    awaits :meth:`tick` / :meth:`watch` itself, then reads :attr:`wake_at`.
+
+    The daemon owns ``ledger`` from :meth:`start` on and closes it (releasing the sending lock)
+    in :meth:`close`.
+    """
 
     def __init__(
         self,
@@ -64,12 +75,15 @@ class Daemon:
         ledger: Ledger,
         settings: TransportSettings,
         environ: Mapping[str, str],
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.config_path = config_path
         self.environ = environ
         self.ws = ws
         self.ledger = ledger
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()
         self.stop = asyncio.Event()
         self.scheduler = AsyncIOScheduler(
             timezone=UTC,
@@ -77,14 +91,22 @@ class Daemon:
         )
         self._files = _snapshot(ws)
         self._lock = asyncio.Lock()
+        #: Why the daemon stopped on its own (a failed pass, a login refused); exit status 1.
         self.fatal: str | None = None
+
+    @property
+    def wake_at(self) -> datetime | None:
+        """When the next pass is scheduled (the "wake" job's run time), or None."""
+        job = self.scheduler.get_job("wake")
+        # A job added before the scheduler started has no run time yet.
+        return getattr(job, "next_run_time", None) if job is not None else None
 
     def _schedule(self, at: datetime | None) -> None:
         if at is None:
             return
-        at = max(at, datetime.now(UTC))
-        job = self.scheduler.get_job("wake")
-        if job is not None and job.next_run_time is not None and job.next_run_time <= at:
+        at = max(at, self.clock())
+        current = self.wake_at
+        if current is not None and current <= at:
             return
         self.scheduler.add_job(
             self.tick, DateTrigger(run_date=at, timezone=UTC), id="wake", replace_existing=True
@@ -95,40 +117,55 @@ class Daemon:
         )
 
     async def tick(self) -> None:
-        """One pass at the clock's time (the only place the daemon reads the clock)."""
+        """One pass at the clock's time. A pass that cannot go on (any exception: the ledger
+        locked or full, the composing worker dead, a login refused) stops the daemon."""
         if self.stop.is_set():
             return
         async with self._lock:
-            now = datetime.now(UTC)
-            c = self.ws.campaign
-            started = self.ledger.steps_started(c.id)
-            for s in c.steps:
-                if s.at <= now and s.id not in started:
-                    log.info(
-                        "step due: %s (%s)",
-                        s.id,
-                        s.at.astimezone(c.timezone).isoformat(timespec="minutes"),
-                    )
+            if self.stop.is_set():  # stopped while waiting for the previous pass
+                return
+            now = self.clock()
             try:
+                self._log_steps_due(now)
                 result = await run_pass(
                     self.ws,
                     self.ledger,
                     now,
                     settings=self.settings,
+                    clock=self.clock,
                     log=lambda m: log.info("%s", m),
                     stop=self.stop,
                     unsubscribe_secret=self.environ.get("MAILER_UNSUBSCRIBE_SECRET"),
                 )
-            except TransportFatalError as exc:
-                log.error("stopping: %s", exc)
-                self.fatal = str(exc)
-                self.stop.set()
-                return
-            except MailerError as exc:
-                log.error("pass failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - every failure stops the daemon, exit 1
+                self._fail(exc)
                 return
             self._report(result)
             self._schedule(result.next_wake)
+
+    def _log_steps_due(self, now: datetime) -> None:
+        c = self.ws.campaign
+        started = self.ledger.steps_started(c.id)
+        for s in c.steps:
+            if s.at <= now and s.id not in started:
+                log.info(
+                    "step due: %s (%s)",
+                    s.id,
+                    s.at.astimezone(c.timezone).isoformat(timespec="minutes"),
+                )
+
+    def _fail(self, exc: Exception) -> None:
+        """Stop after a pass that could not go on. Going on would leave the daemon idle with
+        the lock held (issue 11, item 9); exit status 1 lets systemd's Restart=on-failure
+        start a fresh one, which re-sends what the crash policy says."""
+        text = str(exc) if isinstance(exc, MailerError) else f"{type(exc).__name__}: {exc}"
+        text = "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+        if isinstance(exc, TransportFatalError):
+            log.error("stopping: %s", text)
+        else:
+            log.error("stopping: the pass failed: %s", text)
+        self.fatal = text
+        self.stop.set()
 
     def _report(self, r: PassResult) -> None:
         if r.due or any(r.counts.values()):
@@ -187,7 +224,7 @@ class Daemon:
                 seconds=INBOX_SECONDS,
                 id="inbox",
                 replace_existing=True,
-                next_run_time=datetime.now(UTC),
+                next_run_time=self.clock(),
             )
 
     async def poll_inbox(self) -> None:
@@ -195,10 +232,11 @@ class Daemon:
         its own ledger connection; a mailbox problem is logged and never stops sending."""
         path = self.ledger.path
         assert path is not None
+        now = self.clock()
 
         def work() -> InboxResult | None:
             with Ledger(path) as ledger:
-                return process_configured(self.ws.campaign, ledger, self.environ, now=datetime.now(UTC))
+                return process_configured(self.ws.campaign, ledger, self.environ, now=now)
 
         try:
             result = await asyncio.to_thread(work)
@@ -209,12 +247,14 @@ class Daemon:
             for line in result.lines:
                 log.info("inbox: %s", line)
             log.info("inbox: %s", result.summary())
-            self._schedule(datetime.now(UTC))  # answers and suppressions change audiences
+            self._schedule(self.clock())  # answers and suppressions change audiences
 
-    async def main(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+    async def start(self, *, run_jobs: bool = True) -> None:
+        """Start the scheduler and catch up on whatever is due.
+
+        :param run_jobs: False starts the scheduler paused: wake-ups are scheduled (see
+            :attr:`wake_at`) but only the caller runs :meth:`tick` and :meth:`watch`.
+        """
         c = self.ws.campaign
         log.info(
             "start: campaign %s, %d steps, %d contacts, ledger %s, %s",
@@ -224,15 +264,36 @@ class Daemon:
             self.ledger.path,
             self.settings.describe(),
         )
-        self.scheduler.start()
+        self.scheduler.start(paused=not run_jobs)
         self._add_periodic()
         await self.tick()  # catch up on whatever is due
-        await self.stop.wait()
-        async with self._lock:  # let a running pass record what is in flight
+
+    async def close(self) -> int:
+        """Stop taking work, let a running pass record what is in flight, stop the scheduler
+        and close the ledger (which releases the sending lock). Returns the exit status."""
+        self.stop.set()
+        async with self._lock:
             pass
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self.ledger.close()
         log.info("stop")
         return 1 if self.fatal else 0
+
+    async def main(self) -> int:
+        """Run until SIGTERM/SIGINT or a failed pass; returns the exit status (0, or 1)."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.start()
+            await self.stop.wait()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            code = await self.close()
+        return code
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: finishing mails in flight", sig.name)
@@ -257,6 +318,6 @@ def run_daemon(config_path: Path, db_path: Path | None, *, environ: Mapping[str,
         ledger.close()
         raise
     try:
-        return asyncio.run(Daemon(config_path, ws, ledger, settings, environ).main())
+        return asyncio.run(Daemon(config_path, ws, ledger, settings, environ, clock=SystemClock()).main())
     finally:
         ledger.close()

@@ -16,12 +16,13 @@ import icalendar
 from rich.console import Console
 from rich.table import Table
 
+from .clock import virtual_clock
 from .config import Campaign
 from .errors import MailerError
 from .inbox import process
 from .ledger import Ledger
 from .mailboxes import MaildirSource
-from .runner import run_pass, virtual_clock
+from .runner import run_pass
 from .smtpd import MaildirHandler, SmtpServer
 from .transport import TransportSettings
 from .workspace import load_workspace
