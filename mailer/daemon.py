@@ -125,6 +125,11 @@ class Daemon:
             if self.stop.is_set():  # stopped while waiting for the previous pass
                 return
             now = self.clock()
+            wake = self.wake_at
+            if wake is not None and wake <= now:
+                # This pass does the work of a wake-up due by now (a sweep or a reload came
+                # first, or a test drives the daemon); keeping it would block a later one.
+                self.scheduler.remove_job("wake")
             try:
                 self._log_steps_due(now)
                 result = await run_pass(
