@@ -1,11 +1,16 @@
 # make demo: run the shipped campaign end to end on an embedded SMTP server.
-# make test: run the test suite.  Both create .venv and install what they need.
+# make test: run the whole test suite (make test-fast: without the tests marked slow).
+# make lint: ruff check, ruff format --check and mypy --strict over mailer/, tests/ and bench/.
+# make screenshot: regenerate the README's dashboard picture (needs chromium + chromium-driver).
+# All create .venv and install what they need.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
+LINTED := mailer tests bench
 
-.PHONY: demo test check preview bench lint clean
+.PHONY: demo test test-fast screenshot check preview bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,11 +18,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,dashboard]'
 	touch $(STAMP)
 
+$(DEV): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,dashboard,dev]'
+	touch $(DEV)
+
 demo: $(STAMP)
 	$(BIN)/mailer demo --out demo-out
 
+# pytest's addopts (pyproject.toml) include -rs: skipped tests are listed with their reason.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+# The dashboard test writes its screenshot under tmp_path unless MAILER_SCREENSHOT names a file;
+# CI=1 turns a missing browser into a failure instead of a skip.
+screenshot: $(STAMP)
+	CI=1 MAILER_SCREENSHOT=$(CURDIR)/tests/screenshots/dashboard.png \
+	  $(BIN)/python -m pytest -q tests/test_dashboard.py -k test_summary_page_shows_counts_per_step
 
 check: $(STAMP)
 	$(BIN)/mailer check
@@ -29,11 +48,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/micro.py
 	$(BIN)/python bench/throughput.py
 
-lint: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/ruff check mailer tests bench
-	$(BIN)/ruff format --check mailer
-	$(BIN)/mypy
+lint: $(DEV)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy  # files and strictness: [tool.mypy] in pyproject.toml
 
 clean:
 	rm -rf $(VENV) demo-out preview-out .pytest_cache

@@ -429,7 +429,7 @@ def _has_rows(path: Path, n: int) -> bool:
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            return conn.execute("SELECT max(id) FROM deliveries").fetchone()[0] == n
+            return bool(conn.execute("SELECT max(id) FROM deliveries").fetchone()[0] == n)
         finally:
             conn.close()
     except sqlite3.Error:

@@ -217,8 +217,10 @@ class Sink:
             raise RuntimeError("smtp-sink not found (apt-get install postfix)")
         self.kind = kind
         self.port = free_port()
+        cmd: list[str]
         if kind == "smtp-sink":
-            cmd = [smtp_sink]  # type: ignore[list-item]
+            assert smtp_sink is not None  # checked above
+            cmd = [smtp_sink]
             if os.geteuid() == 0:  # smtp-sink refuses to run as root without -u
                 cmd += ["-u", _unprivileged_user()]
             cmd += [f"{HOST}:{self.port}", "1000"]

@@ -331,7 +331,7 @@ def child_naive(folder: Path, port: int, connections: int, n: int) -> dict[str, 
         att.params["role"] = icalendar.vText("REQ-PARTICIPANT")
         att.params["partstat"] = icalendar.vText("NEEDS-ACTION")
         att.params["rsvp"] = icalendar.vText("TRUE")
-        ev.add("attendee", att, encode=0)
+        ev.add("attendee", att, encode=False)
         cal.add_component(ev)
         ics = cal.to_ical()
         msg.add_alternative(ics, maintype="text", subtype="calendar", params={"method": "REQUEST"})
@@ -365,7 +365,8 @@ def _child(role: str, *args: str, timeout: float = 3600) -> dict[str, Any]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{role} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def smtp_source(port: int, connections: int, n: int, size: int) -> dict[str, Any] | None:
@@ -525,7 +526,10 @@ def _fmt_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             lines.append(row("", f"naive (EmailMessage, n={nv['n']})", nv, "one SMTP connection per mail"))
         if ss:
             lines.append(row("", "smtp-source (machine ceiling)", ss, "Postfix, same size, same sink"))
-        ok = lambda b: "OK" if b else "MISSED"  # noqa: E731
+
+        def ok(b: bool) -> str:
+            return "OK" if b else "MISSED"
+
         ratio = (
             f"{'':>7}  pipeline/ceiling {r['pipeline_over_ceiling']:.0%} "
             f"(target >= {TARGET_CEILING:.0%}: {ok(r['pipeline_over_ceiling'] >= TARGET_CEILING)})"

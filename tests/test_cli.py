@@ -24,7 +24,7 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
 def test_every_command_has_help() -> None:
     code, text = invoke("--help")
     assert code == 0
-    commands = list(cli.commands)  # type: ignore[attr-defined]
+    commands = list(cli.commands)
     assert {"check", "preview", "send", "status", "log", "export", "retry", "run", "demo"} <= set(commands)
     for name in commands:
         code, text = invoke(name, "--help")

@@ -208,7 +208,7 @@ def test_duplicate_in_one_file_keeps_first_values(tmp_path: Path) -> None:
     text = "email,name,lists\nan@example.be,An,a\nbert@example.be,Bert,b\nan@example.be,Anna,c|a\n"
     result = load(tmp_path, write(tmp_path, "c.csv", text))
     c = by_email(result)["an@example.be"]
-    assert (c.name, c.lists) == ("An", {"a", "c"})
+    assert (c.name, c.lists) == ("An", frozenset({"a", "c"}))
     [warning] = result.problems
     assert warning.where == "c.csv:row 4" and "c.csv:row 2" in warning.message
 

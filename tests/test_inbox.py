@@ -15,7 +15,7 @@ import icalendar
 import pytest
 import trustme
 from dovecot import Dovecot, dovecot_fixture  # noqa: F401 - provides the dovecot fixture
-from imapclient import IMAPClient  # type: ignore[import-untyped]
+from imapclient import IMAPClient
 
 from mailer.config import Campaign, load
 from mailer.inbox import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -34,7 +35,7 @@ def camp(tmp_path: Path, late: bool = True) -> config.Campaign:
 
 
 def T(day: int, hour: int = 12, minute: int = 0) -> datetime:
-    return datetime(2018, 1, day, hour, minute, tzinfo=config.ZoneInfo("Europe/Brussels"))
+    return datetime(2018, 1, day, hour, minute, tzinfo=ZoneInfo("Europe/Brussels"))
 
 
 def row(step: str, email: str, status: str, attempts: int = 0, nxt: datetime | None = None) -> Row:
@@ -150,7 +151,13 @@ CASES = [
 @pytest.mark.parametrize(
     ("rows", "now", "exp_due", "exp_skips"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_plan_table(rows: list[Row], now: datetime, exp_due: set, exp_skips: set, tmp_path: Path) -> None:
+def test_plan_table(
+    rows: list[Row],
+    now: datetime,
+    exp_due: set[tuple[str, str]],
+    exp_skips: set[tuple[str, str, str]],
+    tmp_path: Path,
+) -> None:
     p = run(camp(tmp_path), rows, now)
     assert due(p) == exp_due
     assert skips(p) == exp_skips

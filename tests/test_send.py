@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -21,7 +22,7 @@ from interop import check_message
 
 from mailer.cli import cli
 from mailer.ledger import Ledger
-from mailer.smtpd import SmtpServer
+from mailer.smtpd import MaildirHandler, SmtpServer
 
 EVENTS = """\
 - {id: ev, title: Launch, start: 2018-01-22 09:30, end: 2018-01-22 16:30, location: "Hall 1"}
@@ -43,12 +44,18 @@ def send(cfg: Path, now: str, env: dict[str, str], *extra: str) -> tuple[int, st
     return r.exit_code, r.output
 
 
-def rows(cfg: Path) -> dict[tuple[str, str], dict]:
+def rows(cfg: Path) -> dict[tuple[str, str], dict[str, Any]]:
     with Ledger(cfg.parent / "ledger.db") as led:
         return {(r["step"], r["email"]): r for r in led.log()}
 
 
-def ids(handler: FaultyHandler) -> list[str]:
+def faulty(server: SmtpServer) -> FaultyHandler:
+    """The handler of conftest's ``smtp_server``, which is always a FaultyHandler."""
+    assert isinstance(server.handler, FaultyHandler)
+    return server.handler
+
+
+def ids(handler: MaildirHandler) -> list[str]:
     return [
         email.message_from_bytes(r.data, policy=email.policy.default)["Message-ID"] for r in handler.received
     ]
@@ -139,7 +146,7 @@ def test_faults_each_outcome(tmp_path: Path, smtp_server: SmtpServer, smtp_env: 
 def test_slow_server_times_out_and_is_deferred(
     tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
 ) -> None:
-    smtp_server.handler.data_delay = 2.0
+    faulty(smtp_server).data_delay = 2.0
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, extra="delivery: {retry_base: 1m}\n")
     cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 2, timeout: 0.5}"))
     code, out = send(cfg, "2018-01-04T10:00", smtp_env)
@@ -157,7 +164,7 @@ def test_tls_verified_and_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     from aiosmtpd.smtp import AuthResult, LoginPassword
 
-    def authenticator(server, session, envelope, mechanism, auth_data):  # noqa: ANN001, ANN202
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> Any:
         ok = isinstance(auth_data, LoginPassword) and auth_data.password == b"right-secret"
         # an explicit reply: this aiosmtpd version sends none for a bare failed AuthResult
         return AuthResult(
@@ -208,7 +215,7 @@ def _sender_cmd(cfg: Path, now: str) -> list[str]:
 def test_crash_then_restart_sends_everything_once(
     kill_after: int, tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
 ) -> None:
-    handler = smtp_server.handler
+    handler = faulty(smtp_server)
     handler.data_delay = 0.03
     n = 40
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=contacts(n))
@@ -251,7 +258,7 @@ def test_crash_then_restart_sends_everything_once(
 def test_two_senders_at_once_never_duplicate(
     tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
 ) -> None:
-    smtp_server.handler.data_delay = 0.01
+    faulty(smtp_server).data_delay = 0.01
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=contacts(30))
     env = {**os.environ, **smtp_env}
     a = subprocess.Popen(
@@ -281,7 +288,7 @@ def test_two_senders_at_once_never_duplicate(
 def test_retries_run_out_then_failed_with_the_reason(
     tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
 ) -> None:
-    smtp_server.handler.rcpt_replies = {"ann@example.org": "450 4.2.1 mailbox temporarily unavailable"}
+    faulty(smtp_server).rcpt_replies = {"ann@example.org": "450 4.2.1 mailbox temporarily unavailable"}
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, extra="delivery: {max_attempts: 2}\n")
     send(cfg, "2018-01-04T10:00", smtp_env)
     assert rows(cfg)[("invite", "ann@example.org")]["status"] == "deferred"
