@@ -116,20 +116,7 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize(
-    "where",
-    [
-        "step",
-        pytest.param(
-            "claim",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="runner half of issue 11 item 9: a claim that raises inside the pass's "
-                "producer leaves the transport waiting on its queue, so the pass never returns",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("where", ["step", "claim"])
 def test_a_write_that_fails_stops_mailer_run_with_status_1(
     where: str, tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
 ) -> None:
