@@ -84,7 +84,8 @@ def child_pipeline(
 ) -> dict[str, Any]:
     acc = _install_stage_timers() if stages else None
     from mailer.ledger import Ledger
-    from mailer.runner import run_pass, virtual_clock
+    from mailer.clock import virtual_clock
+    from mailer.runner import run_pass
     from mailer.transport import TransportSettings
     from mailer.workspace import load_workspace
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,14 +97,30 @@ def check(config_path: Path) -> None:
     Exits 1 when anything is wrong; every problem is listed at once.
     """
     from .compose import Composer
+    from .config import Step
+    from .contacts import Contact
+    from .errors import TemplateError
     from .workspace import load_workspace
+
+    def render_problems(step: Step, contact: Contact) -> list[tuple[str, str | None]]:
+        """Compose as a pass would: each problem's text and its template's language, if any."""
+        try:
+            composer.compose(step, c.event(step.event), contact, when=step.at)
+        except TemplateError as exc:
+            return [(str(p).lstrip(": "), p.language) for p in exc.problems]
+        except MailerError as exc:
+            return [(line, None) for line in str(exc).splitlines()]
+        return []
 
     ws = load_workspace(config_path)
     c = ws.campaign
     problems = list(ws.problems)
     composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
     counts: dict[str, int] = {}
-    template_broken = {p.where.split(":")[0] for p in ws.errors}
+    # A template (or one language of it) with a blocking problem is already reported; rendering
+    # it for every recipient would only repeat that. Decided on the problems' fields, never on
+    # their text (issue 11 item 7: a bad row in contacts/invite.csv hid template `invite`).
+    broken = {(p.template, p.language) for p in ws.blocking if p.template is not None}
     seen: set[str] = set()
     audiences = {step.id: ws.audience(step) for step in c.steps}
     total = sum(len(a) for a in audiences.values())
@@ -114,17 +130,27 @@ def check(config_path: Path) -> None:
         for step in c.steps:
             audience = audiences[step.id]
             counts[step.id] = len(audience)
-            if any(step.template in w for w in template_broken):
+            if (step.template, None) in broken:
                 bar.advance(task, len(audience))
                 continue
             for contact in audience:
-                try:
-                    composer.compose(step, c.event(step.event), contact, when=step.at)
-                except MailerError as exc:
-                    for line in str(exc).splitlines():
-                        if line not in seen:  # one report per distinct template problem
-                            seen.add(line)
-                            problems.append(Problem(contact.source, f"step {step.id}: {line}"))
+                lang = ws.templates.language_for(step.template, contact.language)
+                if lang is None or (step.template, lang) in broken:  # no version: reported too
+                    bar.advance(task)
+                    continue
+                for line, language in render_problems(step, contact):
+                    if line not in seen:  # one report per distinct template problem
+                        seen.add(line)
+                        problems.append(
+                            Problem(
+                                contact.file,
+                                f"step {step.id}: {line}",
+                                row=contact.row,
+                                step=step.id,
+                                template=step.template,
+                                language=language,
+                            )
+                        )
                 bar.advance(task)
 
     out.print(f"[bold]{c.name}[/bold] ({c.id}), time zone {c.timezone.key}, language {c.language}")
@@ -217,13 +243,13 @@ def _pending_changes(c: Campaign) -> None:
     from . import planner
     from .ledger import Ledger
 
-    with Ledger(c.ledger) as ledger:
-        recorded = ledger.revisions(c.id)
-        for rev in planner.revisions(c, recorded, lambda ev: bool(ledger.ics_recipients(c.id, ev))):
+    with Ledger.read(c.ledger) as ledger:
+        recorded = ledger.latest_revisions(c.id)
+        for rev in planner.revisions(c, recorded, lambda ev: bool(ledger.calendar_holders(c.id, ev))):
             if rev.kind not in ("update", "cancel"):
                 continue
-            n = len(ledger.ics_recipients(c.id, rev.event))
-            diff = planner.changes(json.loads(recorded[rev.event][2]), json.loads(rev.snapshot))
+            n = len(ledger.calendar_holders(c.id, rev.event))
+            diff = planner.changes(json.loads(recorded[rev.event].snapshot), json.loads(rev.snapshot))
             what = "; ".join(f"{d['field']}: {d['before']} -> {d['after']}" for d in diff)
             out.print(
                 f"Event {rev.event} changed since its invitations went out ({what}): the next "
@@ -249,6 +275,7 @@ def _safe_name(email: str) -> str:
 @click.option("--dry-run", is_flag=True, help="Show what is due; send and record nothing.")
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most N mails in this pass.")
 @click.option("--step", "step_ids", multiple=True, help="Only this step (repeatable).")
+@click.option("--force", is_flag=True, help="Allow a --now more than a day ahead of the clock.")
 @handle_errors
 def send(
     config_path: Path,
@@ -257,6 +284,7 @@ def send(
     dry_run: bool,
     limit: int | None,
     step_ids: tuple[str, ...],
+    force: bool,
 ) -> None:
     """Send what is due now, once, and exit (the daemon `mailer run` repeats this).
 
@@ -267,15 +295,48 @@ def send(
     c = ws.campaign
     _known_steps(c, step_ids)
     now = _parse_now(now_text, c)
+    if not dry_run and not force:
+        _not_far_ahead(now, datetime.now(UTC))
     from .ledger import Ledger
     from .transport import TransportSettings
 
     settings = TransportSettings.from_config(c.smtp, os.environ)
-    with Ledger(db_path or c.ledger) as ledger:
+    path = db_path or c.ledger
+    if dry_run:
+        # A dry run writes nothing: it reads the ledger read-only, or plans against an empty one
+        # when none exists yet (nothing is recorded, so that is what the real pass would see).
+        ledger = Ledger.read(path) if path.exists() else Ledger(":memory:")
+    else:
+        ledger = Ledger.create(path)  # send and run alone start a ledger
+    with ledger:
         if not dry_run:
             ledger.lock()
         result = _send_with_progress(ws, ledger, now, settings, limit, step_ids or None, dry_run)
     _report(result, c, dry_run)
+
+
+#: How far ahead of the clock `send --now` goes without --force.
+AHEAD_LIMIT = timedelta(days=1)
+
+
+def _not_far_ahead(now: datetime, clock: datetime) -> None:
+    """Refuse a pass in the future: it would record every step whose event has "started" by
+    then as skipped, and the real time would never send them (issue 11 item 12).
+
+    >>> _not_far_ahead(datetime(2030, 1, 1, tzinfo=UTC), datetime(2029, 12, 31, 1, tzinfo=UTC))
+    >>> _not_far_ahead(datetime(2030, 1, 3, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC))
+    Traceback (most recent call last):
+    mailer.errors.MailerError: --now 2030-01-03 00:00 UTC is 2 day(s) ahead of the clock (2030-01-01 00:00 UTC); ...
+    """
+    if now - clock <= AHEAD_LIMIT:
+        return
+    days = (now - clock) // timedelta(days=1)
+    raise MailerError(
+        f"--now {now:%Y-%m-%d %H:%M %Z} is {days} day(s) ahead of the clock ({clock:%Y-%m-%d %H:%M %Z}); "
+        "such a pass records every step whose event has started by then as skipped, and the "
+        "real time will not send them. Add --force if that is what you want (`mailer retry "
+        "--status skipped` undoes it). Nothing was sent."
+    )
 
 
 def _send_with_progress(
@@ -289,7 +350,8 @@ def _send_with_progress(
 ) -> PassResult:
     import asyncio
 
-    from .runner import run_pass, virtual_clock
+    from .clock import virtual_clock
+    from .runner import run_pass
 
     with progress_bar("sending", disable=dry_run) as bar:
         task = bar.add_task("send", total=None)

@@ -173,9 +173,16 @@ def init_worker(
     revisions: Mapping[str, tuple[int, str, str]],
     snapshots: Mapping[tuple[str, int], str],
     unsubscribe_secret: str | None,
+    parent_pid: int | None = None,
 ) -> None:
-    """Process-pool initializer: the worker's own Composer, templates compiled once."""
+    """Process-pool initializer: the worker's own Composer, templates compiled once.
+
+    The worker dies with the sending process (``parent_pid``): it must never outlive it,
+    holding its stdout (``$(mailer send)`` would never return) and its memory.
+    """
     global _WORKER
+    if parent_pid is not None:
+        _die_with(parent_pid)
     _WORKER = Composer(
         campaign,
         Templates(campaign.templates_dir, campaign.language),
@@ -183,6 +190,47 @@ def init_worker(
         snapshots,
         unsubscribe_secret=unsubscribe_secret,
     )
+
+
+def _die_with(parent_pid: int) -> None:
+    """End this process as soon as ``parent_pid`` has gone.
+
+    The worker is a child of multiprocessing's forkserver, not of the sender; the forkserver
+    exits when the sender dies, so: on Linux the kernel kills us when our parent (the
+    forkserver) ends (PR_SET_PDEATHSIG); everywhere a watchdog thread checks once a second
+    that the forkserver is still our parent and the sender still exists.
+    """
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    forkserver = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the thread does it
+            pass
+        if os.getppid() != forkserver:  # the parent died before prctl took effect
+            os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # pragma: no cover - pid reused by another user's process
+                os._exit(1)
+            if os.getppid() != forkserver:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mailer-worker-watchdog", daemon=True).start()
 
 
 def compose_batch(jobs: list[Job], composer: Composer | None = None) -> list[tuple[bytes, int] | str]:

@@ -18,9 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from markupsafe import Markup, escape
 
-from .errors import LedgerError, MailerError
-from .ledger import Ledger
-from .responses import CURRENT_REPLY
+from .errors import MailerError
+from .ledger import CURRENT_REPLY, Ledger
 
 if TYPE_CHECKING:  # datasette is the optional extra mailer[dashboard]
     from datasette.app import Datasette
@@ -141,26 +140,12 @@ def is_loopback(host: str) -> bool:
 
 
 def _check_ledger(db: Path) -> None:
+    """Refuse a missing file, a file that is not a mailer ledger, or a ledger of another schema
+    version, opening it read-only: looking never migrates it (issue 11 item 3: a look from a
+    newer install would stop the older daemon that writes it)."""
     if not db.exists():
         raise MailerError(f"{db}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            found = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'deliveries'"
-            ).fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise MailerError(f"{db}: cannot read the ledger: {exc}") from None
-    if not found:
-        raise MailerError(f"{db}: not a mailer ledger (no deliveries table)")
-    try:
-        # Bring an older ledger's schema up to date (the queries read what it adds); a current
-        # one costs one read. Datasette itself then reads the file read-only.
-        Ledger(db).close()
-    except LedgerError as exc:
-        raise MailerError(str(exc)) from None
+    Ledger.read(db).close()
 
 
 # -- the Datasette plugin: hook functions, marked with datasette's hookimpl on first use ------

@@ -337,7 +337,7 @@ def apply(
             ledger.record_reply(campaign.id, f.event_id, f.email, f.partstat, now, message_id, f.sequence)
             lines.append(f"reply: {f.email} {f.partstat.lower()} {f.event_id}")
         elif f.kind == "bounce":
-            n = ledger.bounced(f.email, f.original_message_id, f.status, f.diagnostic, now)
+            n = ledger.record_bounce(f.email, f.original_message_id, f.status, f.diagnostic, now)
             lines.append(
                 f"bounce: {f.email} {f.status} {f.diagnostic}".rstrip()
                 + f"; {n} deliver{'y' if n == 1 else 'ies'} marked bounced, address suppressed"
@@ -349,7 +349,7 @@ def apply(
             lines.append(f"unsubscribe: {f.email} suppressed")
     kinds = "+".join(dict.fromkeys(f.kind for f in findings))
     emails = ", ".join(dict.fromkeys(f.email for f in findings))
-    ledger.mark_inbox(message_id, kinds, emails, "; ".join(lines), now)
+    ledger.record_inbox(message_id, kinds, emails, "; ".join(lines), now)
     return lines
 
 
@@ -446,6 +446,7 @@ def run_inbox(
 
     :raises InboxError: neither ``maildir`` nor the IMAP variables are given, or reading fails.
     :raises ConfigError: schedules.yaml is invalid.
+    :raises LedgerError: the ledger does not exist or is not a mailer ledger.
     """
     campaign = load(config_path)
     source = configured_source(environ, maildir)
@@ -455,5 +456,7 @@ def run_inbox(
             "MAILER_IMAP_PASSWORD (optional: MAILER_IMAP_PORT, MAILER_IMAP_TLS, "
             "MAILER_IMAP_MAILBOX, MAILER_IMAP_CA_FILE)"
         )
-    with Ledger(db_path or campaign.ledger) as ledger:
+    # An existing ledger only: the inbox records answers and bounces of mail that was sent,
+    # so a missing file means a wrong --db / ledger:, never a new ledger (issue 11 item 2).
+    with Ledger.open(db_path or campaign.ledger) as ledger:
         return process(source, ledger, campaign, now or datetime.now(UTC))

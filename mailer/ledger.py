@@ -1,191 +1,82 @@
-"""The delivery ledger: one SQLite file recording every delivery, attempt, suppression and lock."""
+"""The delivery ledger in SQLite: deliveries, attempts, revisions, answers, suppressions, the lock.
+
+Three ways to open it, one per kind of caller (README "The ledger"):
+
+- :meth:`Ledger.create` (``send``, ``run``, ``demo``): makes the file only where none exists;
+- :meth:`Ledger.open` (the other writers): the file must already be a mailer ledger;
+- :meth:`Ledger.read` (status, log, export, the dashboard): read-only, never migrates.
+
+Every ``sqlite3`` error leaves this module as a one-line :class:`~mailer.errors.LedgerError`.
+"""
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import inspect
 import os
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, TypeVar
 
 from .errors import LedgerError, LockedError
-from .responses import Responses, dicts
+from .migrations import MIGRATIONS, SCHEMA_VERSION, statements
+from .store import Claim, Claimed, Decided, NewRow, Outcome, RecordedRevision, Row
 from .times import iso, parse_iso
+from .vocab import FINAL, MAY_HAVE_ARRIVED, Attempt, Status, sql_list
 
-__all__ = [
-    "FINAL",
-    "STATUSES",
-    "Ledger",
-    "Outcome",
-    "Row",
-    "Status",
-    "iso",
-    "parse_iso",
-]
+__all__ = ["CURRENT_REPLY", "Ledger", "OpenMode", "SCHEMA_VERSION", "dicts"]
 
-Status = Literal["pending", "sending", "sent", "deferred", "failed", "skipped", "suppressed", "bounced"]
-STATUSES: tuple[str, ...] = (
-    "pending",
-    "sending",
-    "sent",
-    "deferred",
-    "failed",
-    "skipped",
-    "suppressed",
-    "bounced",
+
+class OpenMode(StrEnum):
+    CREATE = "create"  #: send/run/demo: create where no file exists, migrate an older schema
+    WRITE = "write"  #: other writers: an existing mailer ledger, migrated
+    READ = "read"  #: read-only: never writes, never migrates
+
+
+#: SQL condition on ``replies AS r``: the answer was given for the event's current revision
+#: (RFC 5546 2.1.5: SEQUENCE orders the versions of an event). After an update (a new time,
+#: place or title: SEQUENCE + 1) earlier answers no longer count, so a reminder filtered on
+#: ``rsvp`` treats those invitees as not having answered the new version. A reply without
+#: SEQUENCE counts for every revision.
+CURRENT_REPLY = (
+    "(r.sequence IS NULL OR r.sequence >= coalesce((SELECT max(v.sequence) FROM revisions AS v"
+    " WHERE v.campaign = r.campaign AND v.event = r.event), 0))"
 )
-#: Statuses a row never leaves on its own (``mailer retry`` turns failed back into pending).
-FINAL: frozenset[str] = frozenset({"sent", "failed", "skipped", "suppressed", "bounced"})
 
-SCHEMA_VERSION = 3
+#: The guard of every write that must leave a final row alone (built from the vocabulary).
+NOT_FINAL = f"deliveries.status NOT IN {sql_list(FINAL)}"
 
-#: Version 1: the tables and indexes. ``IF NOT EXISTS`` as in the releases before migrations,
-#: which ran it on every open.
-_SCHEMA_V1 = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY,
-    campaign TEXT NOT NULL,
-    step TEXT NOT NULL,
-    event TEXT NOT NULL,
-    email TEXT NOT NULL,
-    name TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt TEXT,
-    due_at TEXT NOT NULL,
-    message_id TEXT,
-    sequence INTEGER NOT NULL DEFAULT 0,
-    ics INTEGER NOT NULL DEFAULT 0,
-    smtp_code INTEGER,
-    smtp_text TEXT,
-    reason TEXT,
-    claimed_at TEXT,
-    sent_at TEXT,
-    created TEXT NOT NULL,
-    updated TEXT NOT NULL,
-    UNIQUE (campaign, step, email)
-);
-CREATE INDEX IF NOT EXISTS deliveries_by_status ON deliveries (campaign, step, status);
-CREATE INDEX IF NOT EXISTS deliveries_by_email ON deliveries (email);
-CREATE INDEX IF NOT EXISTS deliveries_retry ON deliveries (status, next_attempt);
-CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (campaign, event, ics);
-CREATE INDEX IF NOT EXISTS deliveries_by_event_email ON deliveries (event, campaign, email, status);
-CREATE INDEX IF NOT EXISTS deliveries_by_message_id ON deliveries (message_id);
-CREATE TABLE IF NOT EXISTS attempts (
-    id INTEGER PRIMARY KEY,
-    delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
-    at TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    code INTEGER,
-    text TEXT
-);
-CREATE INDEX IF NOT EXISTS attempts_by_delivery ON attempts (delivery_id);
-CREATE INDEX IF NOT EXISTS attempts_by_time ON attempts (at);
-CREATE TABLE IF NOT EXISTS suppressions (
-    email TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revisions (
-    campaign TEXT NOT NULL,
-    event TEXT NOT NULL,
-    sequence INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    snapshot TEXT NOT NULL,
-    at TEXT NOT NULL,
-    PRIMARY KEY (campaign, event, sequence)
-);
-CREATE TABLE IF NOT EXISTS replies (
-    campaign TEXT NOT NULL,
-    event TEXT NOT NULL,
-    email TEXT NOT NULL,
-    partstat TEXT NOT NULL,
-    at TEXT NOT NULL,
-    message_id TEXT,
-    PRIMARY KEY (campaign, event, email)
-);
-CREATE TABLE IF NOT EXISTS inbox (
-    message_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    email TEXT,
-    detail TEXT,
-    at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS steps_started (
-    campaign TEXT NOT NULL,
-    step TEXT NOT NULL,
-    at TEXT NOT NULL,
-    PRIMARY KEY (campaign, step)
-);
-"""
+_ROW_COLS = "id, step, email, status, attempts, next_attempt, claimed_at, message_id, name"
 
-#: Version 2: deliveries per (campaign, step, status), kept by triggers, so `mailer status`
-#: reads a few dozen rows instead of an index entry per delivery. A count may drop to 0 and
-#: stay (readers skip those). The triggers fire for every INSERT, UPDATE (an upsert's DO
-#: UPDATE too) and DELETE on deliveries, from any connection; a REPLACE that deletes a row
-#: fires the DELETE trigger only with ``PRAGMA recursive_triggers`` on (the Ledger turns it
-#: on; mailer itself never REPLACEs a delivery). Also drops two indexes that cost every
-#: status change or attempt a B-tree write for nothing: one that early version-1 files still
-#: carry (the schema lost it in 6cda7d8; IF NOT EXISTS never removed it), and attempts (at),
-#: which no query uses (attempts are read per delivery).
-_SCHEMA_V2 = """
-CREATE TABLE delivery_counts (
-    campaign TEXT NOT NULL,
-    step TEXT NOT NULL,
-    status TEXT NOT NULL,
-    n INTEGER NOT NULL,
-    PRIMARY KEY (campaign, step, status)
-) WITHOUT ROWID;
-CREATE TRIGGER delivery_counts_insert AFTER INSERT ON deliveries BEGIN
-    INSERT INTO delivery_counts (campaign, step, status, n) VALUES (new.campaign, new.step, new.status, 1)
-    ON CONFLICT (campaign, step, status) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER delivery_counts_delete AFTER DELETE ON deliveries BEGIN
-    UPDATE delivery_counts SET n = n - 1
-    WHERE campaign = old.campaign AND step = old.step AND status = old.status;
-END;
-CREATE TRIGGER delivery_counts_update AFTER UPDATE OF campaign, step, status ON deliveries
-WHEN new.campaign IS NOT old.campaign OR new.step IS NOT old.step OR new.status IS NOT old.status
-BEGIN
-    UPDATE delivery_counts SET n = n - 1
-    WHERE campaign = old.campaign AND step = old.step AND status = old.status;
-    INSERT INTO delivery_counts (campaign, step, status, n) VALUES (new.campaign, new.step, new.status, 1)
-    ON CONFLICT (campaign, step, status) DO UPDATE SET n = n + 1;
-END;
-INSERT INTO delivery_counts (campaign, step, status, n)
-    SELECT campaign, step, status, count(*) FROM deliveries GROUP BY 1, 2, 3;
-DROP INDEX IF EXISTS deliveries_status_only;
-DROP INDEX IF EXISTS attempts_by_time;
-"""
-
-#: Version 3: the SEQUENCE an answer was given for (RFC 5546 2.1.5). A reply to an earlier
-#: revision of the event no longer counts as the attendee's answer once the event changed;
-#: NULL (a client that sent no SEQUENCE) counts for every revision. Also drops the
-#: (campaign, step, status) index: its last reader, the dashboard's summary, reads
-#: delivery_counts now, and every status change paid for it.
-_SCHEMA_V3 = """
-ALTER TABLE replies ADD COLUMN sequence INTEGER;
-DROP INDEX IF EXISTS deliveries_by_status;
-"""
-
-#: ``{version: the SQL that brings version - 1 to it}``: a new file runs them all, in order.
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+#: The busy timeout: how long a write waits for another connection's transaction.
+BUSY_TIMEOUT = 30.0
 
 
-def _statements(script: str) -> Iterator[str]:
-    """The statements of ``script``, each ending at a line end (a trigger body is one)."""
-    stmt = ""
-    for line in script.splitlines(keepends=True):
-        stmt += line
-        if sqlite3.complete_statement(stmt):
-            yield stmt.strip()
-            stmt = ""
-    assert not stmt.strip(), f"unterminated statement: {stmt}"
+def dicts(cur: sqlite3.Cursor) -> Iterator[dict[str, Any]]:
+    """The rows of a cursor as dicts keyed by column name."""
+    cols = [d[0] for d in cur.description]
+    for row in cur:
+        yield dict(zip(cols, row, strict=True))
+
+
+def _row(r: Sequence[Any]) -> Row:
+    return Row(
+        id=r[0],
+        step=r[1],
+        email=r[2],
+        status=Status(r[3]),
+        attempts=r[4],
+        next_attempt=parse_iso(r[5]) if r[5] else None,
+        claimed_at=parse_iso(r[6]) if r[6] else None,
+        message_id=r[7],
+        name=r[8] or "",
+    )
 
 
 def _filters(**columns: str | None) -> tuple[str, list[str]]:
@@ -198,109 +89,235 @@ def _filters(**columns: str | None) -> tuple[str, list[str]]:
     return " AND ".join(f"{k}=?" for k in given) or "1=1", list(given.values())
 
 
-class Outcome(NamedTuple):
-    """One SMTP attempt's result for :meth:`Ledger.outcomes`."""
-
-    delivery_id: int
-    outcome: str  # sent | deferred | failed
-    code: int | None
-    text: str
-    now: datetime
-    next_attempt: datetime | None = None
-    reason: str | None = None
+# ------------------------------------------------------------------------------------------
+# sqlite3 errors -> LedgerError, at this module's edge
+# ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Row:
-    """A delivery as the planner sees it."""
+def describe(exc: sqlite3.Error, path: Path | str | None) -> str:
+    """A one-line message for a sqlite3 error on the ledger at ``path``, saying what to do.
 
-    id: int
-    step: str
-    email: str
-    status: str
-    attempts: int
-    next_attempt: datetime | None
-    claimed_at: datetime | None
-    message_id: str | None
-    name: str = ""
+    >>> e = sqlite3.OperationalError("database or disk is full")
+    >>> e.sqlite_errorname = "SQLITE_FULL"
+    >>> describe(e, "x.db")
+    'x.db: the disk is full; free some space and run the command again (the change was rolled back)'
+    """
+    where = str(path) if path is not None else "ledger"
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    folder = Path(where).parent if path is not None else Path(".")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
+        return (
+            f"{where}: the ledger is locked by another program for more than {BUSY_TIMEOUT:.0f} s "
+            "(a mailer sender would say so by name: this is something else, such as an open "
+            "sqlite3 shell or a backup); close it and run the command again"
+        )
+    if name == "SQLITE_FULL" or "disk is full" in text:
+        return (
+            f"{where}: the disk is full; free some space and run the command again "
+            "(the change was rolled back)"
+        )
+    if name.startswith("SQLITE_READONLY") or "readonly database" in text:
+        return (
+            f"{where}: the ledger file or its folder {folder} is read-only; mailer must be able to "
+            f"write the file and create {Path(where).name}-wal and -shm next to it"
+        )
+    if name == "SQLITE_NOTADB" or "not a database" in text:
+        return f"{where}: not a mailer ledger (not an SQLite file); check --db / ledger: in schedules.yaml"
+    if name.startswith("SQLITE_CORRUPT") or "malformed" in text:
+        return (
+            f"{where}: the ledger file is damaged; restore it from a backup (README: backing up the ledger)"
+        )
+    if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+        return f"{where}: cannot open the ledger ({text}); check the path and the folder's permissions"
+    if name.startswith("SQLITE_IOERR") or "disk I/O error" in text:
+        return f"{where}: disk I/O error on the ledger ({text}); check the disk, then run again"
+    return f"{where}: ledger error: {text}"
 
 
-_ROW_COLS = "id, step, email, status, attempts, next_attempt, claimed_at, message_id, name"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _row(r: Sequence[Any]) -> Row:
-    return Row(
-        id=r[0],
-        step=r[1],
-        email=r[2],
-        status=r[3],
-        attempts=r[4],
-        next_attempt=parse_iso(r[5]) if r[5] else None,
-        claimed_at=parse_iso(r[6]) if r[6] else None,
-        message_id=r[7],
-        name=r[8] or "",
-    )
+def _mapped(fn: F) -> F:
+    """Raise :class:`LedgerError` instead of any ``sqlite3.Error`` (generators too)."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                raise LedgerError(describe(exc, self.path)) from None
+
+        return gen  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def call(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise LedgerError(describe(exc, self.path)) from None
+
+    return call  # type: ignore[return-value]
 
 
-class Ledger(Responses):
-    """The SQLite ledger. Takes a path, ``":memory:"`` or an open ``sqlite3.Connection``.
+def _map_all(cls: type[Ledger]) -> type[Ledger]:
+    """Apply :func:`_mapped` to every public method of the class."""
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(value):
+            setattr(cls, name, _mapped(value))
+    return cls
 
-    Writes commit at once (autocommit outside :meth:`transaction`), so every state change is
-    durable before the caller takes its next network step. WAL mode with
-    ``synchronous=NORMAL``: a commit survives a crash of this process; only a power loss may
-    lose the last commits (documented in the README).
+
+# ------------------------------------------------------------------------------------------
+# The ledger
+# ------------------------------------------------------------------------------------------
+
+
+@_map_all
+class Ledger:
+    """The SQLite ledger; implements :class:`mailer.store.LedgerStore`.
+
+    ``Ledger(target)`` takes a path, ``":memory:"`` or an open ``sqlite3.Connection``, and opens
+    it in ``mode`` (default :attr:`OpenMode.CREATE`; prefer the named constructors). Writes
+    commit at once (autocommit outside :meth:`transaction`), so every state change is durable
+    before the caller takes its next network step. WAL mode with ``synchronous=NORMAL``: a
+    commit survives a crash of this process; only a power loss may lose the last commits.
     """
 
     def __init__(
         self,
         target: str | Path | sqlite3.Connection,
         *,
-        tracer: Callable[[str, Any], None] | None = None,
+        mode: OpenMode = OpenMode.CREATE,
+        tracer: Callable[[str], None] | None = None,
     ) -> None:
         self.path: Path | None = None
+        self.mode = mode
         self._lock_fd: int | None = None
         if isinstance(target, sqlite3.Connection):
             conn = target
         else:
-            if str(target) != ":memory:":
-                self.path = Path(target)
-                if self.path.parent and not self.path.parent.exists():
-                    raise LedgerError(
-                        f"{self.path}: folder {self.path.parent} does not exist; create it or "
-                        "set ledger: in schedules.yaml / --db to another path"
-                    )
-            try:
-                conn = sqlite3.connect(str(target), isolation_level=None, timeout=30, check_same_thread=False)
-            except sqlite3.Error as exc:
-                raise LedgerError(f"{target}: cannot open the ledger: {exc}") from None
+            conn = self._connect(target, mode)
         conn.isolation_level = None  # autocommit; we open transactions explicitly
+        if tracer is not None:
+            conn.set_trace_callback(tracer)
         self.conn = conn
-        self._tracer = tracer
-        self._db: Any = None
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA recursive_triggers=ON")  # see _SCHEMA_V2
-            # A write that fires the delivery_counts triggers keeps a statement journal.
-            # By default it moves to a temp file once past 64 KiB and stays there for the
-            # rest of the transaction (a claim batch, add_pending): ~60 us more per mail.
-            conn.execute("PRAGMA temp_store=MEMORY")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{target}: not a mailer ledger or damaged: {exc}") from None
+            if mode is OpenMode.READ:
+                conn.execute("PRAGMA query_only=ON")
+                self._check_readable()
+            else:
+                if self._version(conn) == 0 and self._foreign(conn):  # before WAL rewrites its header
+                    raise self._not_ours(self._foreign(conn))
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA recursive_triggers=ON")  # see migrations._SCHEMA_V2
+                # A write that fires the delivery_counts triggers keeps a statement journal.
+                # By default it moves to a temp file once past 64 KiB and stays there for the
+                # rest of the transaction (a claim batch, add_pending): ~60 us more per mail.
+                conn.execute("PRAGMA temp_store=MEMORY")
+                self._migrate()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise LedgerError(describe(exc, self.path)) from None
+        except LedgerError:
+            conn.close()
+            raise
 
-    @property
-    def db(self) -> Any:
-        """A :class:`sqlite_utils.Database` on the same connection, for ad-hoc queries and
-        exports (imported on first use: `mailer status` should start fast)."""
-        if self._db is None:
-            import sqlite_utils
+    @classmethod
+    def create(cls, path: str | Path) -> Ledger:
+        """For ``send``/``run``/``demo``: the ledger at ``path``, made if no file exists there.
 
-            self._db = sqlite_utils.Database(self.conn, tracer=self._tracer)
-        return self._db
+        :raises LedgerError: the file exists but is empty or not a mailer ledger.
+        """
+        return cls(path, mode=OpenMode.CREATE)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Ledger:
+        """For writers other than the senders (suppress, retry, inbox): an existing ledger.
+
+        :raises LedgerError: no file at ``path``, or not a mailer ledger.
+        """
+        return cls(path, mode=OpenMode.WRITE)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Ledger:
+        """For readers (status, log, export, the dashboard): read-only, never migrated.
+
+        :raises LedgerError: no file, not a mailer ledger, or another schema version.
+        """
+        return cls(path, mode=OpenMode.READ)
+
+    def _connect(self, target: str | Path, mode: OpenMode) -> sqlite3.Connection:
+        if str(target) == ":memory:":
+            return sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self.path = path = Path(target)
+        if not path.parent.exists():
+            raise LedgerError(
+                f"{path}: folder {path.parent} does not exist; create it or set ledger: in "
+                "schedules.yaml / --db to another path"
+            )
+        if path.is_dir():
+            raise LedgerError(f"{path}: is a folder, not a ledger file; check --db / ledger:")
+        exists = path.exists()
+        if not exists and mode is not OpenMode.CREATE:
+            raise LedgerError(
+                f"{path}: no ledger here yet; nothing has been sent from it (`mailer send` or "
+                "`mailer run` create it); check --db / ledger: in schedules.yaml"
+            )
+        if exists and path.stat().st_size == 0:
+            raise LedgerError(
+                f"{path}: an empty file, not a mailer ledger; remove it (mailer creates the "
+                "ledger itself) or point --db / ledger: elsewhere"
+            )
+        try:
+            if mode is OpenMode.READ:
+                return sqlite3.connect(
+                    path.absolute().as_uri() + "?mode=ro",
+                    uri=True,
+                    isolation_level=None,
+                    timeout=BUSY_TIMEOUT,
+                    check_same_thread=False,
+                )
+            return sqlite3.connect(
+                str(path), isolation_level=None, timeout=BUSY_TIMEOUT, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise LedgerError(describe(exc, path)) from None
 
     # -- schema ---------------------------------------------------------------------------
+
+    def _foreign(self, c: sqlite3.Connection) -> list[str]:
+        """Tables of a file that has no mailer schema (empty for a new file)."""
+        return [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+
+    def _not_ours(self, tables: list[str]) -> LedgerError:
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        return LedgerError(
+            f"{self.path or 'ledger'}: an SQLite file that is not a mailer ledger (tables: {shown}); "
+            "point --db / ledger: at the campaign's ledger or at a new file"
+        )
+
+    def _check_readable(self) -> None:
+        found = self._version(self.conn)
+        if found == 0:
+            tables = self._foreign(self.conn)
+            raise self._not_ours(tables) if tables else LedgerError(f"{self.path}: not a mailer ledger")
+        if found != SCHEMA_VERSION:
+            raise LedgerError(self._version_message(found))
+
+    def _version_message(self, found: int) -> str:
+        if found > SCHEMA_VERSION:
+            return (
+                f"{self.path}: ledger is schema {found}, newer than this mailer reads "
+                f"({SCHEMA_VERSION}); upgrade mailer"
+            )
+        return (
+            f"{self.path}: ledger is schema {found}, this mailer reads {SCHEMA_VERSION}; upgrade it "
+            "with `mailer send` or `mailer run` (after stopping the daemon that uses it)"
+        )
 
     def _migrate(self) -> None:
         """Bring the file to :data:`SCHEMA_VERSION`, one step per version, in one transaction.
@@ -310,6 +327,8 @@ class Ledger(Responses):
         wait for its commit, then find the file current. An up-to-date file costs one read.
         """
         found = self._version(self.conn)
+        if found == 0 and self._foreign(self.conn):
+            raise self._not_ours(self._foreign(self.conn))
         if found < SCHEMA_VERSION:
             with self.transaction() as c:
                 found = self._version(c)  # again, under the lock: another process may have done it
@@ -318,7 +337,7 @@ class Ledger(Responses):
                     # version 1 grew that way (tables, indexes): a version-1 file runs it again.
                     first = 1 if found <= 1 else found + 1
                     for version in range(first, SCHEMA_VERSION + 1):
-                        for stmt in _statements(_MIGRATIONS[version]):
+                        for stmt in statements(MIGRATIONS[version]):
                             c.execute(stmt)
                     c.execute(
                         "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
@@ -326,14 +345,11 @@ class Ledger(Responses):
                         (str(SCHEMA_VERSION),),
                     )
         if found > SCHEMA_VERSION:
-            raise LedgerError(
-                f"ledger schema {found} is newer than this mailer understands "
-                f"({SCHEMA_VERSION}); upgrade mailer"
-            )
+            raise LedgerError(self._version_message(found))
 
     @staticmethod
     def _version(c: sqlite3.Connection) -> int:
-        """The file's schema version; 0 for a new (empty) file."""
+        """The file's schema version; 0 for a file without mailer's meta table."""
         if c.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is None:
             return 0
         row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -341,7 +357,7 @@ class Ledger(Responses):
 
     @property
     def schema_version(self) -> int:
-        return int(self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        return self._version(self.conn)
 
     # -- locking ----------------------------------------------------------------------------
 
@@ -355,8 +371,13 @@ class Ledger(Responses):
         """
         if self.path is None or self._lock_fd is not None:
             return
+        if self.mode is OpenMode.READ:
+            raise LedgerError(f"{self.path}: opened read-only; a sender opens it with Ledger.create")
         lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LedgerError(f"{lock_path}: cannot create the lock file: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -372,6 +393,7 @@ class Ledger(Responses):
         self._lock_fd = fd
 
     def close(self) -> None:
+        """Release the lock (if held) and close the connection."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -385,31 +407,49 @@ class Ledger(Responses):
 
     # -- transactions -----------------------------------------------------------------------
 
-    class _Tx:
-        def __init__(self, conn: sqlite3.Connection) -> None:
-            self.conn = conn
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``with ledger.transaction() as c:`` groups writes into one commit.
 
-        def __enter__(self) -> sqlite3.Connection:
+        Transactions do not nest: opening one inside another is a programming error
+        (RuntimeError), never a silent merge. A failed COMMIT rolls back and raises
+        :class:`LedgerError`; so does an exception inside the block (after the rollback).
+        """
+        if self.conn.in_transaction:
+            raise RuntimeError("Ledger.transaction() does not nest: a transaction is already open")
+        try:
             self.conn.execute("BEGIN IMMEDIATE")
-            return self.conn
+        except sqlite3.Error as exc:
+            raise LedgerError(describe(exc, self.path)) from None
+        try:
+            yield self.conn
+        except BaseException:
+            self._rollback()
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise LedgerError(describe(exc, self.path)) from None
 
-        def __exit__(self, exc_type: object, *rest: object) -> None:
-            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:  # the connection is broken; SQLite rolls back on close
+                pass
 
-    def transaction(self) -> Ledger._Tx:
-        """``with ledger.transaction():`` groups writes into one commit."""
-        return Ledger._Tx(self.conn)
+    # -- reads: deliveries ------------------------------------------------------------------
 
-    # -- reading ----------------------------------------------------------------------------
-
-    def rows(self, campaign: str, step: str) -> dict[str, Row]:
+    def step_rows(self, campaign: str, step: str) -> dict[str, Row]:
         """All rows of one step, keyed by email."""
         cur = self.conn.execute(
             f"SELECT {_ROW_COLS} FROM deliveries WHERE campaign=? AND step=?", (campaign, step)
         )
         return {r[2]: _row(r) for r in cur}
 
-    def get(self, campaign: str, step: str, email: str) -> Row | None:
+    def row(self, campaign: str, step: str, email: str) -> Row | None:
+        """One delivery, or None."""
         r = self.conn.execute(
             f"SELECT {_ROW_COLS} FROM deliveries WHERE campaign=? AND step=? AND email=?",
             (campaign, step, email),
@@ -417,6 +457,7 @@ class Ledger(Responses):
         return _row(r) if r else None
 
     def steps_started(self, campaign: str) -> dict[str, datetime]:
+        """When a pass first handled each configured step."""
         return {
             s: parse_iso(a)
             for s, a in self.conn.execute("SELECT step, at FROM steps_started WHERE campaign=?", (campaign,))
@@ -435,8 +476,8 @@ class Ledger(Responses):
         retry = {
             (c, s): n
             for c, s, n in self.conn.execute(
-                f"SELECT campaign, step, min(next_attempt) FROM deliveries WHERE status='deferred' {where}"
-                " GROUP BY campaign, step",
+                "SELECT campaign, step, min(next_attempt) FROM deliveries"
+                f" WHERE status='{Status.DEFERRED}' {where} GROUP BY campaign, step",
                 args,
             )
         }
@@ -446,7 +487,7 @@ class Ledger(Responses):
                 "step": s,
                 "status": st,
                 "n": n,
-                "next_attempt": retry.get((c, s)) if st == "deferred" else None,
+                "next_attempt": retry.get((c, s)) if st == Status.DEFERRED else None,
             }
             for c, s, st, n in counts
         ]
@@ -475,6 +516,7 @@ class Ledger(Responses):
         yield from dicts(self.conn.execute(sql, args))
 
     def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
+        """Every SMTP attempt of one delivery, oldest first."""
         return list(
             dicts(
                 self.conn.execute(
@@ -484,237 +526,306 @@ class Ledger(Responses):
             )
         )
 
-    # -- writing ----------------------------------------------------------------------------
+    # -- writes: the pass, in the order it commits (see mailer/sendpass.py) -----------------
 
-    def mark_step_started(self, campaign: str, step: str, now: datetime) -> None:
-        self.conn.execute(
+    def mark_steps_started(self, campaign: str, steps: Iterable[str], at: datetime) -> None:
+        """Remember when a pass first handled each step (later passes treat new contacts as late)."""
+        self.conn.executemany(
             "INSERT OR IGNORE INTO steps_started (campaign, step, at) VALUES (?, ?, ?)",
-            (campaign, step, iso(now)),
+            [(campaign, s, iso(at)) for s in steps],
         )
 
-    def record(
-        self,
-        campaign: str,
-        items: Iterable[tuple[str, str, str, str, datetime]],
-        *,
-        status: str,
-        reason: str,
-        now: datetime,
-    ) -> int:
-        """Record terminal outcomes decided without sending (skipped, suppressed, failed).
+    def record_decided(self, campaign: str, items: Iterable[Decided], at: datetime) -> Counter[Status]:
+        """Record deliveries decided without sending (skipped, suppressed, failed), in one commit.
 
-        ``items`` are ``(step, event, email, name, due_at)``. Existing non-final rows are
-        updated; final rows are left alone. Returns the number written.
+        Existing rows that are not final are updated; final rows are left alone (the guard is
+        built from :data:`mailer.vocab.FINAL`). Returns how many rows were written per status.
         """
-        ts = iso(now)
-        n = 0
+        ts = iso(at)
+        written: Counter[Status] = Counter()
         with self.transaction() as c:
-            for step, event, email, name, due in items:
+            for d in items:
+                if d.status not in FINAL:
+                    raise ValueError(f"record_decided takes final statuses, not {d.status}")
                 cur = c.execute(
                     "INSERT INTO deliveries (campaign, step, event, email, name, status, reason,"
                     " due_at, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT (campaign, step, email) DO UPDATE SET status=excluded.status,"
                     " reason=excluded.reason, updated=excluded.updated, next_attempt=NULL"
-                    " WHERE deliveries.status NOT IN ('sent','failed','skipped','suppressed')",
-                    (campaign, step, event, email, name, status, reason, iso(due), ts, ts),
+                    f" WHERE {NOT_FINAL}",
+                    (campaign, d.step, d.event, d.email, d.name, d.status, d.reason, iso(d.due_at), ts, ts),
                 )
-                n += cur.rowcount
-        return n
+                written[d.status] += cur.rowcount
+        return written
 
-    def add_pending(
-        self, campaign: str, items: Iterable[tuple[str, str, str, str, datetime]], now: datetime
-    ) -> None:
-        """Create ``pending`` rows ``(step, event, email, name, due_at)`` that do not exist yet."""
-        ts = iso(now)
+    def add_pending(self, campaign: str, items: Iterable[NewRow], at: datetime) -> None:
+        """Create ``pending`` rows that do not exist yet (existing rows are left as they are)."""
+        ts = iso(at)
         with self.transaction() as c:
             c.executemany(
                 "INSERT OR IGNORE INTO deliveries (campaign, step, event, email, name, status,"
-                " due_at, created, updated) VALUES (?,?,?,?,?,'pending',?,?,?)",
-                [(campaign, s, e, m, n, iso(d), ts, ts) for s, e, m, n, d in items],
+                " due_at, created, updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (campaign, r.step, r.event, r.email, r.name, Status.PENDING, iso(r.due_at), ts, ts)
+                    for r in items
+                ],
             )
 
-    def claim(
-        self,
-        campaign: str,
-        items: Sequence[tuple[str, str, str, str, datetime, str, int, bool]],
-        now: datetime,
-    ) -> list[tuple[int, datetime, int]]:
+    def claim(self, campaign: str, items: Sequence[Claim], at: datetime) -> list[Claimed | None]:
         """Mark deliveries ``sending`` in one commit, before any of their DATA is sent.
 
-        ``items`` are ``(step, event, email, name, due_at, message_id, sequence, has_ics)``. A row
-        already ``sending`` (left by a crash) keeps its ``claimed_at``, so the re-send is
-        byte-identical (same Date, DTSTAMP, SEQUENCE and Message-ID). Returns
-        ``(row id, claimed_at, sequence)`` per item, in order.
+        A row already ``sending`` or ``deferred`` keeps its first ``claimed_at`` and SEQUENCE,
+        so a re-send is byte-identical (same Date, DTSTAMP, SEQUENCE and Message-ID). A row
+        that is final is not claimed (None in its place): nothing may send it again.
         """
-        ts = iso(now)
-        out: list[tuple[int, datetime, int]] = []
+        ts = iso(at)
+        out: list[Claimed | None] = []
         with self.transaction() as c:
-            for step, event, email, name, due, mid, seq, has_ics in items:
+            for it in items:
                 c.execute(
                     "INSERT INTO deliveries (campaign, step, event, email, name, status, due_at,"
                     " message_id, sequence, ics, claimed_at, created, updated)"
-                    " VALUES (?,?,?,?,?,'sending',?,?,?,?,?,?,?)"
-                    " ON CONFLICT (campaign, step, email) DO UPDATE SET status='sending',"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (campaign, step, email) DO UPDATE SET status=excluded.status,"
                     " message_id=excluded.message_id, ics=excluded.ics,"
                     " sequence=CASE WHEN deliveries.claimed_at IS NULL THEN excluded.sequence"
                     " ELSE deliveries.sequence END,"
                     " claimed_at=coalesce(deliveries.claimed_at, excluded.claimed_at),"
-                    " updated=excluded.updated",
+                    f" updated=excluded.updated WHERE {NOT_FINAL}",
                     (
                         campaign,
-                        step,
-                        event,
-                        email,
-                        name,
-                        iso(due),
-                        mid,
-                        seq,
-                        int(has_ics),
+                        it.step,
+                        it.event,
+                        it.email,
+                        it.name,
+                        Status.SENDING,
+                        iso(it.due_at),
+                        it.message_id,
+                        it.sequence,
+                        int(it.has_ics),
                         ts,
                         ts,
                         ts,
                     ),
                 )
-                rid, claimed, seq_used = c.execute(
-                    "SELECT id, claimed_at, sequence FROM deliveries WHERE campaign=? AND step=? AND email=?",
-                    (campaign, step, email),
+                rid, status, claimed, seq_used = c.execute(
+                    "SELECT id, status, claimed_at, sequence FROM deliveries"
+                    " WHERE campaign=? AND step=? AND email=?",
+                    (campaign, it.step, it.email),
                 ).fetchone()
-                out.append((rid, parse_iso(claimed), seq_used))
+                out.append(Claimed(rid, parse_iso(claimed), seq_used) if status == Status.SENDING else None)
         return out
 
-    def release(self, ids: Iterable[int], now: datetime) -> None:
-        """Give claimed rows whose DATA never started back to ``pending`` (clean stop)."""
-        ts = iso(now)
-        with self.transaction() as c:
-            c.executemany(
-                "UPDATE deliveries SET status='pending', updated=? WHERE id=? AND status='sending'",
-                [(ts, i) for i in ids],
-            )
-
-    def outcomes(self, items: Sequence[Outcome]) -> None:
+    def record_outcomes(self, items: Sequence[Outcome]) -> None:
         """Record SMTP attempts and the rows' new states in one commit (a group commit: the
-        transport waits for it before each of those connections sends its next mail)."""
+        transport waits for it before each of those connections sends its next mail).
+
+        SENT, DEFERRED and FAILED set the status; UNKNOWN keeps the row ``sending`` (its mail
+        goes again, identical, at ``next_attempt``). Only a ``sending`` row takes an outcome.
+        """
         rows = []
         for o in items:
-            ts = iso(o.now)
+            status = Status.SENDING if o.attempt is Attempt.UNKNOWN else Status(o.attempt.value)
+            ts = iso(o.at)
             nxt = iso(o.next_attempt) if o.next_attempt else None
-            rows.append(
-                (o.outcome, o.code, o.text, nxt, o.reason, o.outcome, o.outcome, ts, ts, o.delivery_id)
-            )
+            sent_at = ts if o.attempt is Attempt.SENT else None
+            rows.append((status, o.code, o.text, nxt, o.reason, sent_at, ts, o.delivery_id, o))
         with self.transaction() as c:
             c.executemany(
                 "UPDATE deliveries SET status=?, attempts=attempts+1, smtp_code=?, smtp_text=?,"
-                " next_attempt=?, reason=coalesce(?, CASE WHEN ?='deferred' THEN reason END),"
-                " sent_at=CASE WHEN ?='sent' THEN ? ELSE sent_at END, updated=? WHERE id=?",
-                rows,
+                " next_attempt=?, reason=?, sent_at=coalesce(?, sent_at), updated=?"
+                f" WHERE id=? AND status='{Status.SENDING}'",
+                [r[:8] for r in rows],
             )
             c.executemany(
                 "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
-                [(r[9], r[8], r[0], r[1], r[2]) for r in rows],
+                [(o.delivery_id, iso(o.at), o.attempt, o.code, o.text) for *_, o in rows],
             )
 
-    def _outcome(
-        self,
-        delivery_id: int,
-        outcome: str,
-        code: int | None,
-        text: str,
-        now: datetime,
-        *,
-        next_attempt: datetime | None = None,
-        reason: str | None = None,
-    ) -> None:
-        self.outcomes([Outcome(delivery_id, outcome, code, text, now, next_attempt, reason)])
-
-    def sent(self, delivery_id: int, code: int, text: str, now: datetime) -> None:
-        """The server accepted the mail (2xx): committed before the connection's next DATA."""
-        self._outcome(delivery_id, "sent", code, text, now)
-
-    def deferred(
-        self, delivery_id: int, code: int | None, text: str, now: datetime, next_attempt: datetime
-    ) -> None:
-        """A 4xx reply or a broken connection: try again at ``next_attempt``."""
-        self._outcome(delivery_id, "deferred", code, text, now, next_attempt=next_attempt)
-
-    def failed(
-        self,
-        delivery_id: int,
-        code: int | None,
-        text: str,
-        now: datetime,
-        reason: str = "refused by the server",
-    ) -> None:
-        """The delivery will not be retried: ``text`` is the server's reply (if any),
-        ``reason`` says why in plain words."""
-        self._outcome(delivery_id, "failed", code, text, now, reason=reason)
-
-    def retry(self, campaign: str | None, step: str | None, now: datetime) -> int:
-        """Failed rows become pending again (``mailer retry``). Returns how many."""
-        where, args = _filters(status="failed", campaign=campaign, step=step)
-        sql = f"UPDATE deliveries SET status='pending', next_attempt=NULL, updated=? WHERE {where}"
+    def release(self, ids: Iterable[int], at: datetime) -> None:
+        """Give claimed rows that no connection took back to ``pending`` (a clean stop)."""
+        ts = iso(at)
         with self.transaction() as c:
-            return c.execute(sql, [iso(now), *args]).rowcount
+            c.executemany(
+                f"UPDATE deliveries SET status='{Status.PENDING}', updated=?"
+                f" WHERE id=? AND status='{Status.SENDING}'",
+                [(ts, i) for i in ids],
+            )
 
-    # -- event revisions (updates and cancellations) -------------------------------------------
+    def retry(
+        self, campaign: str | None, step: str | None, at: datetime, *, status: Status = Status.FAILED
+    ) -> int:
+        """``mailer retry``: failed (or skipped) rows become pending, so the next pass decides
+        afresh. The only way a failed or skipped row leaves its final state. Returns how many."""
+        if status not in (Status.FAILED, Status.SKIPPED):
+            raise ValueError(f"retry takes failed or skipped rows, not {status}")
+        where, args = _filters(status=status, campaign=campaign, step=step)
+        sql = (
+            f"UPDATE deliveries SET status='{Status.PENDING}', next_attempt=NULL, reason=NULL, updated=?"
+            f" WHERE {where}"
+        )
+        with self.transaction() as c:
+            return c.execute(sql, [iso(at), *args]).rowcount
 
-    def revisions(self, campaign: str) -> dict[str, tuple[int, str, str]]:
-        """Latest revision per event: ``{event: (sequence, fingerprint, snapshot_json)}``."""
+    # -- event revisions (updates and cancellations) -----------------------------------------
+
+    def latest_revisions(self, campaign: str) -> dict[str, RecordedRevision]:
+        """The latest revision per event (highest SEQUENCE)."""
         cur = self.conn.execute(
-            "SELECT event, sequence, fingerprint, snapshot FROM revisions r WHERE campaign=? AND"
+            "SELECT event, sequence, kind, fingerprint, snapshot, at FROM revisions r WHERE campaign=? AND"
             " sequence=(SELECT max(sequence) FROM revisions WHERE campaign=r.campaign AND event=r.event)",
             (campaign,),
         )
-        return {e: (seq, fp, snap) for e, seq, fp, snap in cur}
+        return {e: RecordedRevision(e, q, k, fp, snap, parse_iso(a)) for e, q, k, fp, snap, a in cur}
 
-    def snapshots(self, campaign: str) -> dict[tuple[str, int], str]:
+    def revision_snapshots(self, campaign: str) -> dict[tuple[str, int], str]:
         """Every recorded revision's snapshot: ``{(event, sequence): json}``."""
         cur = self.conn.execute(
             "SELECT event, sequence, snapshot FROM revisions WHERE campaign=?", (campaign,)
         )
         return {(e, q): snap for e, q, snap in cur}
 
-    def ics_recipients(self, campaign: str, event: str) -> list[tuple[str, str]]:
+    def calendar_holders(self, campaign: str, event: str) -> list[tuple[str, str]]:
         """``(email, name)`` of everyone who was sent (or may have been sent) a calendar
-        object for ``event`` and whose latest one was not a cancellation."""
+        object for ``event``: an update or cancellation goes to each of them."""
         cur = self.conn.execute(
             "SELECT email, max(name) FROM deliveries WHERE campaign=? AND event=? AND ics=1"
-            " AND status IN ('sent', 'sending') GROUP BY email ORDER BY email",
+            f" AND status IN {sql_list(MAY_HAVE_ARRIVED)} GROUP BY email ORDER BY email",
             (campaign, event),
         )
         return [(e, n or "") for e, n in cur]
 
-    def add_revision(
-        self,
-        campaign: str,
-        event: str,
-        sequence: int,
-        kind: str,
-        fingerprint: str,
-        snapshot: str,
-        now: datetime,
-        deliveries: Iterable[tuple[str, str, str]] = (),
+    def record_revision(
+        self, campaign: str, revision: RecordedRevision, step: str, holders: Iterable[tuple[str, str]] = ()
     ) -> None:
         """Record a revision and, in the same commit, the pending update or cancellation
-        deliveries ``(step, email, name)`` it causes. An ``amend`` (nobody has the entry yet)
-        replaces the revision with the same sequence."""
-        ts = iso(now)
+        deliveries (``step``, one per ``(email, name)`` holder) it causes. An ``amend``
+        (nobody has the entry yet) replaces the revision with the same SEQUENCE."""
+        ts = iso(revision.at)
+        r = revision
         with self.transaction() as c:
             c.execute(
                 "INSERT OR REPLACE INTO revisions (campaign, event, sequence, kind, fingerprint,"
                 " snapshot, at) VALUES (?,?,?,?,?,?,?)",
-                (campaign, event, sequence, kind, fingerprint, snapshot, ts),
+                (campaign, r.event, r.sequence, r.kind, r.fingerprint, r.snapshot, ts),
             )
             c.executemany(
                 "INSERT OR IGNORE INTO deliveries (campaign, step, event, email, name, status,"
-                " due_at, sequence, created, updated) VALUES (?,?,?,?,?,'pending',?,?,?,?)",
-                [(campaign, st, event, e, n, ts, sequence, ts, ts) for st, e, n in deliveries],
+                " due_at, sequence, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [(campaign, step, r.event, e, n, Status.PENDING, ts, r.sequence, ts, ts) for e, n in holders],
             )
 
-    def revision_steps(self, campaign: str) -> list[tuple[str, str, int, str]]:
-        """Recorded updates and cancellations, oldest first: ``(event, kind, sequence, at)``."""
+    def revision_steps(self, campaign: str) -> list[RecordedRevision]:
+        """Recorded updates and cancellations in SEQUENCE order per event (RFC 5546 2.1.4:
+        SEQUENCE, not the time they were recorded, orders the versions of an event)."""
         cur = self.conn.execute(
-            "SELECT event, kind, sequence, at FROM revisions WHERE campaign=? AND kind IN"
-            " ('update', 'cancel') ORDER BY at, sequence",
+            "SELECT event, sequence, kind, fingerprint, snapshot, at FROM revisions WHERE campaign=?"
+            " AND kind IN ('update', 'cancel') ORDER BY event, sequence",
             (campaign,),
         )
-        return [(e, k, q, a) for e, k, q, a in cur]
+        return [RecordedRevision(e, q, k, fp, snap, parse_iso(a)) for e, q, k, fp, snap, a in cur]
+
+    # -- answers, bounces, the inbox and suppressions -----------------------------------------
+
+    def suppressed(self) -> dict[str, str]:
+        """Suppressed addresses (lower-cased) with their reason."""
+        return dict(self.conn.execute("SELECT email, reason FROM suppressions"))
+
+    def suppressions(self) -> list[dict[str, Any]]:
+        """The suppression list, for people: address, reason, since."""
+        return list(dicts(self.conn.execute("SELECT email, reason, at FROM suppressions ORDER BY email")))
+
+    def suppress(self, email: str, reason: str, at: datetime) -> None:
+        """Never mail ``email`` again. Stored lower-cased: providers treat the local part
+        case-insensitively in practice, and a bounce may spell it differently."""
+        self.conn.execute(
+            "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?)"
+            " ON CONFLICT (email) DO UPDATE SET reason=excluded.reason, at=excluded.at",
+            (email.lower(), reason, iso(at)),
+        )
+
+    def unsuppress(self, email: str) -> bool:
+        """Allow ``email`` again; False when it was not suppressed."""
+        return self.conn.execute("DELETE FROM suppressions WHERE email=?", (email.lower(),)).rowcount > 0
+
+    def record_reply(
+        self,
+        campaign: str,
+        event: str,
+        email: str,
+        partstat: str,
+        at: datetime,
+        message_id: str | None,
+        sequence: int | None = None,
+    ) -> None:
+        """Store an attendee's answer (ACCEPTED, DECLINED, TENTATIVE) to revision ``sequence``
+        of the event (None: the reply carried no SEQUENCE). The latest one wins, unless it
+        answers an older revision than the one stored (a late mail about an earlier version)."""
+        self.conn.execute(
+            "INSERT INTO replies (campaign, event, email, partstat, at, message_id, sequence)"
+            " VALUES (?,?,?,?,?,?,?)"
+            " ON CONFLICT (campaign, event, email) DO UPDATE SET partstat=excluded.partstat,"
+            " at=excluded.at, message_id=excluded.message_id, sequence=excluded.sequence"
+            " WHERE excluded.sequence IS NULL OR replies.sequence IS NULL"
+            " OR excluded.sequence >= replies.sequence",
+            (campaign, event, email, partstat.upper(), iso(at), message_id, sequence),
+        )
+
+    def answers(self, campaign: str) -> dict[tuple[str, str], str]:
+        """``{(event, email): PARTSTAT}``: the answers that count for the event as it is now
+        (see :data:`CURRENT_REPLY`)."""
+        cur = self.conn.execute(
+            f"SELECT event, email, partstat FROM replies AS r WHERE campaign=? AND {CURRENT_REPLY}",
+            (campaign,),
+        )
+        return {(e, m): p for e, m, p in cur}
+
+    def reply_counts(self, campaign: str | None = None) -> list[dict[str, Any]]:
+        """Answers per (campaign, event, PARTSTAT) that count for the event as it is now."""
+        sql = f"SELECT campaign, event, partstat, count(*) AS n FROM replies AS r WHERE {CURRENT_REPLY}"
+        args: tuple[str, ...] = ()
+        if campaign:
+            sql += " AND campaign=?"
+            args = (campaign,)
+        return list(dicts(self.conn.execute(sql + " GROUP BY campaign, event, partstat", args)))
+
+    def record_bounce(self, email: str, message_id: str | None, code: str, text: str, at: datetime) -> int:
+        """A hard bounce: the delivery with ``message_id`` (or, without it, the latest sent one
+        to ``email``) becomes ``bounced`` (the one documented change of a final row besides
+        ``retry``); the address is suppressed. Returns rows changed."""
+        ts = iso(at)
+        reason = f"bounced: {code} {text}".strip()
+        arrived = sql_list(MAY_HAVE_ARRIVED)
+        with self.transaction() as c:
+            if message_id:
+                n = c.execute(
+                    f"UPDATE deliveries SET status='{Status.BOUNCED}', reason=?, updated=?"
+                    f" WHERE message_id=? AND status IN {arrived}",
+                    (reason, ts, message_id),
+                ).rowcount
+            else:
+                n = c.execute(
+                    f"UPDATE deliveries SET status='{Status.BOUNCED}', reason=?, updated=? WHERE id="
+                    f"(SELECT id FROM deliveries WHERE email=? AND status='{Status.SENT}'"
+                    " ORDER BY sent_at DESC LIMIT 1)",
+                    (reason, ts, email),
+                ).rowcount
+            c.execute(
+                "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?) ON CONFLICT (email)"
+                " DO UPDATE SET reason=excluded.reason, at=excluded.at",
+                (email.lower(), f"hard bounce {code}".strip(), ts),
+            )
+        return n
+
+    def inbox_seen(self, message_id: str) -> bool:
+        """Whether an inbox message was handled before."""
+        return (
+            self.conn.execute("SELECT 1 FROM inbox WHERE message_id=?", (message_id,)).fetchone() is not None
+        )
+
+    def record_inbox(self, message_id: str, kind: str, email: str | None, detail: str, at: datetime) -> None:
+        """Remember a processed inbox message, so it is handled once even if flagging fails."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO inbox (message_id, kind, email, detail, at) VALUES (?,?,?,?,?)",
+            (message_id, kind, email, detail, iso(at)),
+        )

@@ -11,7 +11,8 @@ from typing import Literal
 
 from .config import Audience, Campaign, Delivery, Event, Step
 from .contacts import Contact
-from .ledger import FINAL, Row, parse_iso
+from .store import RecordedRevision, Row
+from .vocab import FINAL, Status, StepKind
 
 __all__ = [
     "Due",
@@ -43,7 +44,7 @@ class Due:
     @property
     def resend(self) -> bool:
         """True when a crash left this mail ``sending``: it goes out again, identical."""
-        return self.row is not None and self.row.status == "sending"
+        return self.row is not None and self.row.status is Status.SENDING
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Skip:
     event: Event
     email: str
     name: str
-    status: Literal["skipped", "suppressed", "failed"]
+    status: Status  # skipped, suppressed or failed: a final status
     reason: str
 
 
@@ -128,12 +129,12 @@ class Revision:
 
 def revisions(
     campaign: Campaign,
-    recorded: Mapping[str, tuple[int, str, str]],
+    recorded: Mapping[str, RecordedRevision],
     has_recipients: Callable[[str], bool],
 ) -> list[Revision]:
     """Which events changed since their last recorded revision.
 
-    :param recorded: ``{event: (sequence, fingerprint, snapshot)}`` from the ledger.
+    :param recorded: the latest recorded revision per event, from the ledger.
     :param has_recipients: whether anyone was sent a calendar object for the event.
     """
     out: list[Revision] = []
@@ -144,7 +145,7 @@ def revisions(
         if ev.id not in recorded:
             out.append(Revision(ev.id, 0, "initial", fp, text))
             continue
-        seq, old_fp, _ = recorded[ev.id]
+        seq, old_fp = recorded[ev.id].sequence, recorded[ev.id].fingerprint
         if fp == old_fp:
             continue
         if not has_recipients(ev.id):
@@ -169,13 +170,13 @@ def changes(before: Mapping[str, object], after: Mapping[str, object]) -> list[d
     ]
 
 
-def dynamic_step(campaign: Campaign, event: str, kind: str, sequence: int, at: str) -> Step:
-    """The Step of an update or cancellation recorded in the ledger."""
+def dynamic_step(campaign: Campaign, event: str, kind: str, sequence: int, at: datetime) -> Step:
+    """The Step of an update or cancellation (recorded in the ledger, or about to be)."""
     return Step(
         id=f"{event}~{kind}{sequence}",
         event=event,
         template=campaign.cancel_template if kind == "cancel" else campaign.update_template,
-        at=parse_iso(at).astimezone(campaign.timezone),
+        at=at.astimezone(campaign.timezone),
         at_text="on change",
         audience=Audience(),
         attach_ics=True,
@@ -214,12 +215,12 @@ def plan_step(
     replies = replies or {}
     out.steps_due.append(step)
     in_audience: set[str] = set()
-    reminder_late = step.kind == "reminder" and now > step.at + policy.late_after
+    reminder_late = StepKind(step.kind) is StepKind.REMINDER and now > step.at + policy.late_after
     started = now >= event.start
     first_pass = started_at is None or started_at >= now
-    dynamic = step.kind in ("update", "cancel")
+    dynamic = StepKind(step.kind).revises
 
-    def skip(email: str, name: str, status: Literal["skipped", "suppressed", "failed"], why: str) -> None:
+    def skip(email: str, name: str, status: Status, why: str) -> None:
         out.skips.append(Skip(step, event, email, name, status, why))
 
     if dynamic:
@@ -238,33 +239,33 @@ def plan_step(
         if row is not None and row.status in FINAL:
             continue
         if c.email.lower() in suppressed:
-            skip(c.email, c.name, "suppressed", f"address suppressed: {suppressed[c.email.lower()]}")
+            skip(c.email, c.name, Status.SUPPRESSED, f"address suppressed: {suppressed[c.email.lower()]}")
         elif superseded_by is not None:
-            skip(c.email, c.name, "skipped", f"superseded by {superseded_by}")
-        elif event.status == "cancelled" and step.kind != "cancel":
-            skip(c.email, c.name, "skipped", "the event is cancelled")
+            skip(c.email, c.name, Status.SKIPPED, f"superseded by {superseded_by}")
+        elif event.status == "cancelled" and StepKind(step.kind) is not StepKind.CANCEL:
+            skip(c.email, c.name, Status.SKIPPED, "the event is cancelled")
         elif started:
             if row is not None and row.attempts:
                 skip(
                     c.email,
                     c.name,
-                    "failed",
+                    Status.FAILED,
                     f"gave up after {row.attempts} attempt(s): the event has started",
                 )
             else:
-                skip(c.email, c.name, "skipped", "the event had started before this could be sent")
-        elif row is not None and row.status == "deferred":
+                skip(c.email, c.name, Status.SKIPPED, "the event had started before this could be sent")
+        elif row is not None and row.status in (Status.DEFERRED, Status.SENDING):
+            # deferred: a 4xx; sending: left by a crash (no next_attempt: due now) or an
+            # attempt whose outcome is unknown (due again, identical, at next_attempt).
             if row.next_attempt is not None and row.next_attempt > now:
                 out._wake(min(row.next_attempt, event.start))
             else:
                 out.due.append(Due(step, event, c, row))
-        elif row is not None and row.status == "sending":
-            out.due.append(Due(step, event, c, row))
         elif step.audience.rsvp and _answer(replies, event.id, c.email) not in step.audience.rsvp:
             skip(
                 c.email,
                 c.name,
-                "skipped",
+                Status.SKIPPED,
                 f"answered {_answer(replies, event.id, c.email)}; this step is for "
                 f"{', '.join(sorted(step.audience.rsvp))}",
             )
@@ -272,7 +273,7 @@ def plan_step(
             skip(
                 c.email,
                 c.name,
-                "skipped",
+                Status.SKIPPED,
                 f"reminder due {step.at:%Y-%m-%d %H:%M} is more than late_after "
                 f"({_fmt(policy.late_after)}) in the past",
             )
@@ -280,7 +281,7 @@ def plan_step(
             skip(
                 c.email,
                 c.name,
-                "skipped",
+                Status.SKIPPED,
                 "added to the contacts after the step went out (delivery.late_contacts is off)",
             )
         else:
@@ -289,9 +290,9 @@ def plan_step(
     for email, row in rows.items():
         if email not in in_audience and row.status not in FINAL:
             why = "no longer in the step's audience (removed from the contacts or lists)"
-            if row.status == "sending":
+            if row.status is Status.SENDING:
                 why += "; the outcome of its last attempt is unknown"
-            skip(email, row.name, "skipped", why)
+            skip(email, row.name, Status.SKIPPED, why)
     return out
 
 

@@ -1,48 +1,54 @@
-"""One sending pass: plan, record skips, claim, compose, send and record each outcome."""
+"""One sending pass, as named stages: revise, plan, record, then claim, compose, send, record.
+
+:meth:`SendPass.run` is the whole pass and the order of its commits (the ledger's promise);
+:meth:`SendPass.dry_run` is the same stages stopped after planning, so it reports exactly what
+the real pass at the same time would send, and writes nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import os
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from . import planner
+from .clock import Clock, virtual_clock
 from .compose import Composer, compose_batch, init_worker
 from .errors import MailerError, TransportFatalError
-from .ledger import Ledger, Outcome
 from .planner import Due, Plan
+from .store import Claim, Claimed, Decided, LedgerStore, NewRow, Outcome, RecordedRevision, Row
 from .transport import Outgoing, Result, Transport, TransportSettings
+from .vocab import Attempt, Status, StepKind
 from .workspace import Workspace
 
-__all__ = ["PassResult", "Clock", "run_pass", "virtual_clock"]
+__all__ = ["Change", "PassResult", "SendPass", "run_pass"]
 
-Clock = Callable[[], datetime]
 CLAIM_BATCH = 200
 #: Passes with at least this many mails compose them in a worker process (on another core).
 WORKER_MIN = 1000
 
 
-async def _zip(
-    ids: list[int], batch: list[Due], fut: asyncio.Future[list[tuple[bytes, int] | str]]
-) -> list[tuple[int, Due, tuple[bytes, int] | str]]:
-    return list(zip(ids, batch, await fut, strict=True))
+@dataclass(frozen=True)
+class Change:
+    """A revision of an event found by :meth:`SendPass.revise`, with the people it goes to
+    (everyone who has the calendar entry; none for ``initial`` and ``amend``)."""
 
+    revision: planner.Revision
+    holders: tuple[tuple[str, str], ...] = ()
 
-def virtual_clock(now: datetime) -> Clock:
-    """A clock that starts at ``now`` and advances with real time (for ``--now`` and the demo)."""
-    t0 = time.monotonic()
-    return lambda: now + timedelta(seconds=time.monotonic() - t0)
+    @property
+    def sends(self) -> bool:
+        return self.revision.kind in (StepKind.UPDATE, StepKind.CANCEL)
 
 
 @dataclass
 class PassResult:
-    """What one pass did. ``counts`` has sent/deferred/failed/skipped/suppressed/resent."""
+    """What one pass did. ``counts`` has sent/deferred/failed/unknown/skipped/suppressed/resent."""
 
     now: datetime
     due: int = 0
@@ -58,9 +64,412 @@ class PassResult:
         return self.counts[key]
 
 
+class SendPass:
+    """One pass over a campaign at ``now``. The caller holds the ledger's sending lock."""
+
+    def __init__(
+        self,
+        ws: Workspace,
+        store: LedgerStore,
+        now: datetime,
+        *,
+        settings: TransportSettings | None = None,
+        clock: Clock | None = None,
+        limit: int | None = None,
+        steps: Iterable[str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        log: Callable[[str], None] | None = None,
+        stop: asyncio.Event | None = None,
+        unsubscribe_secret: str | None = None,
+    ) -> None:
+        self.ws, self.store, self.now = ws, store, now
+        self.campaign = ws.campaign
+        self.settings = settings
+        self.clock = clock or virtual_clock(now)
+        self.limit = limit
+        self.steps = list(steps) if steps is not None else None
+        self.progress = progress
+        self.say = log or (lambda msg: None)
+        self.stop = stop
+        self.secret = unsubscribe_secret
+        self.result = PassResult(now=now)
+
+    # -- the pass -----------------------------------------------------------------------------
+
+    async def run(self) -> PassResult:
+        """The pass. Commits, in this order: (1) event revisions with their pending updates,
+        (2) steps started, skipped/suppressed rows and pending rows, in :meth:`record_plan`;
+        then per batch (3) the claim (``sending``, with its Message-ID) before any of its DATA,
+        and (4) each outcome before that connection sends its next mail (:class:`_Delivery`)."""
+        changes = self.revise()
+        plan = self.plan(changes)
+        self.record_changes(changes)
+        self.record_plan(plan)
+        due = plan.due[: self.limit] if self.limit is not None else plan.due
+        if due:
+            if self.settings is None:
+                raise MailerError("no SMTP settings given")
+            await _Delivery(self, due, self.settings).run()
+        return self.result
+
+    def dry_run(self) -> PassResult:
+        """The same stages as :meth:`run` up to the plan: what it would send, nothing written."""
+        self.plan(self.revise())
+        return self.result
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def revise(self) -> list[Change]:
+        """Which events changed since their last recorded revision, and who has each entry."""
+        cid = self.campaign.id
+        holders: dict[str, tuple[tuple[str, str], ...]] = {}
+
+        def has(event: str) -> bool:
+            holders[event] = tuple(self.store.calendar_holders(cid, event))
+            return bool(holders[event])
+
+        out = []
+        for rev in planner.revisions(self.campaign, self.store.latest_revisions(cid), has):
+            sends = rev.kind in (StepKind.UPDATE, StepKind.CANCEL)
+            change = Change(rev, holders.get(rev.event, ()) if sends else ())
+            out.append(change)
+            if change.sends:
+                self.result.revisions.append((rev, len(change.holders)))
+                self.say(
+                    f"event {rev.event} changed: {rev.kind} (SEQUENCE {rev.sequence}) for "
+                    f"{len(change.holders)} recipient(s) who have it in their calendar"
+                )
+        return out
+
+    def plan(self, changes: list[Change]) -> Plan:
+        """What is due: the planner on the ledger as it is plus the ``changes`` about to be
+        recorded (a pure function of both: nothing is written here)."""
+        cid, now = self.campaign.id, self.now
+        known = {e.id for e in self.campaign.events}
+        recorded = [r for r in self.store.revision_steps(cid) if r.event in known]
+        proposed = {c.revision.step_id: c for c in changes if c.sends}
+        dynamic = [planner.dynamic_step(self.campaign, r.event, r.kind, r.sequence, r.at) for r in recorded]
+        dynamic += [
+            planner.dynamic_step(self.campaign, c.revision.event, c.revision.kind, c.revision.sequence, now)
+            for c in proposed.values()
+        ]
+
+        def rows_for(step_id: str) -> Mapping[str, Row]:
+            change = proposed.get(step_id)
+            if change is None:
+                return self.store.step_rows(cid, step_id)
+            # The rows record_changes will create: one pending row per holder.
+            return {e: Row(0, step_id, e, Status.PENDING, 0, None, None, None, n) for e, n in change.holders}
+
+        plan = planner.plan(
+            self.campaign,
+            self.ws.contacts,
+            rows_for,
+            self.store.suppressed(),
+            self.store.steps_started(cid),
+            now,
+            only_steps=self.steps,
+            replies=self.store.answers(cid),
+            dynamic=dynamic,
+        )
+        self.result.due, self.result.plan, self.result.next_wake = len(plan.due), plan, plan.next_wake
+        return plan
+
+    def record_changes(self, changes: list[Change]) -> None:
+        """Commit (1): each revision with the pending update/cancel rows it causes."""
+        for c in changes:
+            r = c.revision
+            rec = RecordedRevision(r.event, r.sequence, r.kind, r.fingerprint, r.snapshot, self.now)
+            self.store.record_revision(self.campaign.id, rec, r.step_id, c.holders)
+
+    def record_plan(self, plan: Plan) -> None:
+        """Commit (2): the steps this pass handled, every decision made without sending, and a
+        pending row for each due mail (so `mailer status` shows what --limit or a stop leaves)."""
+        cid, now = self.campaign.id, self.now
+        self.store.mark_steps_started(
+            cid, [s.id for s in plan.steps_due if not StepKind(s.kind).revises], now
+        )
+        decided = [
+            Decided(sk.step.id, sk.event.id, sk.email, sk.name, sk.step.at, Status(sk.status), sk.reason)
+            for sk in plan.skips
+        ]
+        written = self.store.record_decided(cid, decided, now)
+        for status, n in written.items():
+            self.result.counts[status] += n
+        for (status, reason), n in Counter((Status(sk.status), sk.reason) for sk in plan.skips).items():
+            self.say(f"{status}: {n} ({reason})")
+        fresh = [d for d in plan.due if d.row is None]
+        if fresh:
+            self.store.add_pending(
+                cid,
+                [NewRow(d.step.id, d.event.id, d.contact.email, d.contact.name, d.step.at) for d in fresh],
+                now,
+            )
+
+
+class _Delivery:
+    """Stages (3) and (4) of a pass: claim a batch, compose it, hand it to the connections,
+    record each outcome. Any stage that fails stops the pass within seconds: the outcomes
+    already received are recorded, then claimed mails no connection took go back to pending;
+    a mail a connection took and whose outcome is unknown stays ``sending`` (the crash policy:
+    it goes again, identical). Then the error is raised."""
+
+    def __init__(self, sp: SendPass, due: list[Due], settings: TransportSettings) -> None:
+        self.sp, self.due, self.settings = sp, due, settings
+        store, cid = sp.store, sp.campaign.id
+        self.store = store
+        latest = store.latest_revisions(cid)
+        self.revisions = {e: (r.sequence, r.fingerprint, r.snapshot) for e, r in latest.items()}
+        self.snapshots = store.revision_snapshots(cid)
+        self.composer = Composer(
+            sp.campaign, sp.ws.templates, self.revisions, self.snapshots, unsubscribe_secret=sp.secret
+        )
+        self.transport = Transport(settings, log=sp.say)
+        self.queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=settings.connections * 4)
+        self.in_flight: dict[int, Due] = {}  # claimed, no outcome recorded yet
+        self.to_commit: list[Outcome] = []
+        self.flushed: asyncio.Future[None] | None = None
+        self.done = 0
+        self.failure: BaseException | None = None
+        self.pool: ProcessPoolExecutor | None = None
+        self.cancelled = False
+
+    async def run(self) -> None:
+        sp, counts = self.sp, self.sp.result.counts
+        for d in self.due:
+            if d.resend:
+                counts["resent"] += 1
+        if counts["resent"]:
+            sp.say(
+                f"re-sending {counts['resent']} mail(s) left 'sending' by an interrupted run "
+                "(same Message-ID, so mailboxes and calendars collapse any duplicate)"
+            )
+        if len(self.due) >= WORKER_MIN and (os.cpu_count() or 1) > 1:
+            # forkserver, not fork: this process may run threads (an embedded server, the
+            # inbox poller), and a forked copy of a thread's lock can deadlock.
+            self.pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=init_worker,
+                initargs=(sp.campaign, self.revisions, self.snapshots, sp.secret, os.getpid()),
+            )
+        producer = asyncio.create_task(self._produce())
+        watcher = asyncio.create_task(self._drain_on_stop()) if sp.stop is not None else None
+        try:
+            await self.transport.run(self.queue, self._on_result)
+        except TransportFatalError as exc:
+            self.failure = self.failure or exc
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        finally:
+            await self._finish(producer, watcher)
+        if self.failure is not None:
+            raise self.failure
+
+    # -- (3) claim and compose ------------------------------------------------------------------
+
+    def _claim(self, batch: list[Due]) -> list[tuple[Due, Claimed]]:
+        comp, cid = self.composer, self.sp.campaign.id
+        claims = [
+            Claim(
+                d.step.id,
+                d.event.id,
+                d.contact.email,
+                d.contact.name,
+                d.step.at,
+                message_id=comp.message_id(d.step, d.contact.email),
+                sequence=comp.sequence(d.event.id),
+                has_ics=comp.has_ics(d.step),
+            )
+            for d in batch
+        ]
+        out = []
+        for d, claimed in zip(batch, self.store.claim(cid, claims, self.sp.clock()), strict=True):
+            if claimed is None:  # final meanwhile (never sent twice)
+                continue
+            self.in_flight[claimed.id] = d
+            out.append((d, claimed))
+        return out
+
+    async def _compose(self, claimed: list[tuple[Due, Claimed]]) -> list[tuple[bytes, int] | str]:
+        jobs = [(d.step, d.event, d.contact, c.claimed_at, c.sequence) for d, c in claimed]
+        if self.pool is not None:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, compose_batch, jobs)
+        return compose_batch(jobs, self.composer)
+
+    async def _produce(self) -> None:
+        """Claim and compose batch after batch (one composing ahead, so the connections never
+        wait), and queue the mails. A failure here stops the connections: see :meth:`_stop`."""
+        due, stop = self.due, self.sp.stop
+        batches = [due[i : i + CLAIM_BATCH] for i in range(0, len(due), CLAIM_BATCH)]
+        try:
+            ahead: asyncio.Task[tuple[list[tuple[Due, Claimed]], list[tuple[bytes, int] | str]]] | None = None
+            ahead = self._start(batches[0]) if batches else None
+            for k in range(len(batches)):
+                if ahead is None or (stop is not None and stop.is_set()):
+                    break
+                current = ahead
+                stopping = stop is not None and stop.is_set()
+                ahead = self._start(batches[k + 1]) if k + 1 < len(batches) and not stopping else None
+                claimed, composed = await current
+                for (d, c), mail in zip(claimed, composed, strict=True):
+                    if stop is not None and stop.is_set():
+                        break
+                    if isinstance(mail, str):
+                        self._commit_now(
+                            Outcome(
+                                c.id,
+                                Attempt.FAILED,
+                                None,
+                                "",
+                                self.sp.clock(),
+                                None,
+                                f"could not build the mail: {mail}",
+                            )
+                        )
+                        self.sp.result.counts[Attempt.FAILED] += 1
+                        continue
+                    payload, size = mail
+                    await self.queue.put(
+                        Outgoing(c.id, self.sp.campaign.sender.address, d.contact.email, payload, size)
+                    )
+            if ahead is not None:
+                await asyncio.gather(ahead, return_exceptions=True)
+        except Exception as exc:  # noqa: BLE001 - a claim or the composing worker failed
+            self.failure = exc
+            self.sp.say(f"stopping the pass: {exc or type(exc).__name__}")
+            self._drain()
+        finally:
+            for _ in range(self.settings.connections):
+                await self.queue.put(None)
+
+    def _start(
+        self, batch: list[Due]
+    ) -> asyncio.Task[tuple[list[tuple[Due, Claimed]], list[tuple[bytes, int] | str]]]:
+        claimed = self._claim(batch)  # committed before any of its DATA
+
+        async def both() -> tuple[list[tuple[Due, Claimed]], list[tuple[bytes, int] | str]]:
+            return claimed, await self._compose(claimed)
+
+        return asyncio.ensure_future(both())
+
+    # -- (4) outcomes -------------------------------------------------------------------------
+
+    async def _on_result(self, job: Outgoing, res: Result) -> None:
+        """Record a mail's outcome; the connection sends its next mail only once the outcome
+        is committed (the ledger's promise: at most one mail in doubt per connection)."""
+        sp = self.sp
+        d = self.in_flight[job.key]
+        t = sp.clock()
+        policy = sp.campaign.delivery
+        attempts = (d.row.attempts if d.row else 0) + 1
+        outcome = Attempt(res.outcome)
+        if outcome is Attempt.SENT:
+            o = Outcome(job.key, outcome, res.code or 250, res.text, t)
+        elif outcome in (Attempt.DEFERRED, Attempt.UNKNOWN) and attempts < policy.max_attempts:
+            nxt = planner.retry_at(policy, attempts, self.composer.message_id(d.step, d.contact.email), t)
+            reason = (
+                "outcome unknown: sent again, identical, at the next attempt"
+                if outcome is Attempt.UNKNOWN
+                else None
+            )
+            o = Outcome(job.key, outcome, res.code, res.text, t, nxt, reason)
+            sp.result.next_wake = min(filter(None, (sp.result.next_wake, nxt)))
+        elif outcome in (Attempt.DEFERRED, Attempt.UNKNOWN):
+            why = f"gave up after {attempts} attempts"
+            if outcome is Attempt.UNKNOWN:
+                why += (
+                    "; the outcome of the last one is unknown (the server may have it): "
+                    "check before `mailer retry`"
+                )
+            o = Outcome(job.key, Attempt.FAILED, res.code, res.text, t, None, why)
+            outcome = Attempt.FAILED
+        else:
+            o = Outcome(job.key, Attempt.FAILED, res.code, res.text, t, None, "refused by the server")
+        self.to_commit.append(o)
+        if self.flushed is None:
+            self.flushed = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._flush)
+        await self.flushed
+        sp.result.counts[outcome] += 1
+        self.done += 1
+        if sp.progress:
+            sp.progress(self.done, len(self.due))
+
+    def _flush(self) -> None:
+        """One commit for every outcome that arrived in this turn of the event loop (up to one
+        per connection): a group commit, far cheaper than a commit per mail."""
+        batch, fut = list(self.to_commit), self.flushed
+        self.to_commit.clear()
+        self.flushed = None
+        for o in batch:
+            self.in_flight.pop(o.delivery_id, None)
+        try:
+            self.store.record_outcomes(batch)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting connection
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+            self.failure = self.failure or exc
+            self._drain()
+        else:
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _commit_now(self, outcome: Outcome) -> None:
+        self.in_flight.pop(outcome.delivery_id, None)
+        self.store.record_outcomes([outcome])
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Take every mail still queued back out (no connection will get it), and let each
+        connection stop after its current mail."""
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        for _ in range(self.settings.connections):
+            if not self.queue.full():
+                self.queue.put_nowait(None)
+
+    async def _drain_on_stop(self) -> None:
+        stop = self.sp.stop
+        assert stop is not None
+        await stop.wait()
+        self._drain()
+
+    async def _finish(self, producer: asyncio.Task[None], watcher: asyncio.Task[None] | None) -> None:
+        """After the connections stopped (or failed): outcomes first, then the release."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        for task in (producer, watcher):
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*(t for t in (producer, watcher) if t), return_exceptions=True)
+        if self.to_commit:  # outcomes received but not yet committed: they come first
+            fut, self.flushed = self.flushed, None
+            batch = list(self.to_commit)
+            self.to_commit.clear()
+            for o in batch:
+                self.in_flight.pop(o.delivery_id, None)
+            self.store.record_outcomes(batch)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        if self.in_flight:
+            if self.cancelled:
+                # Cancelled from outside (Ctrl-C at the worst moment): a connection may have
+                # been mid-mail, so every claim without an outcome stays 'sending', as after a
+                # crash: the next pass sends those again, identical.
+                self.sp.say(f"{len(self.in_flight)} mail(s) without an outcome left 'sending'")
+            else:
+                # The connections stopped in order (each finishes its mail and records it):
+                # a claim without an outcome never reached a server. Back to pending.
+                self.store.release(list(self.in_flight), self.sp.clock())
+            self.sp.result.stopped = True
+
+
 async def run_pass(
     ws: Workspace,
-    ledger: Ledger,
+    ledger: LedgerStore,
     now: datetime,
     *,
     settings: TransportSettings | None,
@@ -73,256 +482,23 @@ async def run_pass(
     stop: asyncio.Event | None = None,
     unsubscribe_secret: str | None = None,
 ) -> PassResult:
-    """Send everything due at ``now``. The caller holds the ledger lock.
+    """Send everything due at ``now`` (see :meth:`SendPass.run`); with ``dry_run``, only plan
+    (:meth:`SendPass.dry_run`). The caller holds the ledger lock.
 
-    Order of commits (the ledger's promise): skips are recorded first; each batch of mails is
-    claimed (``sending``, with its Message-ID) before any of its DATA is sent; each outcome is
-    committed before that connection sends its next mail.
-
-    :raises TransportFatalError: login or TLS failure; claimed mails go back to pending.
+    :raises TransportFatalError: login or TLS failure; mails no connection took go back to pending.
+    :raises LedgerError: the ledger cannot record (the pass stops at once, as after a crash).
     """
-    clock = clock or virtual_clock(now)
-    say = log or (lambda msg: None)
-    campaign = ws.campaign
-    cid = campaign.id
-    result = PassResult(now=now)
-    known = {e.id for e in campaign.events}
-    for rev in planner.revisions(
-        campaign, ledger.revisions(cid), lambda ev: bool(ledger.ics_recipients(cid, ev))
-    ):
-        if rev.kind in ("update", "cancel"):
-            people = ledger.ics_recipients(cid, rev.event)
-            result.revisions.append((rev, len(people)))
-            say(
-                f"event {rev.event} changed: {rev.kind} (SEQUENCE {rev.sequence}) for "
-                f"{len(people)} recipient(s) who have it in their calendar"
-            )
-        else:
-            people = []
-        if not dry_run:
-            ledger.add_revision(
-                cid,
-                rev.event,
-                rev.sequence,
-                rev.kind,
-                rev.fingerprint,
-                rev.snapshot,
-                now,
-                [(rev.step_id, e, n) for e, n in people],
-            )
-    dynamic = [
-        planner.dynamic_step(campaign, ev, kind, seq, at)
-        for ev, kind, seq, at in ledger.revision_steps(cid)
-        if ev in known
-    ]
-    plan = planner.plan(
-        campaign,
-        ws.contacts,
-        lambda step_id: ledger.rows(cid, step_id),
-        ledger.suppressed(),
-        ledger.steps_started(cid),
+    sp = SendPass(
+        ws,
+        ledger,
         now,
-        only_steps=steps,
-        replies=ledger.replies(cid),
-        dynamic=dynamic,
-    )
-    result.due, result.plan, result.next_wake = len(plan.due), plan, plan.next_wake
-    if dry_run:
-        return result
-
-    for st in plan.steps_due:
-        if st.kind not in ("update", "cancel"):
-            ledger.mark_step_started(cid, st.id, now)
-    by_outcome: dict[tuple[str, str], list[tuple[str, str, str, str, datetime]]] = {}
-    for sk in plan.skips:
-        by_outcome.setdefault((sk.status, sk.reason), []).append(
-            (sk.step.id, sk.event.id, sk.email, sk.name, sk.step.at)
-        )
-    for (status, reason), items in by_outcome.items():
-        n = ledger.record(cid, items, status=status, reason=reason, now=now)
-        result.counts[status] += n
-        say(f"{status}: {n} ({reason})")
-
-    fresh = [d for d in plan.due if d.row is None]
-    if fresh:
-        # Every due mail gets its row now, so `mailer status` shows it as pending even when
-        # --limit or a stop leaves it for a later pass.
-        ledger.add_pending(
-            cid,
-            [(d.step.id, d.event.id, d.contact.email, d.contact.name, d.step.at) for d in fresh],
-            now,
-        )
-    due = plan.due[:limit] if limit is not None else plan.due
-    if not due:
-        return result
-    if settings is None:
-        raise MailerError("no SMTP settings given")
-
-    for d in due:
-        if d.resend:
-            result.counts["resent"] += 1
-    if result.counts["resent"]:
-        say(
-            f"re-sending {result.counts['resent']} mail(s) left 'sending' by an interrupted run "
-            "(same Message-ID, so mailboxes and calendars collapse any duplicate)"
-        )
-
-    composer = Composer(
-        campaign,
-        ws.templates,
-        ledger.revisions(cid),
-        ledger.snapshots(cid),
+        settings=settings,
+        clock=clock,
+        limit=limit,
+        steps=steps,
+        progress=progress,
+        log=log,
+        stop=stop,
         unsubscribe_secret=unsubscribe_secret,
     )
-    transport = Transport(settings, log=say)
-    queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=settings.connections * 4)
-    in_flight: dict[int, Due] = {}  # claimed, no outcome yet
-    done = 0
-    sender = campaign.sender.address
-    policy = campaign.delivery
-
-    loop = asyncio.get_running_loop()
-    to_commit: list[Outcome] = []
-    flushed: asyncio.Future[None] | None = None
-
-    def flush() -> None:
-        # One commit for every outcome that arrived in this turn of the event loop (up to
-        # one per connection): a group commit, far cheaper than a commit per mail.
-        nonlocal flushed
-        batch, fut = list(to_commit), flushed
-        to_commit.clear()
-        flushed = None
-        assert fut is not None
-        try:
-            ledger.outcomes(batch)
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiting connection
-            fut.set_exception(exc)
-        else:
-            fut.set_result(None)
-
-    async def on_result(job: Outgoing, res: Result) -> None:
-        """Record a mail's outcome; the connection sends its next mail only once the outcome
-        is committed (the ledger's promise: at most one mail in doubt per connection)."""
-        nonlocal done, flushed
-        d = in_flight.pop(job.key)
-        t = clock()
-        attempts = (d.row.attempts if d.row else 0) + 1
-        outcome = res.outcome
-        if outcome == "sent":
-            to_commit.append(Outcome(job.key, "sent", res.code or 250, res.text, t))
-        elif outcome == "deferred" and attempts < policy.max_attempts:
-            mid = composer.message_id(d.step, d.contact.email)
-            nxt = planner.retry_at(policy, attempts, mid, t)
-            to_commit.append(Outcome(job.key, "deferred", res.code, res.text, t, nxt))
-            result.next_wake = min(filter(None, (result.next_wake, nxt)))
-        elif outcome == "deferred":
-            outcome = "failed"
-            reason = f"gave up after {attempts} attempts"
-            to_commit.append(Outcome(job.key, "failed", res.code, res.text, t, None, reason))
-        else:
-            to_commit.append(Outcome(job.key, "failed", res.code, res.text, t, None, "refused by the server"))
-        if flushed is None:
-            flushed = loop.create_future()
-            loop.call_soon(flush)
-        waiting = flushed
-        await waiting
-        result.counts[outcome] += 1
-        done += 1
-        if progress:
-            progress(done, len(due))
-
-    pool: ProcessPoolExecutor | None = None
-    if len(due) >= WORKER_MIN and (os.cpu_count() or 1) > 1:
-        # forkserver, not fork: this process may run threads (an embedded server, the
-        # inbox poller), and a forked copy of a thread's lock can deadlock.
-        pool = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("forkserver"),
-            initializer=init_worker,
-            initargs=(campaign, ledger.revisions(cid), ledger.snapshots(cid), unsubscribe_secret),
-        )
-
-    def start(batch: list[Due]) -> asyncio.Future[list[tuple[int, Due, tuple[bytes, int] | str]]]:
-        """Claim a batch (committed before any of its DATA), then compose it: in the worker
-        process while earlier mails are being sent, or inline for small passes."""
-        claims = ledger.claim(
-            cid,
-            [
-                (
-                    d.step.id,
-                    d.event.id,
-                    d.contact.email,
-                    d.contact.name,
-                    d.step.at,
-                    composer.message_id(d.step, d.contact.email),
-                    composer.sequence(d.event.id),
-                    composer.has_ics(d.step),
-                )
-                for d in batch
-            ],
-            clock(),
-        )
-        for d, (rid, _, _) in zip(batch, claims, strict=True):
-            in_flight[rid] = d
-        jobs = [(d.step, d.event, d.contact, at, seq) for d, (_, at, seq) in zip(batch, claims, strict=True)]
-        ids = [rid for rid, _, _ in claims]
-        if pool is not None:
-            fut = loop.run_in_executor(pool, compose_batch, jobs)
-        else:
-            fut = loop.create_future()
-            fut.set_result(compose_batch(jobs, composer))
-        return asyncio.ensure_future(_zip(ids, batch, fut))
-
-    async def produce() -> None:
-        batches = [due[i : i + CLAIM_BATCH] for i in range(0, len(due), CLAIM_BATCH)]
-        ahead = start(batches[0]) if batches else None
-        for k in range(len(batches)):
-            if ahead is None or (stop is not None and stop.is_set()):
-                break
-            current = ahead
-            # Keep one batch composing ahead so the connections never wait for the composer.
-            stopping = stop is not None and stop.is_set()
-            ahead = start(batches[k + 1]) if k + 1 < len(batches) and not stopping else None
-            for rid, d, composed in await current:
-                if stop is not None and stop.is_set():
-                    break
-                if isinstance(composed, str):
-                    in_flight.pop(rid)
-                    ledger.failed(rid, None, "", clock(), f"could not build the mail: {composed}")
-                    result.counts["failed"] += 1
-                    continue
-                payload, size = composed
-                await queue.put(Outgoing(rid, sender, d.contact.email, payload, size))
-        for _ in range(settings.connections):
-            await queue.put(None)
-
-    async def drain_on_stop() -> None:
-        # Stop taking work: mails still queued are not handed to the server; the ones a
-        # connection is sending finish and are recorded.
-        assert stop is not None
-        await stop.wait()
-        while not queue.empty():
-            queue.get_nowait()
-        for _ in range(settings.connections):  # the queue holds 4 per connection: room enough
-            queue.put_nowait(None)
-
-    producer = asyncio.create_task(produce())
-    watcher = asyncio.create_task(drain_on_stop()) if stop is not None else None
-    try:
-        await transport.run(queue, on_result)
-    except TransportFatalError:
-        producer.cancel()
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        for task in (producer, watcher):
-            if task is not None and not task.done():
-                task.cancel()
-        await asyncio.gather(*(t for t in (producer, watcher) if t), return_exceptions=True)
-        if in_flight:
-            # Claimed but never handed to the server (clean stop or fatal error): back to
-            # pending, so the next pass sends them as first sends.
-            ledger.release(list(in_flight), clock())
-            result.stopped = True
-    return result
+    return sp.dry_run() if dry_run else await sp.run()

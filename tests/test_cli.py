@@ -316,13 +316,16 @@ def test_log_beyond_a_screenful_is_tab_separated_and_complete(tmp_path: Path) ->
     from datetime import UTC, datetime
 
     from mailer.ledger import Ledger
+    from mailer.store import Decided
+    from mailer.vocab import Status
 
     db = tmp_path / "ledger.db"
     now = datetime(2018, 1, 4, 9, tzinfo=UTC)
     with Ledger(db) as led:
         items = [("invite", "ev", f"p{i:04d}@example.org", f"P {i}", now) for i in range(700)]
-        led.record("camp", items[:650], status="failed", reason="address\trejected\nby policy", now=now)
-        led.record("camp", items[650:], status="skipped", reason="unsubscribed", now=now)
+        why = "address\trejected\nby policy"
+        led.record_decided("camp", [Decided(*i, Status.FAILED, why) for i in items[:650]], now)
+        led.record_decided("camp", [Decided(*i, Status.SKIPPED, "unsubscribed") for i in items[650:]], now)
     r = CliRunner().invoke(cli, ["log", "--db", str(db), "--status", "failed"])
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()

@@ -39,6 +39,8 @@ from mailer.dashboard import (
 )
 from mailer.errors import MailerError
 from mailer.ledger import Ledger
+from mailer.store import Decided, RecordedRevision
+from mailer.vocab import Status
 from mailer.smtpd import SmtpServer, free_port
 
 TZ = "Europe/Brussels"
@@ -111,7 +113,8 @@ def ledger_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         }
         for now, data_replies in (("2030-02-01T09:05", []), ("2030-03-09T09:05", [f"451 {GREYLISTED}"])):
             handler.data_replies = list(data_replies)
-            result = runner.invoke(cli, ["send", "--config", str(cfg), "--now", now], env=env)
+            # --force: the campaign lies in the future (2030), ahead of the real clock
+            result = runner.invoke(cli, ["send", "--config", str(cfg), "--now", now, "--force"], env=env)
             assert result.exit_code == 0, result.output
     db = folder / "ledger.db"
     with Ledger(db) as ledger:  # an attendee's answer, as the inbox reader records it
@@ -125,8 +128,12 @@ def ledger_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         # bob declined version 0 of another event that has since moved (SEQUENCE 1)
         at = datetime(2030, 2, 3, 10, 0, tzinfo=UTC)
-        ledger.add_revision("test", "party", 0, "invite", "f0", "{}", at)
-        ledger.add_revision("test", "party", 1, "update", "f1", "{}", at)
+        ledger.record_revision(
+            "test", RecordedRevision("party", 0, "invite", "f0", "{}", at), "party~invite0"
+        )
+        ledger.record_revision(
+            "test", RecordedRevision("party", 1, "update", "f1", "{}", at), "party~update1"
+        )
         ledger.record_reply("test", "party", "bob@example.org", "DECLINED", at, "<r2@example.org>", 0)
     return db
 
@@ -393,8 +400,8 @@ async def test_shows_new_commits_while_running(ledger_path: Path, tmp_path: Path
     assert len((await ds.client.get(url)).json()) == 3
     with Ledger(db) as ledger:  # as the daemon would, while the dashboard runs
         now = datetime(2030, 3, 9, 8, tzinfo=UTC)
-        item = ("later", "launch", "dan@example.org", "Dan", now)
-        assert ledger.record("test", [item], status="failed", reason="no such user", now=now) == 1
+        item = Decided("later", "launch", "dan@example.org", "Dan", now, Status.FAILED, "no such user")
+        assert ledger.record_decided("test", [item], now)[Status.FAILED] == 1
         assert Path(f"{db}-wal").stat().st_size > 0
         rows = (await ds.client.get(url)).json()
     assert [r["Recipient"] for r in rows if r["Step"] == "later"] == ["dan@example.org"]

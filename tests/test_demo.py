@@ -27,7 +27,7 @@ def test_demo_runs_the_whole_campaign(shipped: Path, tmp_path: Path) -> None:
         rows = list(led.log())
         by_id = {row["message_id"]: row for row in rows if row["message_id"]}
         status = collections.Counter(row["status"] for row in rows)
-        replies = led.replies("integratiepact-2018")
+        replies = led.answers("integratiepact-2018")
     assert f"{len(box)} mails are in" in r.output
     for key in box.keys():
         # Maildir files use the local line ending (LF); on the wire it was CRLF.

@@ -33,6 +33,8 @@ from mailer.inbox import (
     worth_fetching,
 )
 from mailer.ledger import Ledger
+from mailer.store import Claim, Outcome, RecordedRevision
+from mailer.vocab import Attempt
 from mailer.message import message_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,22 +217,22 @@ def ledger_with_deliveries(path: Path, campaign: Campaign) -> Ledger:
     """A real ledger where the invitation to gone@ and slow@ was sent (known Message-IDs)."""
     ledger = Ledger(path)
     for email in ("gone@example.net", "slow@example.net"):
-        # (step, event, email, name, due_at, message_id, sequence, has_ics) -> (id, ...)
-        item = (STEP, "aan-de-slag", email, "", SENT_AT, mid_for(campaign, email), 0, True)
-        rid = ledger.claim(campaign.id, [item], SENT_AT)[0][0]
-        ledger.sent(rid, 250, "2.0.0 Ok: queued", SENT_AT)
+        item = Claim(STEP, "aan-de-slag", email, "", SENT_AT, mid_for(campaign, email), 0, True)
+        [claimed] = ledger.claim(campaign.id, [item], SENT_AT)
+        assert claimed is not None
+        ledger.record_outcomes([Outcome(claimed.id, Attempt.SENT, 250, "2.0.0 Ok: queued", SENT_AT)])
     return ledger
 
 
 def assert_recorded(ledger: Ledger, campaign: Campaign) -> None:
-    assert ledger.replies(campaign.id) == {
+    assert ledger.answers(campaign.id) == {
         ("aan-de-slag", "jan@example.be"): "ACCEPTED",
         ("aan-de-slag", "els@example.be"): "DECLINED",
         ("aan-de-slag", "piet@example.be"): "TENTATIVE",
     }
-    row = ledger.get(campaign.id, STEP, "gone@example.net")
+    row = ledger.row(campaign.id, STEP, "gone@example.net")
     assert row is not None and row.status == "bounced"
-    row = ledger.get(campaign.id, STEP, "slow@example.net")
+    row = ledger.row(campaign.id, STEP, "slow@example.net")
     assert row is not None and row.status == "sent"  # a delay changes nothing
     suppressed = ledger.suppressed()
     assert set(suppressed) == {"gone@example.net", "leen@example.be"}
@@ -306,7 +308,7 @@ def test_imap_end_to_end(tmp_path: Path, campaign: Campaign, dovecot: Dovecot, i
         ledger.record_reply(campaign.id, "aan-de-slag", "jan@example.be", "DECLINED", NOW, None)
         third = process_configured(campaign, ledger, dovecot.env("tls"), now=NOW)
         assert third is not None and third.handled == 0
-        assert ledger.replies(campaign.id)[("aan-de-slag", "jan@example.be")] == "DECLINED"
+        assert ledger.answers(campaign.id)[("aan-de-slag", "jan@example.be")] == "DECLINED"
     assert b"$MailerProcessed" in flags(imap, uids["accepted"])
 
 
@@ -649,13 +651,17 @@ def test_answers_to_an_earlier_version_stop_counting(tmp_path: Path, campaign: C
         ledger.record_reply(campaign.id, ev, "jan@example.be", "DECLINED", NOW, "<a@x>", 0)
         ledger.record_reply(campaign.id, ev, "els@example.be", "ACCEPTED", NOW, "<b@x>", None)
         ledger.record_reply(campaign.id, ev, "piet@example.be", "ACCEPTED", NOW, "<c@x>", 0)
-        assert len(ledger.replies(campaign.id)) == 3
-        ledger.add_revision(campaign.id, ev, 0, "invite", "f0", "{}", NOW)
-        ledger.add_revision(campaign.id, ev, 1, "update", "f1", "{}", NOW)
+        assert len(ledger.answers(campaign.id)) == 3
+        ledger.record_revision(
+            campaign.id, RecordedRevision(ev, 0, "invite", "f0", "{}", NOW), f"{ev}~invite0"
+        )
+        ledger.record_revision(
+            campaign.id, RecordedRevision(ev, 1, "update", "f1", "{}", NOW), f"{ev}~update1"
+        )
         # piet answers the new version; a late copy of his old answer does not undo it
         ledger.record_reply(campaign.id, ev, "piet@example.be", "TENTATIVE", NOW, "<d@x>", 1)
         ledger.record_reply(campaign.id, ev, "piet@example.be", "ACCEPTED", NOW, "<c@x>", 0)
-        assert ledger.replies(campaign.id) == {
+        assert ledger.answers(campaign.id) == {
             (ev, "els@example.be"): "ACCEPTED",  # no SEQUENCE: counts for every version
             (ev, "piet@example.be"): "TENTATIVE",
         }
@@ -663,4 +669,4 @@ def test_answers_to_an_earlier_version_stop_counting(tmp_path: Path, campaign: C
         assert counts == {(ev, "ACCEPTED"): 1, (ev, "TENTATIVE"): 1}
         # jan answers the new version: he counts again
         ledger.record_reply(campaign.id, ev, "jan@example.be", "ACCEPTED", NOW, "<e@x>", 1)
-        assert ledger.replies(campaign.id)[(ev, "jan@example.be")] == "ACCEPTED"
+        assert ledger.answers(campaign.id)[(ev, "jan@example.be")] == "ACCEPTED"

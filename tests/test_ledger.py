@@ -17,13 +17,34 @@ from typing import Any
 import pytest
 
 from mailer.errors import LedgerError, LockedError
-from mailer.ledger import SCHEMA_VERSION, STATUSES, Ledger, Outcome
+from mailer.ledger import SCHEMA_VERSION, Ledger
+from mailer.store import Claim, Decided, NewRow, Outcome, RecordedRevision
+from mailer.vocab import FINAL, Attempt, Status
 
 T0 = datetime(2018, 1, 4, 9, 0, tzinfo=UTC)
 
 
-def item(email: str, step: str = "invite") -> tuple[str, str, str, str, datetime, str, int, bool]:
-    return (step, "ev", email, email.split("@")[0], T0, f"<{email}.{step}@example.org>", 0, True)
+def item(email: str, step: str = "invite") -> Claim:
+    return Claim(step, "ev", email, email.split("@")[0], T0, f"<{email}.{step}@example.org>", 0, True)
+
+
+def claim(led: Ledger, *items: Claim, at: datetime = T0) -> list[int]:
+    """Claim and return the row ids (every item must be claimable)."""
+    out = led.claim("c", list(items), at)
+    assert all(c is not None for c in out), out
+    return [c.id for c in out if c is not None]
+
+
+def outcome(
+    led: Ledger,
+    rid: int,
+    attempt: Attempt,
+    code: int | None,
+    text: str,
+    at: datetime = T0,
+    nxt: datetime | None = None,
+) -> None:
+    led.record_outcomes([Outcome(rid, attempt, code, text, at, nxt)])
 
 
 def test_file_is_wal_with_schema_version(tmp_path: Path) -> None:
@@ -37,13 +58,13 @@ def test_file_is_wal_with_schema_version(tmp_path: Path) -> None:
 
 def test_claim_then_sent_records_attempt(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(rid, claimed, _)] = led.claim("c", [item("a@example.org")], T0)
-        assert claimed == T0
-        assert led.get("c", "invite", "a@example.org").status == "sending"  # type: ignore[union-attr]
-        led.sent(rid, 250, "250 OK", T0 + timedelta(seconds=1))
+        [claimed] = led.claim("c", [item("a@example.org")], T0)
+        assert claimed is not None and claimed.claimed_at == T0
+        assert led.row("c", "invite", "a@example.org").status == "sending"  # type: ignore[union-attr]
+        outcome(led, claimed.id, Attempt.SENT, 250, "250 OK", T0 + timedelta(seconds=1))
     # another connection (another process) sees the commit
     with Ledger(tmp_path / "l.db") as other:
-        r = other.get("c", "invite", "a@example.org")
+        r = other.row("c", "invite", "a@example.org")
         assert r is not None and r.status == "sent" and r.attempts == 1
         assert [a["outcome"] for a in other.attempts(r.id)] == ["sent"]
 
@@ -52,8 +73,8 @@ def test_reclaim_of_sending_keeps_claim_time(tmp_path: Path) -> None:
     """A crash leaves 'sending'; the re-send must be byte-identical, so Date/DTSTAMP stay."""
     with Ledger(tmp_path / "l.db") as led:
         led.claim("c", [item("a@example.org")], T0)
-        [(rid, claimed, _)] = led.claim("c", [item("a@example.org")], T0 + timedelta(hours=1))
-        assert claimed == T0
+        [again] = led.claim("c", [item("a@example.org")], T0 + timedelta(hours=1))
+        assert again is not None and again.claimed_at == T0
 
 
 def test_unique_per_campaign_step_contact(tmp_path: Path) -> None:
@@ -65,37 +86,38 @@ def test_unique_per_campaign_step_contact(tmp_path: Path) -> None:
 
 def test_record_never_overwrites_final(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(rid, _, _)] = led.claim("c", [item("a@example.org")], T0)
-        led.sent(rid, 250, "OK", T0)
-        n = led.record(
+        [rid] = claim(led, item("a@example.org"))
+        outcome(led, rid, Attempt.SENT, 250, "OK")
+        n = led.record_decided(
             "c",
-            [("invite", "ev", "a@example.org", "", T0), ("invite", "ev", "b@example.org", "", T0)],
-            status="skipped",
-            reason="late",
-            now=T0,
+            [
+                Decided("invite", "ev", e, "", T0, Status.SKIPPED, "late")
+                for e in ("a@example.org", "b@example.org")
+            ],
+            T0,
         )
-        assert n == 1
-        assert led.get("c", "invite", "a@example.org").status == "sent"  # type: ignore[union-attr]
-        assert led.get("c", "invite", "b@example.org").status == "skipped"  # type: ignore[union-attr]
+        assert n[Status.SKIPPED] == 1
+        assert led.row("c", "invite", "a@example.org").status == "sent"  # type: ignore[union-attr]
+        assert led.row("c", "invite", "b@example.org").status == "skipped"  # type: ignore[union-attr]
 
 
 def test_defer_fail_retry(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(ra, _, _), (rb, _, _)] = led.claim("c", [item("a@example.org"), item("b@example.org")], T0)
-        led.deferred(ra, 451, "try later", T0, T0 + timedelta(minutes=1))
-        led.failed(rb, 550, "no such user", T0)
+        ra, rb = claim(led, item("a@example.org"), item("b@example.org"))
+        outcome(led, ra, Attempt.DEFERRED, 451, "try later", T0, T0 + timedelta(minutes=1))
+        outcome(led, rb, Attempt.FAILED, 550, "no such user")
         summary = {(r["step"], r["status"]): r["n"] for r in led.summary("c")}
         assert summary == {("invite", "deferred"): 1, ("invite", "failed"): 1}
         assert [r["smtp_text"] for r in led.log(status="failed")] == ["no such user"]
         assert led.retry("c", None, T0) == 1
-        assert led.get("c", "invite", "b@example.org").status == "pending"  # type: ignore[union-attr]
+        assert led.row("c", "invite", "b@example.org").status == "pending"  # type: ignore[union-attr]
 
 
 def test_release_returns_unsent_claims(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        [(ra, _, _)] = led.claim("c", [item("a@example.org")], T0)
+        [ra] = claim(led, item("a@example.org"))
         led.release([ra], T0)
-        assert led.get("c", "invite", "a@example.org").status == "pending"  # type: ignore[union-attr]
+        assert led.row("c", "invite", "a@example.org").status == "pending"  # type: ignore[union-attr]
 
 
 def test_lock_refuses_second_process(tmp_path: Path) -> None:
@@ -150,8 +172,8 @@ def test_summary_reads_no_index_entry_per_delivery(tmp_path: Path) -> None:
     """`mailer status` on a big ledger: summary() scans no table or index of deliveries
     (the counts come from delivery_counts, the earliest retry from a SEARCH of one status)."""
     with Ledger(tmp_path / "l.db") as led:
-        [(ra, _, _), _] = led.claim("c", [item("a@example.org"), item("b@example.org")], T0)
-        led.deferred(ra, 451, "later", T0, T0 + timedelta(minutes=5))
+        ra, _ = claim(led, item("a@example.org"), item("b@example.org"))
+        outcome(led, ra, Attempt.DEFERRED, 451, "later", T0, T0 + timedelta(minutes=5))
         for campaign in (None, "c"):
             sql: list[str] = []
             led.conn.set_trace_callback(sql.append)
@@ -238,33 +260,42 @@ def random_operations(led: Ledger, rnd: random.Random, n: int, check: Any) -> Co
             ]
         )
         if op == "add_pending":
-            led.add_pending(campaign, [(step, "ev", e, "", T0) for e in some(EMAILS, 6)], now)
+            led.add_pending(campaign, [NewRow(step, "ev", e, "", T0) for e in some(EMAILS, 6)], now)
         elif op == "claim":
             # CLAIM_BATCH-sized batches in runner.py; a few here, some rows already claimed
             led.claim(campaign, [item(e, step) for e in some(EMAILS, 5)], now)
         elif op == "outcomes":  # one group commit, as runner.flush() makes it
             batch = []
             for rid in some(ids("sending"), 4):
-                kind = rnd.choice(["sent", "sent", "deferred", "failed"])
-                nxt = now + timedelta(minutes=rnd.randint(1, 60)) if kind == "deferred" else None
+                kind = rnd.choice(
+                    [Attempt.SENT, Attempt.SENT, Attempt.DEFERRED, Attempt.FAILED, Attempt.UNKNOWN]
+                )
+                nxt = now + timedelta(minutes=rnd.randint(1, 60)) if kind != Attempt.SENT else None
                 batch.append(Outcome(rid, kind, 250 if kind == "sent" else 451, "reply", now, nxt))
-            led.outcomes(batch)
+            led.record_outcomes(batch)
         elif op == "release":
             led.release(some(ids("sending"), 3), now)
         elif op == "retry":
-            led.retry(rnd.choice([campaign, None]), rnd.choice([step, None]), now)
+            led.retry(
+                rnd.choice([campaign, None]),
+                rnd.choice([step, None]),
+                now,
+                status=rnd.choice([Status.FAILED, Status.SKIPPED]),
+            )
         elif op == "record":
-            status = rnd.choice(["skipped", "suppressed", "failed"])
-            items = [(step, "ev", e, "", T0) for e in some(EMAILS, 4)]
-            led.record(campaign, items, status=status, reason="planner", now=now)
+            status = rnd.choice([Status.SKIPPED, Status.SUPPRESSED, Status.FAILED])
+            led.record_decided(
+                campaign, [Decided(step, "ev", e, "", T0, status, "planner") for e in some(EMAILS, 4)], now
+            )
         elif op == "bounced":
             e = rnd.choice(EMAILS)
             mid = rnd.choice([f"<{e}.{step}@example.org>", None])  # the claim's Message-ID, or none
-            led.bounced(e, mid, "5.1.1", "user unknown", now)
+            led.record_bounce(e, mid, "5.1.1", "user unknown", now)
         elif op == "revision":  # an event update: pending update rows in the same commit
             seq = done["revision"] + 1
-            people = [(f"update-{seq}", e, "") for e in some(EMAILS, 5)]
-            led.add_revision(campaign, "ev", seq, "update", f"fp{seq}", "{}", now, people)
+            people = [(e, "") for e in some(EMAILS, 5)]
+            rev = RecordedRevision("ev", seq, "update", f"fp{seq}", "{}", now)
+            led.record_revision(campaign, rev, f"update-{seq}", people)
         elif op == "delete":  # by hand (sqlite3 shell); attempts reference the row
             for rid in some([i for (i,) in led.conn.execute("SELECT id FROM deliveries")], 2):
                 led.conn.execute("DELETE FROM attempts WHERE delivery_id=?", (rid,))
@@ -319,7 +350,7 @@ def test_counts_follow_every_ledger_operation(tmp_path: Path) -> None:
         "move",
         "replace",
     }
-    assert seen == set(STATUSES)
+    assert seen == set(Status)
     # and another connection (another process) reads the same counts
     with Ledger(tmp_path / "l.db") as other:
         assert counts(other.conn) == group_by(other.conn) != {}
@@ -364,7 +395,7 @@ def test_version_2_ledger_gets_reply_sequences(tmp_path: Path) -> None:
         names = {r[0] for r in led.conn.execute("SELECT name FROM sqlite_master")}
         assert "deliveries_by_status" not in names and "delivery_counts_insert" in names
         assert counts(led.conn) == before == group_by(led.conn)
-        assert led.replies("c") == {("ev", "ann@example.org"): "ACCEPTED"}
+        assert led.answers("c") == {("ev", "ann@example.org"): "ACCEPTED"}
         assert led.conn.execute("SELECT sequence FROM replies").fetchall() == [(None,)]
 
 
@@ -451,9 +482,194 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with Ledger(db) as led:
         led.conn.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
     with pytest.raises(
-        LedgerError, match=r"ledger schema 4 is newer than this mailer understands \(3\); upgrade"
+        LedgerError, match=r"ledger is schema 4, newer than this mailer reads \(3\); upgrade mailer"
     ):
         Ledger(db)
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("4",)
     conn.close()
+
+
+# -- the promise made structural (issue 11) ----------------------------------------------------
+
+
+def _row_in(led: Ledger, email: str, status: Status) -> int:
+    """A row of step ``invite`` for ``email`` brought to ``status`` the way mailer gets there."""
+    [rid] = claim(led, item(email))
+    if status is Status.SENT:
+        outcome(led, rid, Attempt.SENT, 250, "OK")
+    elif status is Status.FAILED:
+        outcome(led, rid, Attempt.FAILED, 550, "no")
+    elif status is Status.BOUNCED:
+        outcome(led, rid, Attempt.SENT, 250, "OK")
+        assert led.record_bounce(email, item(email).message_id, "5.1.1", "gone", T0) == 1
+    else:
+        led.release([rid], T0)
+        led.record_decided("c", [Decided("invite", "ev", email, "", T0, status, "planner")], T0)
+    assert led.row("c", "invite", email).status is status  # type: ignore[union-attr]
+    return rid
+
+
+@pytest.mark.parametrize("final", sorted(FINAL))
+def test_no_pass_write_changes_a_final_row(tmp_path: Path, final: Status) -> None:
+    """Final = sent, failed, bounced, skipped, suppressed: record_decided, claim, outcomes and
+    release leave them alone (record() used to overwrite a bounced row)."""
+    with Ledger(tmp_path / "l.db") as led:
+        rid = _row_in(led, "a@example.org", final)
+        before = led.conn.execute("SELECT * FROM deliveries WHERE id=?", (rid,)).fetchone()
+        for other in (Status.SKIPPED, Status.SUPPRESSED, Status.FAILED):
+            led.record_decided("c", [Decided("invite", "ev", "a@example.org", "", T0, other, "x")], T0)
+        assert led.claim("c", [item("a@example.org")], T0 + timedelta(hours=1)) == [None]
+        outcome(led, rid, Attempt.SENT, 250, "again", T0 + timedelta(hours=2))
+        outcome(led, rid, Attempt.UNKNOWN, None, "?", T0 + timedelta(hours=2))
+        led.release([rid], T0 + timedelta(hours=3))
+        led.add_pending("c", [NewRow("invite", "ev", "a@example.org", "", T0)], T0)
+        assert led.conn.execute("SELECT * FROM deliveries WHERE id=?", (rid,)).fetchone() == before
+
+
+def test_only_retry_and_a_dsn_leave_a_final_state(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as led:
+        _row_in(led, "f@example.org", Status.FAILED)
+        _row_in(led, "s@example.org", Status.SKIPPED)
+        _row_in(led, "b@example.org", Status.BOUNCED)
+        assert led.retry("c", None, T0) == 1  # failed only, by default
+        assert led.retry("c", None, T0, status=Status.SKIPPED) == 1
+        assert led.row("c", "invite", "s@example.org").status is Status.PENDING  # type: ignore[union-attr]
+        with pytest.raises(ValueError):
+            led.retry("c", None, T0, status=Status.BOUNCED)
+        assert led.row("c", "invite", "b@example.org").status is Status.BOUNCED  # type: ignore[union-attr]
+
+
+def test_unknown_outcome_keeps_the_row_sending_with_its_claim(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as led:
+        [rid] = claim(led, item("a@example.org"))
+        outcome(led, rid, Attempt.UNKNOWN, 999, "garbage", T0, T0 + timedelta(minutes=2))
+        r = led.row("c", "invite", "a@example.org")
+        assert r is not None and r.status is Status.SENDING and r.attempts == 1
+        assert r.next_attempt == T0 + timedelta(minutes=2)
+        [again] = led.claim("c", [item("a@example.org")], T0 + timedelta(minutes=3))
+        assert again is not None and again.claimed_at == T0  # re-sent byte-identical
+        assert [a["outcome"] for a in led.attempts(rid)] == ["unknown"]
+
+
+def test_revisions_are_ordered_by_sequence_not_by_recording_time(tmp_path: Path) -> None:
+    """A cancellation recorded at an earlier --now than the update before it is still the
+    latest version (RFC 5546: SEQUENCE orders versions)."""
+    with Ledger(tmp_path / "l.db") as led:
+        led.record_revision(
+            "c", RecordedRevision("ev", 1, "update", "f1", "{}", T0 + timedelta(days=2)), "ev~update1"
+        )
+        led.record_revision("c", RecordedRevision("ev", 2, "cancel", "f2", "{}", T0), "ev~cancel2")
+        assert [r.sequence for r in led.revision_steps("c")] == [1, 2]
+        assert led.latest_revisions("c")["ev"].kind == "cancel"
+
+
+# -- opening: create, open, read --------------------------------------------------------------
+
+
+def test_create_refuses_an_empty_or_foreign_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(LedgerError, match="empty file, not a mailer ledger"):
+        Ledger.create(empty)
+    assert empty.stat().st_size == 0
+    foreign = tmp_path / "other.db"
+    sqlite3.connect(foreign).execute("CREATE TABLE photos (id INTEGER)").connection.commit()
+    before = foreign.read_bytes()
+    for opener in (Ledger.create, Ledger.open, Ledger.read):
+        with pytest.raises(LedgerError, match=r"not a mailer ledger \(tables: photos\)"):
+            opener(foreign)
+    assert foreign.read_bytes() == before
+
+
+def test_only_create_makes_a_file(tmp_path: Path) -> None:
+    for opener in (Ledger.open, Ledger.read):
+        with pytest.raises(LedgerError, match="no ledger here yet"):
+            opener(tmp_path / "l.db")
+        assert not (tmp_path / "l.db").exists()
+    Ledger.create(tmp_path / "l.db").close()
+    Ledger.open(tmp_path / "l.db").close()
+
+
+def _v2_file(path: Path) -> None:
+    """A ledger as schema 2 left it (the version-3 step not applied)."""
+    with Ledger.create(path) as led:
+        led.conn.execute("ALTER TABLE replies DROP COLUMN sequence")
+        led.conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+        led.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def test_read_never_migrates_and_never_writes(tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    _v2_file(db)
+    before = db.read_bytes()
+    with pytest.raises(
+        LedgerError, match=r"ledger is schema 2, this mailer reads 3; upgrade it with `mailer send`"
+    ):
+        Ledger.read(db)
+    assert db.read_bytes() == before
+    with Ledger.open(db) as led:  # a writer brings it up to date
+        assert led.schema_version == SCHEMA_VERSION
+    with Ledger.read(db) as led:
+        assert led.summary() == []
+        with pytest.raises(LedgerError, match="read-only"):
+            led.suppress("x@example.org", "test", T0)
+
+
+def test_locked_by_another_program_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mailer.ledger.BUSY_TIMEOUT", 0.2)
+    db = tmp_path / "l.db"
+    Ledger.create(db).close()
+    shell = sqlite3.connect(db, isolation_level=None)  # e.g. an open sqlite3 shell mid-transaction
+    shell.execute("BEGIN EXCLUSIVE")
+    try:
+        with Ledger.open(db) as led, pytest.raises(LedgerError, match="locked by another program") as info:
+            led.suppress("x@example.org", "test", T0)
+        assert "\n" not in str(info.value)
+    finally:
+        shell.execute("ROLLBACK")
+
+
+def test_disk_full_rolls_back_the_batch(tmp_path: Path) -> None:
+    with Ledger.create(tmp_path / "l.db") as led:
+        pages = led.conn.execute("PRAGMA page_count").fetchone()[0]
+        led.conn.execute(f"PRAGMA max_page_count={pages + 2}")  # SQLITE_FULL, as on a full disk
+        items = [NewRow("invite", "ev", f"p{i}@example.org", "x" * 200, T0) for i in range(2000)]
+        with pytest.raises(LedgerError, match="the disk is full"):
+            led.add_pending("c", items, T0)
+        assert not led.conn.in_transaction
+        assert led.conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
+
+
+def test_corrupt_file_is_one_clear_line(tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    with Ledger.create(db) as led:
+        led.add_pending("c", [NewRow("invite", "ev", f"p{i}@example.org", "", T0) for i in range(500)], T0)
+        led.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(db.read_bytes())
+    data[4096 * 2 : 4096 * 4] = b"\xff" * 8192  # scribble over pages of the table and indexes
+    db.write_bytes(bytes(data))
+    with pytest.raises(LedgerError) as info:
+        with Ledger.open(db) as led:
+            list(led.log())
+            led.summary()
+    assert "damaged" in str(info.value) or "not a mailer ledger" in str(info.value)
+
+
+def test_failed_commit_rolls_back(tmp_path: Path) -> None:
+    with Ledger.create(tmp_path / "l.db") as led:
+        with pytest.raises(LedgerError, match="FOREIGN KEY"):
+            with led.transaction() as c:
+                c.execute("PRAGMA defer_foreign_keys=ON")  # the check moves to COMMIT
+                c.execute("INSERT INTO attempts (delivery_id, at, outcome) VALUES (999, 'x', 'sent')")
+        assert not led.conn.in_transaction
+        assert led.conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
+
+
+def test_transactions_refuse_to_nest(tmp_path: Path) -> None:
+    with Ledger.create(tmp_path / "l.db") as led:
+        with pytest.raises(RuntimeError, match="does not nest"):
+            with led.transaction():
+                led.add_pending("c", [NewRow("invite", "ev", "a@example.org", "", T0)], T0)
+        assert not led.conn.in_transaction
+        assert led.row("c", "invite", "a@example.org") is None

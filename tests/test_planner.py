@@ -11,7 +11,8 @@ import pytest
 from mailer import config, planner
 from mailer.config import Delivery
 from mailer.contacts import Contact
-from mailer.ledger import Row
+from mailer.store import Row
+from mailer.vocab import Status
 
 YAML = """\
 campaign: t
@@ -39,7 +40,7 @@ def T(day: int, hour: int = 12, minute: int = 0) -> datetime:
 
 
 def row(step: str, email: str, status: str, attempts: int = 0, nxt: datetime | None = None) -> Row:
-    return Row(1, step, email, status, attempts, nxt, None, None)
+    return Row(1, step, email, Status(status), attempts, nxt, None, None)
 
 
 def run(

@@ -330,7 +330,7 @@ def test_large_pass_composes_in_a_worker_with_identical_bytes(
     """From WORKER_MIN mails on, a second process composes; its bytes equal inline ones."""
     from mailer import runner
     from mailer.compose import Composer
-    from mailer.ledger import parse_iso
+    from mailer.times import parse_iso
     from mailer.workspace import load_workspace
 
     n = runner.WORKER_MIN + 50
