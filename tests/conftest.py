@@ -15,6 +15,16 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from mailer.smtpd import MaildirHandler, SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
+#: A test that takes one of these fixtures starts an outside program (Chromium, Dovecot).
+SLOW_FIXTURES = frozenset({"browser", "dovecot"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that start Chromium or Dovecot as slow (``make test-fast`` leaves them out)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

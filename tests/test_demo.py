@@ -9,6 +9,7 @@ import email.policy
 import mailbox
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from interop import check_message
 
@@ -16,6 +17,7 @@ from mailer.cli import cli
 from mailer.ledger import Ledger
 
 
+@pytest.mark.slow  # the whole shipped campaign, end to end
 def test_demo_runs_the_whole_campaign(shipped: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
     r = CliRunner().invoke(cli, ["demo", "--out", str(out)], catch_exceptions=False)

@@ -431,6 +431,7 @@ with Ledger(conn) as led:
 """
 
 
+@pytest.mark.slow  # three Python processes
 def test_concurrent_opens_migrate_once(tmp_path: Path) -> None:
     """Three processes open the same version-1 file at once: each reads version 1, the first
     to take the write lock migrates, the others then find it current and count nothing."""

@@ -9,12 +9,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import icalendar
+import pytest
 from click.testing import CliRunner
 from interop import check_message
 
 from mailer.cli import cli
 from mailer.ledger import Ledger
 from mailer.smtpd import SmtpServer
+
+pytestmark = pytest.mark.slow  # whole campaigns through the CLI: several passes each
 
 
 def send(now: str, env: dict[str, str]) -> str:
