@@ -326,7 +326,7 @@ def _not_far_ahead(now: datetime, clock: datetime) -> None:
     >>> _not_far_ahead(datetime(2030, 1, 1, tzinfo=UTC), datetime(2029, 12, 31, 1, tzinfo=UTC))
     >>> _not_far_ahead(datetime(2030, 1, 3, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC))
     Traceback (most recent call last):
-    mailer.errors.MailerError: --now 2030-01-03 00:00 UTC is 2 day(s) ahead of the clock (2030-01-01 00:00 UTC); ...
+    mailer.errors.MailerError: --now 2030-01-03 00:00 UTC is 2 day(s) ahead of the clock (...); ...
     """
     if now - clock <= AHEAD_LIMIT:
         return

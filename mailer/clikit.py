@@ -97,17 +97,22 @@ def db_option(fn: F) -> F:
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
         envvar="MAILER_DB",
-        help="The ledger file (default: ledger: in schedules.yaml; env MAILER_DB).",
+        help="The ledger file (default: the ledger: schedules.yaml names; env MAILER_DB).",
     )(fn)
 
 
 def ledger_path(db_path: Path | None, config_path: Path) -> Path:
-    """``--db``, else the ``ledger:`` of the campaign file, else ``mailer.db``."""
+    """``--db`` (or MAILER_DB), else the ``ledger:`` the campaign file names (default
+    ``mailer.db`` next to it). Never a guess: a campaign file that cannot be read is an error,
+    not a reason to use ``./mailer.db`` (issue 11 item 2: a second, silent ledger).
+
+    :raises ConfigError: no ``--db`` and schedules.yaml is missing, unreadable or not YAML.
+    """
     if db_path is not None:
         return db_path
     from .yamlsource import ledger_setting
 
-    return ledger_setting(config_path) or Path("mailer.db")
+    return ledger_setting(config_path)
 
 
 def when(dt: datetime) -> str:

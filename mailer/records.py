@@ -16,6 +16,7 @@ import click
 from .clikit import (
     config_option,
     db_option,
+    err,
     handle_errors,
     ledger_path,
     out,
@@ -23,7 +24,9 @@ from .clikit import (
     when,
 )
 from .errors import ConfigError, MailerError
-from .ledger import STATUSES, Ledger, parse_iso
+from .ledger import Ledger
+from .times import parse_iso
+from .vocab import Status
 
 if TYPE_CHECKING:  # loaded by the commands that need it (pydantic alone takes ~0.1 s to import)
     from .config import Campaign
@@ -40,29 +43,28 @@ TABLE_ROWS = 500
 @handle_errors
 def status(config_path: Path, db_path: Path | None) -> None:
     """Per campaign and step: sent, deferred, failed, skipped, suppressed, pending, next send time."""
-    campaign: Campaign | None = None
-    if config_path.exists():  # else the ledger alone (and no pydantic to import)
-        try:
-            from .config import load
-
-            campaign = load(config_path)
-        except ConfigError:
-            pass
-    path = db_path or (campaign.ledger if campaign else ledger_path(None, config_path))
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
-    with Ledger(path) as ledger:
+    path = ledger_path(db_path, config_path)
+    campaign = _campaign_if_valid(config_path)
+    with Ledger.read(path) as ledger:
         rows = ledger.summary()
         answers = ledger.reply_counts()
     tz = campaign.timezone if campaign else UTC
-    cols = ("sent", "deferred", "failed", "bounced", "skipped", "suppressed", "pending")
+    cols = (
+        Status.SENT,
+        Status.DEFERRED,
+        Status.FAILED,
+        Status.BOUNCED,
+        Status.SKIPPED,
+        Status.SUPPRESSED,
+        Status.PENDING,
+    )
     per: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
         k = (r["campaign"], r["step"])
         d = per.setdefault(k, {c: 0 for c in cols} | {"next": None})
-        status_ = "pending" if r["status"] == "sending" else r["status"]
+        status_ = Status.PENDING if r["status"] == Status.SENDING else Status(r["status"])
         d[status_] = d.get(status_, 0) + r["n"]
-        if r["status"] == "deferred" and r["next_attempt"]:
+        if r["status"] == Status.DEFERRED and r["next_attempt"]:
             d["next"] = min(filter(None, (d["next"], parse_iso(r["next_attempt"]))))
     if campaign:
         now = datetime.now(UTC)
@@ -92,10 +94,31 @@ def status(config_path: Path, db_path: Path | None) -> None:
         out.print(t2)
 
 
+def _campaign_if_valid(config_path: Path) -> Campaign | None:
+    """The campaign, for its steps and time zone, when schedules.yaml is valid; else None (the
+    ledger alone), with its problems shown as a warning. Only for readers whose ledger was
+    found by --db or the file's own ``ledger:`` (:func:`ledger_path`), never to guess one."""
+    if not config_path.exists():  # only with --db: the ledger alone (and no pydantic to import)
+        return None
+    from .config import load
+
+    try:
+        return load(config_path)
+    except ConfigError as exc:
+        err.print(
+            f"warning: {config_path} has {len(exc.problems)} problem(s) (run `mailer check`); "
+            "showing the ledger without the campaign's steps and time zone:",
+            markup=False,
+        )
+        for p in exc.problems:
+            err.print(f"  {p}", markup=False)
+        return None
+
+
 @click.command()
 @config_option
 @db_option
-@click.option("--status", "status_", type=click.Choice(list(STATUSES)))
+@click.option("--status", "status_", type=click.Choice([s.value for s in Status]))
 @click.option("--email", help="Only this address.")
 @click.option("--step", help="Only this step.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N rows.")
@@ -112,8 +135,6 @@ def log(
 ) -> None:
     """The delivery rows: who got what, when, and what the server said."""
     path = ledger_path(db_path, config_path)
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet; nothing has been sent")
     if email:
         from .contacts import normalise_address
 
@@ -122,7 +143,7 @@ def log(
         except MailerError:
             email = email.strip()
     cols = ("step", "email", "status", "tries", "updated (UTC)", "reply / reason")
-    with Ledger(path) as ledger:
+    with Ledger.read(path) as ledger:
         rows = ledger.log(status=status_, email=email, step=step, limit=limit, columns=_LOG_COLUMNS)
         lines = _log_lines(ledger, rows, show_attempts)
         first = list(itertools.islice(lines, TABLE_ROWS + 1))
@@ -168,7 +189,9 @@ def _log_lines(
 @click.command()
 @config_option
 @db_option
-@click.option("--status", "status_", default="failed", show_default=True, type=click.Choice(list(STATUSES)))
+@click.option(
+    "--status", "status_", default="failed", show_default=True, type=click.Choice([s.value for s in Status])
+)
 @click.option("--step", help="Only this step.")
 @click.option(
     "-o",
@@ -177,36 +200,100 @@ def _log_lines(
     required=True,
     help="CSV file to write (usable as a contacts: list).",
 )
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists (never the ledger).")
 @handle_errors
-def export(config_path: Path, db_path: Path | None, status_: str, step: str | None, output: Path) -> None:
+def export(
+    config_path: Path, db_path: Path | None, status_: str, step: str | None, output: Path, force: bool
+) -> None:
     """Write deliveries with a status as a CSV that `contacts:` accepts, to re-send elsewhere."""
     path = ledger_path(db_path, config_path)
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet; nothing to export")
+    if _is_ledger_file(output, path):
+        raise MailerError(
+            f"-o {output}: that is the ledger {path} (or one of its own files); "
+            "write the export to another file"
+        )
+    if output.exists() and not force:
+        raise MailerError(
+            f"-o {output}: the file exists; choose another name, or add --force to overwrite it"
+        )
     n = 0
-    with Ledger(path) as ledger, output.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        cols = ("email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated")
-        w.writerow(cols)
-        for r in ledger.log(status=status_, step=step, columns=cols):
-            w.writerow(["" if r[c] is None else r[c] for c in cols])
-            n += 1
+    with Ledger.read(path) as ledger:
+        rows = ledger.log(status=status_, step=step, columns=_EXPORT_COLUMNS)
+        try:
+            # "x": a file that appeared since the check above is not overwritten either.
+            fh = output.open("w" if force else "x", newline="", encoding="utf-8")
+        except OSError as exc:
+            raise MailerError(f"-o {output}: cannot write it: {exc.strerror or exc}") from None
+        try:
+            with fh:
+                w = csv.writer(fh)
+                w.writerow(_EXPORT_COLUMNS)
+                for r in rows:
+                    w.writerow(["" if r[c] is None else r[c] for c in _EXPORT_COLUMNS])
+                    n += 1
+        except BaseException:
+            output.unlink(missing_ok=True)  # no half export left behind to be taken for a whole one
+            raise
     out.print(f"Wrote {n} row(s) to {output}.", markup=False)
+
+
+_EXPORT_COLUMNS = ("email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated")
+#: The files SQLite and mailer keep next to a ledger: none of them may become an export.
+_LEDGER_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
+
+
+def _is_ledger_file(output: Path, ledger: Path) -> bool:
+    """True when writing ``output`` would write the ledger or a file that belongs to it,
+    whatever the spelling: relative or absolute, ``..``, a symlink or a hard link.
+
+    >>> _is_ledger_file(Path("/srv/c/sub/../ledger.db-wal"), Path("/srv/c/ledger.db"))
+    True
+    >>> _is_ledger_file(Path("/srv/c/failed.csv"), Path("/srv/c/ledger.db"))
+    False
+    """
+    target = output.resolve()
+    base = ledger.resolve()
+    own = [base.with_name(base.name + suffix) for suffix in _LEDGER_SUFFIXES]
+    if target in own:
+        return True
+    if not output.exists():
+        return False
+    for f in own:
+        try:
+            if f.exists() and os.path.samefile(output, f):  # a hard link
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @click.command()
 @config_option
 @db_option
+@click.option(
+    "--status",
+    "status_",
+    type=click.Choice([Status.FAILED.value, Status.SKIPPED.value]),
+    default=Status.FAILED.value,
+    show_default=True,
+    help="Which rows: failed ones are sent again; skipped ones are planned afresh (after a "
+    "pass at a wrong --now or a clock jump skipped a step as 'the event had started').",
+)
 @click.option("--step", help="Only this step.")
 @handle_errors
-def retry(config_path: Path, db_path: Path | None, step: str | None) -> None:
-    """Make failed deliveries due again; the next `mailer send` or daemon pass sends them."""
-    path = ledger_path(db_path, config_path)
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet; nothing to retry")
-    with Ledger(path) as ledger:
-        n = ledger.retry(None, step, datetime.now(UTC))
-    out.print(f"{n} failed deliver{'y' if n == 1 else 'ies'} will be sent again on the next pass.")
+def retry(config_path: Path, db_path: Path | None, status_: str, step: str | None) -> None:
+    """Make failed (or skipped) deliveries pending again: the next `mailer send` or daemon pass
+    decides afresh and sends what is still due."""
+    which = Status(status_)
+    with Ledger.open(ledger_path(db_path, config_path)) as ledger:
+        n = ledger.retry(None, step, datetime.now(UTC), status=which)
+    rows = f"{n} {which} deliver{'y' if n == 1 else 'ies'}"
+    if which is Status.FAILED:
+        out.print(f"{rows} will be sent again on the next pass.", markup=False)
+    else:
+        out.print(
+            f"{rows} pending again: the next pass decides afresh whether each is still due.", markup=False
+        )
 
 
 @click.group()
@@ -226,6 +313,12 @@ def suppress() -> None:
     help="An unsubscribe link (or its token) from a mail: verified with "
     "MAILER_UNSUBSCRIBE_SECRET, then its address is suppressed.",
 )
+@click.option(
+    "--create",
+    is_flag=True,
+    help="Start the ledger if none exists yet (before the first send); it goes where --db or "
+    "the ledger: of a valid schedules.yaml says.",
+)
 @handle_errors
 def suppress_add(
     config_path: Path,
@@ -233,6 +326,7 @@ def suppress_add(
     emails: tuple[str, ...],
     reason: str,
     links: tuple[str, ...],
+    create: bool,
 ) -> None:
     """Suppress EMAILS: every later delivery to them is recorded as suppressed, not sent."""
     from . import unsubscribe
@@ -252,12 +346,29 @@ def suppress_add(
             raise MailerError(f"{ln}: not a valid unsubscribe link (forged, damaged or another secret)")
         found.append(checked[1])
         reason = "unsubscribed (one-click link)"
-    path = ledger_path(db_path, config_path)
-    with Ledger(path) as ledger:
-        for e in found:
-            addr = normalise_address(e)
+    addresses = [normalise_address(e) for e in found]  # all valid before the ledger is touched
+    if create:
+        ledger = Ledger.create(db_path or _campaign(config_path).ledger)
+    else:
+        path = ledger_path(db_path, config_path)
+        if not path.exists():
+            raise MailerError(
+                f"{path}: no ledger yet (`mailer send` or `mailer run` create it); to suppress "
+                "addresses before the first send, run this again with --create"
+            )
+        ledger = Ledger.open(path)
+    with ledger:
+        for addr in addresses:
             ledger.suppress(addr, reason, datetime.now(UTC))
             out.print(f"suppressed {addr}", markup=False)
+
+
+def _campaign(config_path: Path) -> Campaign:
+    """The whole campaign, validated: `suppress add --create` makes the ledger only where the
+    campaign will look for it (a misspelt ``ledger:`` key would otherwise mean mailer.db)."""
+    from .config import load
+
+    return load(config_path)
 
 
 @suppress.command("remove")
@@ -269,9 +380,9 @@ def suppress_remove(config_path: Path, db_path: Path | None, emails: tuple[str, 
     """Allow EMAILS again (deliveries already recorded as suppressed stay so)."""
     from .contacts import normalise_address
 
-    with Ledger(ledger_path(db_path, config_path)) as ledger:
-        for e in emails:
-            addr = normalise_address(e)
+    addresses = [normalise_address(e) for e in emails]
+    with Ledger.open(ledger_path(db_path, config_path)) as ledger:
+        for addr in addresses:
             found = ledger.unsuppress(addr)
             out.print(f"{'removed' if found else 'not suppressed:'} {addr}", markup=False)
 
@@ -282,10 +393,7 @@ def suppress_remove(config_path: Path, db_path: Path | None, emails: tuple[str, 
 @handle_errors
 def suppress_list(config_path: Path, db_path: Path | None) -> None:
     """List suppressed addresses with the reason and time."""
-    path = ledger_path(db_path, config_path)
-    if not path.exists():
-        raise MailerError(f"{path}: no ledger yet")
-    with Ledger(path) as ledger:
+    with Ledger.read(ledger_path(db_path, config_path)) as ledger:
         rows = ledger.suppressions()
     listing = table(None, ("email", "reason", "since (UTC)"))
     for r in rows:
@@ -317,14 +425,11 @@ def dashboard(config_path: Path, db_path: Path | None, host: str, port: int, all
     time zone. Stop with Ctrl-C.
     """
     from . import dashboard as board
-    from .config import load
 
-    try:
-        campaign: Campaign | None = load(config_path)
-    except ConfigError:
-        campaign = None
+    path = ledger_path(db_path, config_path)
+    campaign = _campaign_if_valid(config_path)
     board.serve(
-        db_path or (campaign.ledger if campaign else Path("mailer.db")),
+        path,
         host=host,
         port=port,
         allow_sql=allow_sql,
