@@ -240,7 +240,7 @@ class Daemon:
         now = self.clock()
 
         def work() -> InboxResult | None:
-            with Ledger(path) as ledger:
+            with Ledger.open(path) as ledger:
                 return process_configured(self.ws.campaign, ledger, self.environ, now=now)
 
         try:
@@ -316,7 +316,7 @@ def run_daemon(config_path: Path, db_path: Path | None, *, environ: Mapping[str,
             f"{len(ws.blocking)} problem(s) stop the daemon from starting; fix them and run `mailer check`"
         )
     settings = TransportSettings.from_config(ws.campaign.smtp, environ)
-    ledger = Ledger(db_path or ws.campaign.ledger)
+    ledger = Ledger.create(db_path or ws.campaign.ledger)
     try:
         ledger.lock()
     except LockedError:

@@ -44,7 +44,7 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
     if maildir.exists():
         shutil.rmtree(maildir)
     handler = MaildirHandler(maildir)
-    with SmtpServer(handler) as server, Ledger(db) as ledger:
+    with SmtpServer(handler) as server, Ledger.create(db) as ledger:
         ledger.lock()
         settings = TransportSettings(
             host=server.host, port=server.port, tls="none", connections=c.smtp.connections

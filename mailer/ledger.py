@@ -16,6 +16,7 @@ import functools
 import inspect
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -169,6 +170,20 @@ def _map_all(cls: type[Ledger]) -> type[Ledger]:
     return cls
 
 
+def _filled(path: Path, mode: OpenMode, wait: float = 2.0) -> bool:
+    """Whether an empty file at ``path`` gets content within ``wait`` seconds: another sender
+    creating the ledger at this instant (SQLite makes the file, then writes its header). A
+    file left empty (``touch``) is not a ledger."""
+    if mode is not OpenMode.CREATE:
+        return False
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if path.stat().st_size > 0:
+            return True
+    return False
+
+
 # ------------------------------------------------------------------------------------------
 # The ledger
 # ------------------------------------------------------------------------------------------
@@ -267,7 +282,7 @@ class Ledger:
                 f"{path}: no ledger here yet; nothing has been sent from it (`mailer send` or "
                 "`mailer run` create it); check --db / ledger: in schedules.yaml"
             )
-        if exists and path.stat().st_size == 0:
+        if exists and path.stat().st_size == 0 and not _filled(path, mode):
             raise LedgerError(
                 f"{path}: an empty file, not a mailer ledger; remove it (mailer creates the "
                 "ledger itself) or point --db / ledger: elsewhere"

@@ -231,34 +231,54 @@ class Transport:
     async def run(self, queue: asyncio.Queue[Outgoing | None], on_result: OnResult) -> None:
         """Send until each worker reads a ``None`` sentinel (put one per connection).
 
-        :raises TransportFatalError: a TLS or login failure; other workers stop too.
+        A failure on one connection (a TLS or login failure, or ``on_result`` raising) stops
+        the others after their current mail, whose outcome goes through ``on_result`` first:
+        a mail a server accepted is never left without its outcome. Mails still queued are
+        taken out unsent. Then the first failure is raised.
+
+        :raises TransportFatalError: a TLS or login failure.
         """
+        self._failures: list[BaseException] = []
+        self._stopping = False
         workers = [
             asyncio.create_task(self._worker(i, queue, on_result)) for i in range(self.settings.connections)
         ]
         try:
-            done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                if t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
+            await asyncio.gather(*workers)
         finally:
-            for t in workers:
+            for t in workers:  # only when cancelled from outside
                 if not t.done():
                     t.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+        if self._failures:
+            raise self._failures[0]
+
+    def _stop_all(self, queue: asyncio.Queue[Outgoing | None]) -> None:
+        """Every connection stops after its current mail; queued mails are taken out unsent."""
+        self._stopping = True
+        while not queue.empty():
+            queue.get_nowait()
+        for _ in range(self.settings.connections):
+            if not queue.full():
+                queue.put_nowait(None)
 
     async def _worker(self, idx: int, queue: asyncio.Queue[Outgoing | None], on_result: OnResult) -> None:
         client: aiosmtplib.SMTP | None = None
         try:
-            while True:
+            while not self._stopping:
                 job = await queue.get()
-                if job is None:
+                if job is None or self._stopping:
                     return
                 result = await self._send_one(job, client)
                 client = result[1]
                 r = on_result(job, result[0])
                 if r is not None:
                     await r
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded, raised by run() once all stopped
+            self._failures.append(exc)
+            self._stop_all(queue)
         finally:
             if client is not None:
                 await _quit(client)

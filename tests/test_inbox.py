@@ -315,6 +315,7 @@ def test_imap_end_to_end(tmp_path: Path, campaign: Campaign, dovecot: Dovecot, i
 def test_imap_certificate_is_checked(
     tmp_path: Path, campaign: Campaign, dovecot: Dovecot, imap: IMAPClient
 ) -> None:
+    Ledger.create(tmp_path / "mailer.db").close()  # only send/run create one
     uids = append_all(imap, {"accepted": scenario(campaign)["accepted"]})
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
@@ -330,6 +331,7 @@ def test_imap_certificate_is_checked(
 
 
 def test_imap_wrong_mailbox_or_password(tmp_path: Path, dovecot: Dovecot) -> None:
+    Ledger.create(tmp_path / "mailer.db").close()  # only send/run create one
     env = dovecot.env() | {"MAILER_IMAP_MAILBOX": "Nope"}
     with pytest.raises(InboxError, match="IMAP 127.0.0.1:[0-9]+: select failed: Mailbox doesn't exist: Nope"):
         run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", None, env, now=NOW)
@@ -425,6 +427,7 @@ def test_maildir_end_to_end(tmp_path: Path, campaign: Campaign) -> None:
 
 
 def test_maildir_errors(tmp_path: Path, campaign: Campaign) -> None:
+    Ledger.create(tmp_path / "mailer.db").close()  # only send/run create one
     with pytest.raises(InboxError, match="not a Maildir"):
         run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", tmp_path, {}, now=NOW)
     assert process_configured(campaign, Ledger(":memory:"), {}, now=NOW) is None
@@ -623,6 +626,7 @@ def test_apply_lines(campaign: Campaign) -> None:
 
 
 def test_cli_inbox(tmp_path: Path, campaign: Campaign) -> None:
+    Ledger.create(tmp_path / "m.db").close()  # only send/run create one
     from click.testing import CliRunner
 
     from mailer.cli import cli
