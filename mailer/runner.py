@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -303,8 +304,8 @@ class _Delivery:
         wait), and queue the mails. A failure here stops the connections: see :meth:`_stop`."""
         due, stop = self.due, self.sp.stop
         batches = [due[i : i + CLAIM_BATCH] for i in range(0, len(due), CLAIM_BATCH)]
+        ahead: asyncio.Task[tuple[list[tuple[Due, Claimed]], list[tuple[bytes, int] | str]]] | None = None
         try:
-            ahead: asyncio.Task[tuple[list[tuple[Due, Claimed]], list[tuple[bytes, int] | str]]] | None = None
             ahead = self._start(batches[0]) if batches else None
             for k in range(len(batches)):
                 if ahead is None or (stop is not None and stop.is_set()):
@@ -337,9 +338,12 @@ class _Delivery:
             if ahead is not None:
                 await asyncio.gather(ahead, return_exceptions=True)
         except Exception as exc:  # noqa: BLE001 - a claim or the composing worker failed
-            self.failure = exc
-            self.sp.say(f"stopping the pass: {exc or type(exc).__name__}")
+            self.failure = _stopped(exc)
+            self.sp.say(f"stopping the pass: {self.failure}")
             self._drain()
+            if ahead is not None:  # the batch composing ahead: its claims are released below
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
         finally:
             for _ in range(self.settings.connections):
                 await self.queue.put(None)
@@ -465,6 +469,21 @@ class _Delivery:
                 # a claim without an outcome never reached a server. Back to pending.
                 self.store.release(list(self.in_flight), self.sp.clock())
             self.sp.result.stopped = True
+
+
+def _stopped(exc: Exception) -> Exception:
+    """The error a failed stage stops the pass with: ours as they are, others explained."""
+    if isinstance(exc, MailerError):
+        return exc
+    if isinstance(exc, BrokenProcessPool):
+        err = MailerError(
+            "the composing worker process died (killed, or out of memory); the pass stopped: "
+            "what was sent is recorded, the rest goes out on the next pass"
+        )
+    else:
+        err = MailerError(f"the pass stopped: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 async def run_pass(

@@ -33,9 +33,9 @@ from mailer.inbox import (
     worth_fetching,
 )
 from mailer.ledger import Ledger
+from mailer.message import message_id
 from mailer.store import Claim, Outcome, RecordedRevision
 from mailer.vocab import Attempt
-from mailer.message import message_id
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2018, 1, 10, 12, 0, tzinfo=UTC)
