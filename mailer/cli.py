@@ -349,6 +349,7 @@ def _send_with_progress(
     dry_run: bool,
 ) -> PassResult:
     import asyncio
+    import signal
 
     from .clock import virtual_clock
     from .runner import run_pass
@@ -359,21 +360,40 @@ def _send_with_progress(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        return asyncio.run(
-            run_pass(
-                ws,
-                ledger,
-                now,
-                settings=settings,
-                clock=virtual_clock(now),
-                limit=limit,
-                steps=steps,
-                dry_run=dry_run,
-                progress=progress,
-                log=lambda m: err.print(m, markup=False),
-                unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"),
-            )
-        )
+        async def main() -> PassResult:
+            # The first Ctrl-C (or SIGTERM) stops the pass in order: each connection finishes
+            # and records its mail, queued ones go back to pending. A second one interrupts.
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+
+            def on_signal() -> None:
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                err.print("stopping: finishing the mails in flight (Ctrl-C again to interrupt)")
+                stop.set()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal)
+            try:
+                return await run_pass(
+                    ws,
+                    ledger,
+                    now,
+                    settings=settings,
+                    clock=virtual_clock(now),
+                    limit=limit,
+                    steps=steps,
+                    dry_run=dry_run,
+                    progress=progress,
+                    log=lambda m: err.print(m, markup=False),
+                    stop=stop,
+                    unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"),
+                )
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+        return asyncio.run(main())
 
 
 def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
@@ -397,6 +417,9 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
     )
     if result.next_wake:
         out.print(f"Next send time: {when(result.next_wake.astimezone(c.timezone))}", markup=False)
+    if result.stopped:
+        err.print("Stopped before everything due was sent; the rest goes out on the next pass.", markup=False)
+        raise SystemExit(1)
 
 
 for _command in (status, log, export, retry, suppress, inbox, dashboard):

@@ -274,3 +274,37 @@ def _marked(mark: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_mailer_send_in_order(tmp_path: Path) -> None:
+    """Item 11: Ctrl-C cancelled the pass mid-mail. Now the first SIGINT lets each connection
+    finish and record its mail; the rest go back to pending; exit 1, no traceback."""
+    handler = FaultyHandler(data_delay=0.05)
+    with SmtpServer(handler) as server:
+        cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=_contacts(200))
+        env = os.environ | {
+            "MAILER_SMTP_HOST": server.host,
+            "MAILER_SMTP_PORT": str(server.port),
+            "MAILER_SMTP_TLS": "none",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailer", "send", "--config", str(cfg), "--now", "2018-01-04T10:00"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while len(handler.received) < 10 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 1, output
+        assert "Traceback" not in output and "finishing the mails in flight" in output
+        with Ledger.read(tmp_path / "ledger.db") as led:
+            status = {r["email"]: r["status"] for r in led.log(columns=("email", "status"))}
+        delivered = {rcpt for r in handler.received for rcpt in r.rcpt_tos}
+        assert {e for e, s in status.items() if s == "sent"} == delivered
+        assert set(status.values()) == {"sent", "pending"}
