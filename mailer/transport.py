@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,10 +16,19 @@ from aiosmtplib import errors as smtp_errors
 from .config import SmtpSettings
 from .errors import TransportFatalError
 from .message import data_payload
+from .vocab import Attempt
 
-__all__ = ["Outgoing", "Pacer", "Result", "Transport", "TransportSettings", "classify", "data_payload"]
-
-Outcome = Literal["sent", "deferred", "failed"]
+__all__ = [
+    "Outgoing",
+    "Pacer",
+    "ProtocolWire",
+    "Result",
+    "Transport",
+    "TransportSettings",
+    "classify",
+    "data_payload",
+    "protocol_wire",
+]
 #: Replies that mean "you are going too fast / I am overloaded": slow the whole transport.
 SLOW_DOWN_CODES = frozenset({421, 451, 452, 454})
 _DEFAULT_PORTS = {"tls": 465, "starttls": 587, "none": 25}
@@ -93,25 +103,38 @@ class Outgoing:
 
 @dataclass(frozen=True)
 class Result:
-    outcome: Outcome
+    """What one attempt came to, and the server's reply as far as there was one.
+
+    ``outcome`` is :attr:`Attempt.SENT` only for a 2xx to the final dot. :attr:`Attempt.UNKNOWN`
+    means the server may or may not have the mail (a reply out of step, or the connection lost
+    once the payload was on its way): it must be neither counted as sent nor as failed.
+    """
+
+    outcome: Attempt
     code: int | None
     text: str
     slow_down: bool = False
 
 
 def classify(code: int | None, text: str) -> Result:
-    """Map an SMTP reply to an outcome: 2xx sent, 4xx (or no reply) deferred, 5xx failed.
+    """Map a reply that ends a transaction in step to an outcome: 2xx sent, 4xx (or no reply
+    before any of the payload was written) deferred, 5xx failed; any other code (1xx, 3xx,
+    999, a line that was no reply at all) leaves the outcome unknown.
 
     >>> classify(550, "no such user").outcome
-    'failed'
+    <Attempt.FAILED: 'failed'>
     >>> classify(451, "try later").slow_down
     True
+    >>> classify(999, "what").outcome
+    <Attempt.UNKNOWN: 'unknown'>
     """
     if code is None or 400 <= code < 500:
-        return Result("deferred", code, text, slow_down=code in SLOW_DOWN_CODES)
+        return Result(Attempt.DEFERRED, code, text, slow_down=code in SLOW_DOWN_CODES)
     if 200 <= code < 300:
-        return Result("sent", code, text)
-    return Result("failed", code, text)
+        return Result(Attempt.SENT, code, text)
+    if 500 <= code < 600:
+        return Result(Attempt.FAILED, code, text)
+    return Result(Attempt.UNKNOWN, code, text)
 
 
 class Pacer:
@@ -169,14 +192,30 @@ class Transport:
 
     ``on_result`` is awaited for each message before that connection sends its next one, so
     the caller can commit the outcome first (the ledger's crash-safety rule).
+
+    ``data_path="public"`` sends DATA through aiosmtplib's public ``SMTP.data`` only (the
+    fallback :func:`protocol_wire` chooses when aiosmtplib's internals have another shape);
+    tests use it to hold the fallback to the same bytes on the wire.
     """
 
-    def __init__(self, settings: TransportSettings, *, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: TransportSettings,
+        *,
+        log: Callable[[str], None] | None = None,
+        data_path: Literal["auto", "public"] = "auto",
+    ) -> None:
         self.settings = settings
         self.pacer = Pacer(settings.rate, settings.per_hour)
         self._log = log or (lambda msg: None)
         self._connect_failures = 0
+        self._data_path = data_path
+        self._said_fallback = False
         self.unreachable: str | None = None
+        self._failures: list[BaseException] = []
+        self._stopping = False
+        #: Workers with a transaction under way (from MAIL until ``on_result`` returned).
+        self._busy: set[asyncio.Task[None]] = set()
 
     def _tls_context(self) -> ssl.SSLContext:
         # Certificates are always verified; a private CA is given with ca_file.
@@ -238,18 +277,35 @@ class Transport:
 
         :raises TransportFatalError: a TLS or login failure.
         """
-        self._failures: list[BaseException] = []
+        self._failures = []
         self._stopping = False
         workers = [
             asyncio.create_task(self._worker(i, queue, on_result)) for i in range(self.settings.connections)
         ]
         try:
-            await asyncio.gather(*workers)
+            # not gather(): cancelling a gather cancels the workers, mid-transaction too
+            await asyncio.wait(workers)
+        except asyncio.CancelledError:
+            # Cancelled from outside (Ctrl-C, a stopping daemon): a mail on the wire gets its
+            # reply and its outcome goes through on_result before the cancellation goes on;
+            # workers between mails stop at once.
+            self._stop_all(queue)
+            busy = [t for t in workers if t in self._busy and not t.done()]
+            for t in workers:
+                if t not in self._busy:
+                    t.cancel()
+            if busy:
+                self._log(f"stopping: waiting for the reply to {len(busy)} mail(s) on the wire")
+                await asyncio.wait(busy)
+            raise
         finally:
-            for t in workers:  # only when cancelled from outside
+            for t in workers:
                 if not t.done():
                     t.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+        for t in workers:
+            if not t.cancelled() and t.exception() is not None:
+                self._failures.append(t.exception())  # type: ignore[arg-type]
         if self._failures:
             raise self._failures[0]
 
@@ -269,17 +325,18 @@ class Transport:
                 job = await queue.get()
                 if job is None or self._stopping:
                     return
-                result = await self._send_one(job, client)
-                client = result[1]
-                r = on_result(job, result[0])
+                result, client = await self._send_one(job, client)
+                r = on_result(job, result)
                 if r is not None:
                     await r
+                self._busy.discard(asyncio.current_task())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded, raised by run() once all stopped
             self._failures.append(exc)
             self._stop_all(queue)
         finally:
+            self._busy.discard(asyncio.current_task())
             if client is not None:
                 await _quit(client)
 
@@ -287,7 +344,7 @@ class Transport:
         self, job: Outgoing, client: aiosmtplib.SMTP | None
     ) -> tuple[Result, aiosmtplib.SMTP | None]:
         if self.unreachable is not None:
-            return Result("deferred", None, self.unreachable), client
+            return Result(Attempt.DEFERRED, None, self.unreachable), client
         if client is None or not client.is_connected:
             try:
                 client = await self.connect()
@@ -304,30 +361,44 @@ class Transport:
                     self._log(f"server unreachable, deferring the rest of this pass: {text}")
                 if isinstance(exc, smtp_errors.SMTPResponseException) and exc.code in SLOW_DOWN_CODES:
                     self.pacer.slow_down()
-                return Result("deferred", getattr(exc, "code", None), text), None
+                return Result(Attempt.DEFERRED, getattr(exc, "code", None), text), None
         await self.pacer.acquire()
+        self._busy.add(asyncio.current_task())  # type: ignore[arg-type]
+        wire = None if self._data_path == "public" else protocol_wire(client)
+        if wire is None and self._data_path == "auto" and not self._said_fallback:
+            self._said_fallback = True
+            self._log(
+                f"aiosmtplib {aiosmtplib.__version__}: its protocol internals are not the tested "
+                "ones; DATA goes through SMTP.data (slower, and blind to a reply left waiting)"
+            )
         try:
-            reply = await _transaction(client, job)
-        except (smtp_errors.SMTPServerDisconnected, smtp_errors.SMTPTimeoutError, OSError) as exc:
-            # The connection broke, possibly in the middle of DATA: the mail's fate is
-            # unknown; it is deferred and re-sent later with the same Message-ID.
+            reply = await _transaction(client, job, wire)
+        except _Unsendable as exc:
+            result = Result(Attempt.FAILED, None, str(exc))
+        except _InDoubt as exc:
+            # Out of step or lost with the payload on its way: the server may have the mail.
+            # This connection cannot be trusted with another one.
             await _close(client)
-            return Result("deferred", None, f"connection lost: {_root(exc)}"), None
+            client = None
+            result = Result(Attempt.UNKNOWN, exc.code, exc.text)
+        except (smtp_errors.SMTPServerDisconnected, smtp_errors.SMTPTimeoutError, OSError) as exc:
+            # Lost before any byte of the payload was written: nothing can have been delivered.
+            await _close(client)
+            return Result(Attempt.DEFERRED, None, f"connection lost before the message: {_root(exc)}"), None
         except smtp_errors.SMTPResponseException as exc:
+            # A 4xx or 5xx in step: the transaction is over, the connection goes on.
             result = classify(exc.code, exc.message)
             if exc.code == 421:  # RFC 5321 4.2.2: the server is closing the channel
                 await _close(client)
                 client = None
             else:
                 await _rset(client)
-        except _Unsendable as exc:
-            result = Result("failed", None, str(exc))
         else:
-            result = Result("sent", reply.code, reply.message)
+            result = Result(Attempt.SENT, reply.code, reply.message)
         if result.slow_down:
             pause = self.pacer.slow_down()
             self._log(f"server asked to slow down ({result.code}); pausing {pause:.1f}s")
-        elif result.outcome == "sent":
+        elif result.outcome is Attempt.SENT:
             self.pacer.ok()
         return result, client
 
@@ -336,24 +407,90 @@ class _Unsendable(Exception):
     """This message cannot go over this connection as it is (nothing was sent for it)."""
 
 
-async def _transaction(client: aiosmtplib.SMTP, job: Outgoing) -> aiosmtplib.SMTPResponse:
-    """MAIL, RCPT, DATA for one message, its bytes written as they are.
+class _InDoubt(Exception):
+    """The server may or may not have the mail: the reply stream went out of step, or the
+    connection was lost once the payload was on its way (outcome UNKNOWN)."""
+
+    def __init__(self, code: int | None, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+# -- aiosmtplib's private protocol object: contained here ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolWire:
+    """The parts of a connected ``aiosmtplib.SMTPProtocol`` the fast DATA path uses."""
+
+    write: Callable[[bytes], None]
+    read_response: Callable[..., Awaitable[aiosmtplib.SMTPResponse]]
+    #: Bytes received and not yet read as a reply: after a reply, the stream is out of step.
+    buffer: bytearray
+
+
+def protocol_wire(client: aiosmtplib.SMTP) -> ProtocolWire | None:
+    """aiosmtplib's protocol object, for writing a prepared DATA payload; None: use the public API.
+
+    PRIVATE aiosmtplib API, used nowhere else in mailer: ``SMTP.protocol`` (the
+    ``SMTPProtocol`` of the connection), its ``write(bytes)``, its coroutine
+    ``read_response(timeout=...)`` and its receive buffer ``_buffer`` (a ``bytearray``;
+    bytes left in it after a reply mean the stream is out of step). Tested with aiosmtplib
+    3.0.0 and 5.1.3, the ends of the range pyproject.toml allows (``make
+    test-aiosmtplib-range``). When any of these is missing or has another shape, this returns
+    None and :func:`_public_data` sends through ``SMTP.data`` instead: the same bytes on the
+    wire, a little slower, and blind to a reply left waiting in the buffer.
+    """
+    protocol = getattr(client, "protocol", None)
+    buffer = getattr(protocol, "_buffer", None)
+    if protocol is None or not isinstance(buffer, bytearray) or not _has_wire(type(protocol)):
+        return None
+    return ProtocolWire(protocol.write, protocol.read_response, buffer)
+
+
+_SHAPES: dict[type, bool] = {}
+
+
+def _has_wire(kind: type) -> bool:
+    """``kind`` has ``write`` and a coroutine ``read_response`` that takes ``timeout`` (cached)."""
+    known = _SHAPES.get(kind)
+    if known is None:
+        write, read = getattr(kind, "write", None), getattr(kind, "read_response", None)
+        known = callable(write) and inspect.iscoroutinefunction(read)
+        try:
+            known = known and "timeout" in inspect.signature(read).parameters  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            known = False
+        _SHAPES[kind] = known
+    return known
+
+
+async def _transaction(
+    client: aiosmtplib.SMTP, job: Outgoing, wire: ProtocolWire | None
+) -> aiosmtplib.SMTPResponse:
+    """MAIL, RCPT, DATA for one message, its bytes written as they are; the reply to the dot.
 
     ``SMTP.sendmail`` would re-parse both addresses and run two regular expressions over the
     whole message (and a third for SIZE): more than half of the transport's CPU. The
     commands go through aiosmtplib's ``execute_command`` (which refuses control characters
     in arguments, so no data can inject a command); the payload from :func:`data_payload`
-    through its protocol's ``write`` and ``read_response``.
+    through ``wire`` (:func:`protocol_wire`), or ``SMTP.data`` when there is none.
 
-    :raises SMTPResponseException: a reply other than the one expected (the subclass and
-        code tell which command).
-    :raises SMTPServerDisconnected / SMTPTimeoutError: the connection broke.
+    Each reply must be the one its command expects (RFC 5321 4.3.2): MAIL 250, RCPT 250,
+    251 or 252 (3.4, 7.3: the transaction goes on), DATA 354, the final dot 2xx.
+
+    :raises SMTPResponseException: a 4xx or 5xx in step (``code`` says which).
+    :raises _InDoubt: any other reply, a reply followed by more lines, a line that is no
+        reply, or the connection lost after the payload started: the outcome is unknown.
+    :raises SMTPServerDisconnected / SMTPTimeoutError / OSError: the connection broke before
+        any byte of the payload was written.
     """
     addresses = job.sender + job.recipient
     if not addresses.isprintable() or " " in addresses or "<" in addresses or ">" in addresses:
         raise _Unsendable(f"{job.recipient!r}: an address with a control character, space or <> in it")
     payload, size = data_payload(job.data) if job.size is None else (job.data, job.size)
-    mail = [b"FROM:<" + job.sender.encode() + b">"]
+    mail = [b"MAIL", b"FROM:<" + job.sender.encode() + b">"]
     if client.supports_extension("size"):
         mail.append(b"SIZE=%d" % size)
     if not addresses.isascii():
@@ -362,23 +499,80 @@ async def _transaction(client: aiosmtplib.SMTP, job: Outgoing) -> aiosmtplib.SMT
                 f"{job.recipient}: the address is not ASCII and the server does not offer SMTPUTF8 (RFC 6531)"
             )
         mail.append(b"SMTPUTF8")
-    reply = await client.execute_command(b"MAIL", *mail)
-    if reply.code != 250:
-        raise smtp_errors.SMTPSenderRefused(reply.code, reply.message, job.sender)
-    reply = await client.execute_command(b"RCPT", b"TO:<" + job.recipient.encode() + b">")
-    if reply.code not in (250, 251):
-        raise smtp_errors.SMTPRecipientRefused(reply.code, reply.message, job.recipient)
-    reply = await client.execute_command(b"DATA")
-    if reply.code != 354:
-        raise smtp_errors.SMTPDataError(reply.code, reply.message)
-    protocol = client.protocol
-    if protocol is None:
-        raise smtp_errors.SMTPServerDisconnected("Connection lost")
-    protocol.write(payload)
-    reply = await protocol.read_response(timeout=client.timeout)
-    if reply.code != 250:
-        raise smtp_errors.SMTPDataError(reply.code, reply.message)
-    return reply
+    if wire is not None and wire.buffer:
+        raise _InDoubt(None, f"out of step: unread reply {bytes(wire.buffer[:80])!r} before MAIL")
+    await _command(client, wire, (250,), *mail)
+    await _command(client, wire, (250, 251, 252), b"RCPT", b"TO:<" + job.recipient.encode() + b">")
+    if wire is None:
+        return await _public_data(client, payload)
+    await _command(client, wire, (354,), b"DATA")
+    wire.write(payload)  # raises SMTPServerDisconnected, nothing written, if the connection closed
+    try:
+        reply = await wire.read_response(timeout=client.timeout)
+    except (smtp_errors.SMTPServerDisconnected, smtp_errors.SMTPTimeoutError, OSError) as exc:
+        raise _InDoubt(None, f"connection lost after the message was sent: {_root(exc)}") from None
+    except smtp_errors.SMTPResponseException as exc:  # a line that is no reply, over-long
+        raise _InDoubt(exc.code, f"no valid reply to the end of the message: {exc.message}") from None
+    return _in_step(reply, wire, "the end of the message", range(200, 300))
+
+
+async def _command(
+    client: aiosmtplib.SMTP, wire: ProtocolWire | None, expected: tuple[int, ...], *args: bytes
+) -> aiosmtplib.SMTPResponse:
+    try:
+        reply = await client.execute_command(*args)
+    except smtp_errors.SMTPResponseException as exc:  # a line that is no reply, over-long
+        raise _InDoubt(exc.code, f"no valid reply to {args[0].decode()}: {exc.message}") from None
+    return _in_step(reply, wire, args[0].decode(), expected)
+
+
+def _in_step(
+    reply: aiosmtplib.SMTPResponse, wire: ProtocolWire | None, what: str, expected: Collection[int]
+) -> aiosmtplib.SMTPResponse:
+    """``reply`` if it is the one expected; raise for a refusal (4xx, 5xx) or a stream out of step."""
+    if wire is not None and wire.buffer:
+        # Without PIPELINING a server says nothing more until the next command: the reply we
+        # read may belong to an earlier command ("SMTP fixup" proxies add a 250).
+        raise _InDoubt(
+            reply.code, f"out of step: more lines after the reply to {what} ({reply.code} {reply.message})"
+        )
+    if reply.code in expected:
+        return reply
+    if 400 <= reply.code < 600:
+        raise smtp_errors.SMTPResponseException(reply.code, reply.message)
+    raise _InDoubt(reply.code, f"out of step: {reply.code} {reply.message} to {what}")
+
+
+async def _public_data(client: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
+    """DATA through aiosmtplib's public ``SMTP.data``, which stuffs the message again: it is
+    given the message back (the payload un-stuffed), so the same bytes go on the wire.
+
+    ``SMTP.data`` sends DATA and the payload in one call, so a 2xx other than 250 (to DATA or
+    to the dot) or a lost connection leaves the outcome unknown; a 4xx or 5xx is a refusal
+    either way.
+    """
+    try:
+        return await client.data(_unstuff(payload))
+    except smtp_errors.SMTPDataError as exc:
+        if 400 <= exc.code < 600:
+            raise smtp_errors.SMTPResponseException(exc.code, exc.message) from None
+        raise _InDoubt(exc.code, f"out of step: {exc.code} {exc.message} during DATA") from None
+    except (smtp_errors.SMTPServerDisconnected, smtp_errors.SMTPTimeoutError, OSError) as exc:
+        raise _InDoubt(None, f"connection lost during DATA: {_root(exc)}") from None
+    except smtp_errors.SMTPResponseException as exc:
+        raise _InDoubt(exc.code, f"no valid reply during DATA: {exc.message}") from None
+
+
+def _unstuff(payload: bytes) -> bytes:
+    r"""The message :func:`data_payload` made ``payload`` from, CRLF-normalised.
+
+    >>> _unstuff(data_payload(b"..a\r\n.\r\nb")[0])
+    b'..a\r\n.\r\nb\r\n'
+    """
+    body = payload[:-3]  # the final ".\r\n"
+    if body.startswith(b".."):
+        body = body[1:]
+    return body.replace(b"\r\n..", b"\r\n.")
 
 
 def _root(exc: BaseException) -> str:
