@@ -139,13 +139,35 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_ledger(db: Path) -> None:
+def _check_ledger(db: Path, metadata: dict[str, Any] | None = None) -> None:
     """Refuse a missing file, a file that is not a mailer ledger, or a ledger of another schema
     version, opening it read-only: looking never migrates it (issue 11 item 3: a look from a
-    newer install would stop the older daemon that writes it)."""
+    newer install would stop the older daemon that writes it). With ``metadata``, also refuse
+    titles for tables or columns the ledger does not have (see :func:`metadata_drift`)."""
     if not db.exists():
         raise MailerError(f"{db}: no ledger yet; nothing has been sent (run `mailer send` or `mailer run`)")
-    Ledger.read(db).close()
+    with Ledger.read(db) as ledger:
+        drift = metadata_drift(ledger.conn, metadata) if metadata is not None else []
+    if drift:
+        raise MailerError(f"{db}: the dashboard's metadata does not match this ledger: {'; '.join(drift)}")
+
+
+def metadata_drift(conn: sqlite3.Connection, metadata: dict[str, Any]) -> list[str]:
+    """Tables and columns the metadata describes that the ledger lacks, read with sqlite-utils'
+    introspection (``Database.table_names``, ``Table.columns_dict``): the labels staff see must
+    name real columns, or Datasette shows them silently nowhere."""
+    import sqlite_utils
+
+    db = sqlite_utils.Database(conn)
+    names = set(db.table_names())
+    out = []
+    for table, spec in metadata.get("databases", {}).get(DATABASE, {}).get("tables", {}).items():
+        if table not in names:
+            out.append(f"no table {table!r}")
+            continue
+        missing = set((spec or {}).get("columns", {})) - set(db[table].columns_dict)
+        out.extend(f"no column {table}.{c}" for c in sorted(missing))
+    return out
 
 
 # -- the Datasette plugin: hook functions, marked with datasette's hookimpl on first use ------
@@ -289,8 +311,8 @@ def create(
     from datasette.database import Database
 
     db = Path(db)
-    _check_ledger(db)
     metadata = build_metadata(timezone)
+    _check_ledger(db, metadata)
     if not allow_sql:
         metadata["allow_sql"] = False
     if password_hash:

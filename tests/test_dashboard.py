@@ -39,9 +39,9 @@ from mailer.dashboard import (
 )
 from mailer.errors import MailerError
 from mailer.ledger import Ledger
+from mailer.smtpd import SmtpServer, free_port
 from mailer.store import Decided, RecordedRevision
 from mailer.vocab import Status
-from mailer.smtpd import SmtpServer, free_port
 
 TZ = "Europe/Brussels"
 CHROMIUM = "/usr/bin/chromium"
@@ -629,3 +629,15 @@ def test_canned_queries_take_under_half_a_second_on_a_million_rows(tmp_path: Pat
     print("\n".join(report))
     assert not unindexed, f"reads deliveries row by row: {unindexed}"
     assert not slow, f"over 0.5 s: {slow}"
+
+
+def test_metadata_names_only_real_tables_and_columns(ledger_path: Path, tmp_path: Path) -> None:
+    """The staff labels must describe columns the ledger has (checked with sqlite-utils when the
+    dashboard starts): a column renamed in a migration would otherwise lose its label silently."""
+    from mailer.dashboard import build_metadata, metadata_drift
+
+    metadata = build_metadata("Europe/Brussels")
+    with Ledger.read(ledger_path) as led:
+        assert metadata_drift(led.conn, metadata) == []
+        metadata["databases"]["ledger"]["tables"]["deliveries"]["columns"]["colour"] = "nope"
+        assert metadata_drift(led.conn, metadata) == ["no column deliveries.colour"]
