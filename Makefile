@@ -1,5 +1,6 @@
 # make demo: run the shipped campaign end to end on an embedded SMTP server.
 # make test: run the whole test suite (make test-fast: without the tests marked slow).
+# make test-aiosmtplib-range: the transport tests with the lowest and highest aiosmtplib allowed.
 # make lint: ruff check, ruff format --check and mypy --strict over mailer/, tests/ and bench/.
 # make screenshot: regenerate the README's dashboard picture (needs chromium + chromium-driver).
 # All create .venv and install what they need.
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 LINTED := mailer tests bench
 
-.PHONY: demo test test-fast screenshot check preview bench lint clean
+.PHONY: demo test test-fast test-aiosmtplib-range screenshot check preview bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,23 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+# tests/test_transport.py against the lowest and the highest aiosmtplib pyproject.toml allows
+# (mailer.transport.protocol_wire uses its internals). Each version is installed alone
+# (--no-deps) into a throwaway folder under AIOSMTPLIB_DIR, put first on PYTHONPATH; the rest
+# comes from .venv. About 30 s; pip needs the package index (or its mirror) for the two wheels.
+AIOSMTPLIB_DIR ?= /tmp/mailer-aiosmtplib-range
+test-aiosmtplib-range: $(STAMP)
+	@spec=$$($(BIN)/python -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(x for x in d if x.startswith("aiosmtplib")).replace(" ", ""))'); \
+	low=$$(echo "$$spec" | sed -n 's/.*>=\([0-9.]*\).*/\1/p'); \
+	test -n "$$low" || { echo "no >= floor in $$spec"; exit 1; }; \
+	for req in "aiosmtplib==$$low" "$$spec"; do \
+	  dir="$(AIOSMTPLIB_DIR)/$$(echo "$$req" | tr -c 'A-Za-z0-9.\n' '_')"; \
+	  $(BIN)/pip install --quiet --no-deps --upgrade --target "$$dir" "$$req" || exit 1; \
+	  ver=$$(PYTHONPATH="$$dir" $(BIN)/python -c 'import aiosmtplib; print(aiosmtplib.__version__)'); \
+	  echo "== tests/test_transport.py with aiosmtplib $$ver (from $$req)"; \
+	  PYTHONPATH="$$dir" $(BIN)/python -m pytest -p no:cacheprovider tests/test_transport.py || exit 1; \
+	done
 
 # The dashboard test writes its screenshot under tmp_path unless MAILER_SCREENSHOT names a file;
 # CI=1 turns a missing browser into a failure instead of a skip.
