@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
+from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import ValidationError
 
-from .errors import ConfigError, Problem
+from .errors import ConfigError, Problem, display_path
 from .schema import CampaignModel, EventModel
 from .times import parse_date, parse_duration, parse_local, resolve_local, resolve_step_time
-from .yamlsource import YamlPath, fmt_path, line_for, load_yaml
+from .yamlsource import YamlPath, fmt_path, line_for, load_yaml, read_yaml
 
 __all__ = [
     "Audience",
@@ -26,8 +29,6 @@ __all__ = [
     "Unsubscribe",
     "load",
     "loads",
-    "parse_duration",
-    "resolve_local",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -167,10 +168,16 @@ class Campaign:
     unsubscribe: Unsubscribe | None = None
     update_template: str = "update"
     cancel_template: str = "cancel"
-    _events_by_id: dict[str, Event] = field(default_factory=dict, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self._events_by_id.update({e.id: e for e in self.events})
+    # Not a field: ``dataclasses.replace(campaign, events=...)`` used to hand the original's
+    # index dict to the copy, which then rewrote it (issue 11 item 6). Built per instance, on
+    # first use, read-only; left out of pickles (the composing worker gets a campaign).
+    @cached_property
+    def _events_by_id(self) -> Mapping[str, Event]:
+        return MappingProxyType({e.id: e for e in self.events})
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_events_by_id"}
 
     def event(self, event_id: str) -> Event:
         """The event with this id (KeyError if unknown)."""
@@ -214,28 +221,19 @@ def load(path: str | Path) -> Campaign:
     :raises ConfigError: with every problem found, each naming the file, line and field.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(
-            [Problem(str(path), "file not found; pass --config PATH or create schedules.yaml")]
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem(str(path), f"cannot read: {exc}")]) from None
-    return loads(text, path)
+    return loads(read_yaml(path), path)
 
 
 def loads(text: str, path: str | Path = "schedules.yaml") -> Campaign:
     """Validate campaign YAML ``text`` as if read from ``path`` (relative paths resolve there)."""
     path = Path(path).absolute()
-    where = _display(path)
+    where = display_path(path)
     data, lines = load_yaml(text, where)
     if not isinstance(data, dict):
-        raise ConfigError([Problem(f"{where}:1", "expected a mapping of keys (campaign:, events:, ...)")])
+        raise ConfigError([Problem(where, "expected a mapping of keys (campaign:, events:, ...)", line=1)])
 
-    def at(loc: YamlPath) -> str:
-        line = line_for(lines, loc)
-        return f"{where}:{line}" if line else where
+    def problem(loc: YamlPath, msg: str) -> Problem:
+        return Problem(where, msg, field=fmt_path(loc), line=line_for(lines, loc), step=_step_id(data, loc))
 
     try:
         model = CampaignModel.model_validate(data)
@@ -249,23 +247,27 @@ def loads(text: str, path: str | Path = "schedules.yaml") -> Campaign:
             elif err["type"] == "missing":
                 msg = "required key is missing"
             loc = tuple("from" if p == "from_" else p for p in loc)
-            problems.append(Problem(at(loc), msg, field=fmt_path(loc)))
+            problems.append(problem(loc, msg))
         raise ConfigError(problems) from None
-    return _build(model, path, at)
+    return _build(model, path, problem)
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+def _step_id(data: dict[str, Any], loc: YamlPath) -> str | None:
+    """The id of the step a problem at ``loc`` (``steps[2].at``) is in, if it has one."""
+    steps = data.get("steps")
+    if loc[:1] != ("steps",) or len(loc) < 2 or not isinstance(steps, list):
+        return None
+    i = loc[1]
+    step = steps[i] if isinstance(i, int) and 0 <= i < len(steps) else None
+    sid = step.get("id") if isinstance(step, dict) else None
+    return sid if isinstance(sid, str) else None
 
 
-def _build(m: CampaignModel, path: Path, at: Any) -> Campaign:
+def _build(m: CampaignModel, path: Path, problem: Callable[[YamlPath, str], Problem]) -> Campaign:
     problems: list[Problem] = []
 
     def bad(loc: YamlPath, msg: str) -> None:
-        problems.append(Problem(at(loc), msg, field=fmt_path(loc)))
+        problems.append(problem(loc, msg))
 
     try:
         tz = ZoneInfo(m.timezone)

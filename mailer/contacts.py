@@ -13,7 +13,7 @@ from typing import Literal
 
 from email_validator import EmailNotValidError, validate_email
 
-from .errors import ContactsError, HasProblems, Problem
+from .errors import ContactsError, HasProblems, Problem, display_path
 
 __all__ = ["Contact", "ContactList", "load_contacts", "normalise_address"]
 
@@ -29,7 +29,13 @@ class Contact:
     lists: frozenset[str] = frozenset()
     tags: frozenset[str] = frozenset()
     fields: Mapping[str, str] = field(default_factory=dict)
-    source: str = ""  # "contacts/partners.csv:row 4"
+    file: str = ""  # "contacts/partners.csv", as problems name it
+    row: int | None = None  # the physical line the record starts on (the header is line 1)
+
+    @property
+    def source(self) -> str:
+        """Where the contact comes from, for people: ``contacts/partners.csv:row 4``."""
+        return f"{self.file}:row {self.row}" if self.row is not None else self.file
 
 
 @dataclass
@@ -86,21 +92,11 @@ def load_contacts(paths: Iterable[Path], *, display_root: Path | None = None) ->
         if path.resolve() in seen:  # the same file twice would only produce duplicate warnings
             continue
         seen.add(path.resolve())
-        where = _display(path, display_root)
+        where = str(path) if display_root is None else display_path(path, display_root)
         text = _read_text(path, where, problems)
         if text is not None:
             _parse(text, where, by_email, problems)
     return ContactList(sorted(by_email.values(), key=lambda c: c.email), problems)
-
-
-def _display(path: Path, root: Path | None) -> str:
-    if root is not None:
-        for p, r in ((path, root), (path.resolve(), root.resolve())):
-            try:
-                return p.relative_to(r).as_posix()
-            except ValueError:
-                pass
-    return str(path)
 
 
 def _read_text(path: Path, where: str, problems: list[Problem]) -> str | None:
@@ -145,7 +141,7 @@ def _read_text(path: Path, where: str, problems: list[Problem]) -> str | None:
 
 def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[Problem]) -> None:
     def report(row_no: int, message: str, fld: str = "", severity: _Severity = "warning") -> None:
-        problems.append(Problem(f"{where}:row {row_no}", message, fld, severity))
+        problems.append(Problem(where, message, fld, severity, row=row_no))
 
     # Counted on the header line rather than csv.Sniffer, which guesses unreliably from a single
     # line and gives up on a one-column file. Ties go to the comma.
@@ -227,7 +223,7 @@ def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[P
             lists = _labels(row[i_lists]) if i_lists is not None else frozenset()
             tags = _labels(row[i_tags]) if i_tags is not None else frozenset()
             values = {key: _clean(row[i]) for i, key in fields}
-            contact = Contact(email, name, language, lists, tags, values, f"{where}:row {row_no}")
+            contact = Contact(email, name, language, lists, tags, values, where, row_no)
             count += 1
             # Mailbox providers treat the local part case-insensitively in practice, so
             # Jan@example.be and jan@example.be are one person and must get one mail.
@@ -240,16 +236,17 @@ def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[P
                     "and tags combined, first name, language and values kept)",
                     "email",
                 )
-        if count == 0 and not any(p.where.startswith(f"{where}:row") for p in problems):
+        if count == 0 and not any(p.file == where and p.row is not None for p in problems):
             problems.append(Problem(where, "has a header row but no contacts", severity="warning"))
     except StopIteration:  # nothing but blank lines and delimiters
         problems.append(Problem(where, _EMPTY))
     except csv.Error as exc:
         problems.append(
             Problem(
-                f"{where}:row {line + 1}",
-                f"cannot read the CSV from here on "
-                f"({exc}); check the quotes; the rest of the file is skipped",
+                where,
+                f"cannot read the CSV from here on ({exc}); check the quotes; "
+                "the rest of the file is skipped",
+                row=line + 1,
             )
         )
 
@@ -321,7 +318,8 @@ def normalise_address(raw: str) -> str:
     try:
         return _address(raw.strip())
     except EmailNotValidError as exc:
-        raise ContactsError([Problem(raw, f"not a valid address: {exc}")]) from None
+        # Not from a file: the address leads the message.
+        raise ContactsError([Problem("", f"{raw}: not a valid address: {exc}")]) from None
 
 
 @lru_cache(maxsize=1024)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
+from pathlib import Path
 from typing import Literal
 
 __all__ = [
     "HasProblems",
     "Problem",
     "MailerError",
+    "display_path",
     "ConfigError",
     "ContactsError",
     "TemplateError",
@@ -25,17 +27,38 @@ __all__ = [
 class Problem:
     """One thing wrong with the input, with where it is and what to do.
 
-    ``where`` is ``file``, ``file:line`` or ``file:row N``; ``field`` is a dotted path
-    such as ``steps[2].at`` (may be empty).
+    Where it is comes as data, for code to act on: ``file`` (as shown to the user, relative to
+    the working folder when it can be), ``line`` (schedules.yaml, a template) or ``row`` (a
+    contact file, the physical line the record starts on), ``field`` (a dotted path such as
+    ``steps[2].at``, or a CSV column; may be empty), and what it concerns: the ``step``, the
+    ``template`` name and its ``language`` (normalised, ``nl_BE``). ``where`` is only for display.
 
-    >>> str(Problem("schedules.yaml:12", "unknown key", field="steps[0].foo"))
-    'schedules.yaml:12: steps[0].foo: unknown key'
+    >>> p = Problem("schedules.yaml", "unknown key", field="steps[0].foo", line=12)
+    >>> str(p), p.where
+    ('schedules.yaml:12: steps[0].foo: unknown key', 'schedules.yaml:12')
+    >>> str(Problem("contacts/a.csv", "row skipped", "email", row=4))
+    'contacts/a.csv:row 4: email: row skipped'
     """
 
-    where: str
+    file: str
     message: str
     field: str = ""
     severity: Literal["error", "warning"] = "error"
+    _: KW_ONLY
+    line: int | None = None
+    row: int | None = None
+    step: str | None = None
+    template: str | None = None
+    language: str | None = None
+
+    @property
+    def where(self) -> str:
+        """``file``, ``file:line`` or ``file:row N``."""
+        if self.line is not None:
+            return f"{self.file}:{self.line}"
+        if self.row is not None:
+            return f"{self.file}:row {self.row}"
+        return self.file
 
     def __str__(self) -> str:
         parts = [self.where]
@@ -43,6 +66,26 @@ class Problem:
             parts.append(self.field)
         parts.append(self.message)
         return ": ".join(parts)
+
+
+def display_path(path: Path, root: Path | None = None) -> str:
+    """``path`` as problems name it: relative to ``root`` (default: the working folder) when it
+    lies under it, else as given.
+
+    >>> display_path(Path("/srv/c/contacts/a.csv"), Path("/srv/c"))
+    'contacts/a.csv'
+    >>> display_path(Path("/elsewhere/a.csv"), Path("/srv/c"))
+    '/elsewhere/a.csv'
+    """
+    root = Path.cwd() if root is None else root
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        pass
+    try:  # the same place reached through a symlink (/tmp -> /private/tmp)
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except (ValueError, OSError):
+        return str(path)
 
 
 class HasProblems:

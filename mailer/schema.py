@@ -131,7 +131,7 @@ class CampaignModel(_Model):
     steps: list[StepModel] = Field(min_length=1)
     contacts: list[str] = Field(min_length=1)
     templates: str = "templates"
-    ledger: str = "mailer.db"
+    ledger: str = Field(default="mailer.db", min_length=1)
     smtp: _SmtpModel = _SmtpModel()
     delivery: _DeliveryModel = _DeliveryModel()
     unsubscribe: _UnsubscribeModel | None = None

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import babel
 from babel.dates import format_date, format_datetime, format_time
@@ -59,7 +59,7 @@ from jinja2.runtime import Context
 
 from .config import Campaign, Event, Step
 from .contacts import Contact
-from .errors import Problem, TemplateError
+from .errors import Problem, TemplateError, display_path
 
 __all__ = ["Rendered", "Templates", "context", "locale_for"]
 
@@ -144,13 +144,6 @@ class _Environment(Environment):
         return super().getattr(obj, attribute)
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 class Templates:
     """The templates under ``root``; each file is compiled once and reused for every render."""
 
@@ -173,8 +166,31 @@ class Templates:
         self._languages: dict[str, dict[str, str]] = {}
         self._resolved: dict[tuple[str, str | None], str] = {}
 
-    def _where(self, rel: str, line: int | None = None) -> str:
-        return _display(self.root / rel) + (f":{line}" if line else "")
+    def _problem(
+        self,
+        rel: str,
+        message: str,
+        *,
+        line: int | None = None,
+        severity: Literal["error", "warning"] = "error",
+        template: str | None = None,
+        language: str | None = None,
+    ) -> Problem:
+        """A problem with the file or folder ``rel`` (relative to the templates folder). For a
+        file ``<name>/<lang>/...`` the template and language come from its path unless given."""
+        parts = rel.split("/")
+        if template is None and len(parts) >= 2:
+            template = parts[0]
+            if language is None and len(parts) >= 3:
+                language = _norm(parts[1])
+        return Problem(
+            display_path(self.root / rel),
+            message,
+            severity=severity,
+            line=line or None,
+            template=template,
+            language=language,
+        )
 
     def _dirs(self, name: str) -> dict[str, str]:
         """Normalised language -> folder name, for the template ``name``."""
@@ -195,11 +211,7 @@ class Templates:
             return locale_for(self.default_language)
         except ValueError:
             raise TemplateError(
-                [
-                    Problem(
-                        self._where(""), f"campaign language {self.default_language!r} is not one Babel knows"
-                    )
-                ]
+                [self._problem("", f"campaign language {self.default_language!r} is not one Babel knows")]
             ) from None
 
     def _resolve(self, name: str, language: str | None) -> str:
@@ -213,34 +225,42 @@ class Templates:
                 found = ", ".join(sorted(dirs)) or "none"
                 raise TemplateError(
                     [
-                        Problem(
-                            self._where(name),
-                            f"template {name!r}: no version "
-                            f"for {language or '-'} or {default}; found: {found}",
+                        self._problem(
+                            name,
+                            f"template {name!r}: no version for {language or '-'} or {default}; "
+                            f"found: {found}",
+                            template=name,
+                            language=_norm(language) if language else default,
                         )
                     ]
                 )
             self._resolved[key] = lang
         return self._resolved[key]
 
+    def language_for(self, name: str, language: str | None) -> str | None:
+        """The language folder (normalised) ``name`` renders in for a recipient speaking
+        ``language``, as :meth:`render` picks it; None when no version fits."""
+        try:
+            return self._resolve(name, language)
+        except TemplateError:
+            return None
+
     def _compile(self, rel: str) -> tuple[Template | None, Problem | None]:
         try:
             return self._env.get_template(rel), None
         except TemplateSyntaxError as exc:
-            return None, Problem(
-                self._where(exc.name or rel, exc.lineno), f"template syntax error: {exc.message}"
+            return None, self._problem(
+                exc.name or rel, f"template syntax error: {exc.message}", line=exc.lineno
             )
         except TemplateNotFound as exc:
-            return None, Problem(self._where(str(exc.name or rel)), "file not found")
+            return None, self._problem(str(exc.name or rel), "file not found")
         except (UnicodeDecodeError, OSError) as exc:
-            return None, Problem(self._where(rel), f"cannot read (save it as UTF-8): {exc}")
+            return None, self._problem(rel, f"cannot read (save it as UTF-8): {exc}")
 
     def check(self, names: Iterable[str]) -> list[Problem]:
         """Every problem with the templates ``names`` and the files they extend or include."""
         if not self.root.is_dir():
-            return [
-                Problem(_display(self.root), "templates folder not found; see templates: in schedules.yaml")
-            ]
+            return [self._problem("", "templates folder not found; see templates: in schedules.yaml")]
         problems: list[Problem] = []
         try:
             self._default_locale()
@@ -251,17 +271,20 @@ class Templates:
             dirs = self._dirs(name)
             if not dirs:
                 problems.append(
-                    Problem(
-                        self._where(name),
+                    self._problem(
+                        name,
                         f"template {name!r} not found; expected {name}/{default}/" + ", ".join(PARTS),
+                        template=name,
                     )
                 )
                 continue
             if default not in dirs and default.partition("_")[0] not in dirs:
                 problems.append(
-                    Problem(
-                        self._where(f"{name}/{default}"),
+                    self._problem(
+                        f"{name}/{default}",
                         f"missing: no version in the campaign language; found: {', '.join(dirs)}",
+                        template=name,
+                        language=default,
                     )
                 )
             for lang, folder in sorted(dirs.items()):
@@ -269,10 +292,12 @@ class Templates:
                     locale_for(lang)
                 except ValueError:
                     problems.append(
-                        Problem(
-                            self._where(f"{name}/{folder}"),
+                        self._problem(
+                            f"{name}/{folder}",
                             "not a language Babel knows; dates will use the campaign language",
                             severity="warning",
+                            template=name,
+                            language=lang,
                         )
                     )
                 for part in PARTS:
@@ -281,9 +306,8 @@ class Templates:
                         files.append(rel)
                     else:
                         problems.append(
-                            Problem(
-                                self._where(rel),
-                                "file missing; every language folder needs " + ", ".join(PARTS),
+                            self._problem(
+                                rel, "file missing; every language folder needs " + ", ".join(PARTS)
                             )
                         )
         seen: set[str] = set()
@@ -330,22 +354,31 @@ class Templates:
         return Rendered(_WS.sub(" ", out[0]).strip(), out[1], out[2], lang)
 
     def _runtime_problem(self, rel: str, exc: Exception, ctx: Mapping[str, Any]) -> Problem:
+        # The template and language rendered, even when the failing line is in a shared layout.
+        template, language = rel.split("/")[0], _norm(rel.split("/")[1])
         if isinstance(exc, TemplateSyntaxError):  # e.g. in a layout, compiled on first use
-            return Problem(self._where(exc.name or rel, exc.lineno), f"syntax error: {exc.message}")
+            return self._problem(
+                exc.name or rel,
+                f"syntax error: {exc.message}",
+                line=exc.lineno,
+                template=template,
+                language=language,
+            )
         # Jinja rewrites tracebacks so template frames carry the template's file and line;
         # the innermost such frame is where it failed (maybe in _layout.html).
-        where, file, line = self._where(rel), None, 0
+        at, file, line = rel, None, 0
         tb = exc.__traceback__
         while tb is not None:
             path = Path(tb.tb_frame.f_code.co_filename)
             if path.is_relative_to(self.root) and path.suffix in (".txt", ".html", ".htm"):
                 file, line = path, tb.tb_lineno
-                where = f"{_display(path)}:{line}"
+                at = path.relative_to(self.root).as_posix()
             tb = tb.tb_next
+        here: dict[str, Any] = {"line": line, "template": template, "language": language}
         if isinstance(exc, TemplateNotFound):
-            return Problem(where, f"template {exc.name!r} not found")
+            return self._problem(at, f"template {exc.name!r} not found", **here)
         if not isinstance(exc, UndefinedError):
-            return Problem(where, f"{type(exc).__name__}: {exc}")
+            return self._problem(at, f"{type(exc).__name__}: {exc}", **here)
         what, available = exc.message or "", ", ".join(k for k in ctx if k[0] != "_")
         if bare := re.fullmatch(r"'(\w+)' is undefined", what):
             what = bare[1]
@@ -362,7 +395,7 @@ class Templates:
                 if isinstance(parent, dict):
                     what += f" ({expr} has: {', '.join(sorted(parent))})"
         hint = "; use contact.get('column') for a column not every list has" * what.startswith("contact.")
-        return Problem(where, f"undefined variable {what}; available: {available}{hint}")
+        return self._problem(at, f"undefined variable {what}; available: {available}{hint}", **here)
 
 
 def context(campaign: Campaign, event: Event, step: Step, contact: Contact) -> dict[str, Any]:

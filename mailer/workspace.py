@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import Campaign, Step, load
 from .contacts import Contact, load_contacts
-from .errors import HasProblems, Problem
+from .errors import HasProblems, Problem, display_path
 from .templates import Templates
 
 __all__ = ["Workspace", "load_workspace"]
@@ -29,7 +29,7 @@ class Workspace(HasProblems):
         """Problems that forbid sending: a contact file that could not be read at all (its
         recipients would be silently missed) or a template that is missing or does not parse.
         A single bad row is not blocking: that address cannot be mailed anyway."""
-        return [p for p in self.errors if ":row " not in p.where]
+        return [p for p in self.errors if p.row is None]
 
     def audience(self, step: Step) -> list[Contact]:
         return [c for c in self.contacts if step.audience.matches(c.lists, c.tags)]
@@ -47,7 +47,7 @@ def load_workspace(config_path: str | Path) -> Workspace:
         if not matches:
             problems.append(
                 Problem(
-                    str(campaign.config_path.name),
+                    campaign.config_path.name,
                     f"contacts pattern {pattern!r} matches no file",
                     field="contacts",
                 )
@@ -65,19 +65,13 @@ def load_workspace(config_path: str | Path) -> Workspace:
         else:
             problems.append(
                 Problem(
-                    _rel(campaign.templates_dir / name),
+                    display_path(campaign.templates_dir / name),
                     f"no {name!r} template: if an event changes after its invitations went out, "
                     f"{what} cannot be sent; add {name}/{campaign.language}/ (see README)",
                     severity="warning",
+                    template=name,
                 )
             )
     problems.extend(templates.check(names))
     files = [campaign.config_path, *paths, *sorted(campaign.templates_dir.rglob("*"))]
     return Workspace(campaign, cl.contacts, templates, problems, [f for f in files if f.is_file()])
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)

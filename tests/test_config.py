@@ -5,11 +5,13 @@ from __future__ import annotations
 import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mailer import config
 from mailer.errors import ConfigError
+from mailer.times import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,9 +196,9 @@ def test_all_day_multi_day(tmp_path: Path) -> None:
 
 
 def test_durations() -> None:
-    assert config.parse_duration("1w 2d 3h 4m") == timedelta(weeks=1, days=2, hours=3, minutes=4)
+    assert parse_duration("1w 2d 3h 4m") == timedelta(weeks=1, days=2, hours=3, minutes=4)
     with pytest.raises(ValueError):
-        config.parse_duration("soon")
+        parse_duration("soon")
 
 
 @pytest.mark.parametrize("ledger_line", ["", "ledger: data/ledger.db\n", "ledger: /srv/mailer/x.db\n"])
@@ -219,6 +221,69 @@ def test_ledger_setting_is_the_path_load_resolves(
         config.load(tmp_path / "schedules.yaml")
     expected = (tmp_path / (ledger_line.split(": ")[1].strip() if ledger_line else "mailer.db")).resolve()
     assert ledger_setting(tmp_path / "schedules.yaml") == expected
-    (tmp_path / "schedules.yaml").write_text("campaign: [unclosed\n")
-    assert ledger_setting(tmp_path / "schedules.yaml") is None
-    assert ledger_setting(tmp_path / "missing.yaml") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, "missing.yaml: file not found; pass --config PATH or create schedules.yaml"),
+        ("campaign: [unclosed\n", "schedules.yaml:2: not valid YAML: while parsing a flow sequence"),
+        ("- just\n- a list\n", "schedules.yaml:1: expected a mapping of keys"),
+        ("campaign: t\nledger: ''\n", "schedules.yaml:2: ledger: must be a file name such as mailer.db"),
+        ("campaign: t\nledger: [a, b]\n", "schedules.yaml:2: ledger: must be a file name such as mailer.db"),
+        ("campaign: t\nledger: 7\n", "schedules.yaml:2: ledger: must be a file name such as mailer.db"),
+        (b"\xff\xfe\x00", "schedules.yaml: cannot read: 'utf-8' codec can't decode"),
+        ("a: &x [1]\nledger: *x\n", "schedules.yaml:1: YAML aliases (&/*) are not allowed"),
+    ],
+)
+def test_ledger_setting_says_why_it_cannot_name_the_ledger(
+    text: str | bytes | None, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11 item 2: None here made the record commands fall back to ./mailer.db."""
+    from mailer.yamlsource import ledger_setting
+
+    monkeypatch.chdir(tmp_path)
+    path = Path("missing.yaml" if text is None else "schedules.yaml")
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        ledger_setting(path)
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_an_empty_ledger_setting_is_a_config_error_too(tmp_path: Path) -> None:
+    """`ledger: ""` resolved to the campaign folder itself."""
+    (tmp_path / "c.csv").write_text("email\nx@example.org\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="ledger: String should have at least 1 character"):
+        config.loads(BASE + "ledger: ' '\n", tmp_path / "s.yaml")
+
+
+def test_replace_leaves_the_original_campaign_alone(tmp_path: Path) -> None:
+    """Issue 11 item 6: replace() shared the event index dict, and the copy rewrote it."""
+    import dataclasses
+    import pickle
+
+    c = config.loads(BASE, tmp_path / "s.yaml")
+    moved = dataclasses.replace(c.event("ev"), title="Moved", id="ev2")
+    other = dataclasses.replace(c, events=(moved,))
+    assert other.event("ev2").title == "Moved"
+    with pytest.raises(KeyError):
+        other.event("ev")
+    assert c.event("ev").title == "Event"
+    with pytest.raises(KeyError):
+        c.event("ev2")
+    # immutable in fact: no field can be set and the index cannot be written through
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.events = ()  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        c._events_by_id["x"] = moved  # type: ignore[index]
+    # the composing worker receives a pickled campaign; it must answer the same
+    again = pickle.loads(pickle.dumps(c))
+    assert again == c and again.event("ev") == c.event("ev")
+    # no list, dict or set in any field of the resolved values
+    values: list[Any] = [c, c.sender, c.smtp, c.delivery, *c.events, *c.steps, *(s.audience for s in c.steps)]
+    for value in values:
+        for f in dataclasses.fields(value):
+            assert not isinstance(getattr(value, f.name), list | dict | set), (type(value), f.name)
