@@ -165,6 +165,7 @@ class Templates:
         self._compiled: dict[tuple[str, str], tuple[Template, ...]] = {}
         self._languages: dict[str, dict[str, str]] = {}
         self._resolved: dict[tuple[str, str | None], str] = {}
+        self._unresolved: set[tuple[str, str | None]] = set()
 
     def _problem(
         self,
@@ -240,9 +241,13 @@ class Templates:
     def language_for(self, name: str, language: str | None) -> str | None:
         """The language folder (normalised) ``name`` renders in for a recipient speaking
         ``language``, as :meth:`render` picks it; None when no version fits."""
+        key = (name, language)
+        if key in self._unresolved:
+            return None
         try:
             return self._resolve(name, language)
         except TemplateError:
+            self._unresolved.add(key)  # `check` asks for every recipient
             return None
 
     def _compile(self, rel: str) -> tuple[Template | None, Problem | None]:

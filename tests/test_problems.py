@@ -60,6 +60,25 @@ def test_a_broken_template_is_still_skipped_for_its_own_steps_only(
     assert "undefined variable also_missing" in text
 
 
+def test_a_broken_language_does_not_hide_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Dutch version does not parse: the English one is still rendered for English readers."""
+    templates = {
+        **SIMPLE_TEMPLATES,
+        "invite/en/body.txt": "{{ missing_in_english }}\n",
+        "invite/nl/subject.txt": "Uitnodiging",
+        "invite/nl/body.txt": "{% if %}\n",
+        "invite/nl/body.html": "<p>Beste</p>",
+    }
+    contacts = "email,name,language\nann@example.org,Ann,en\njan@example.org,Jan,nl\n"
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, templates=templates, contacts=contacts)
+    monkeypatch.chdir(tmp_path)
+    code, text = check(cfg)
+    assert code == 1, text
+    assert text.count("template syntax error") == 1 and "templates/invite/nl/body.txt:1" in text
+    assert "contacts/list.csv:row 2: step invite: templates/invite/en/body.txt:1: undefined variable" in text
+    assert "row 3: step invite" not in text  # Jan's Dutch mail: its problem is listed once, above
+
+
 def test_problems_carry_structured_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     templates = {**SIMPLE_TEMPLATES, "invite/en/body.txt": "Dear {% if %}\n"}
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, templates=templates)
