@@ -273,7 +273,9 @@ class Transport:
         A failure on one connection (a TLS or login failure, or ``on_result`` raising) stops
         the others after their current mail, whose outcome goes through ``on_result`` first:
         a mail a server accepted is never left without its outcome. Mails still queued are
-        taken out unsent. Then the first failure is raised.
+        taken out unsent. Then the first failure is raised. Cancelling ``run`` (Ctrl-C) does
+        the same: a mail on the wire gets its reply (within the timeout) and ``on_result``
+        before the cancellation goes on; connections between mails stop at once.
 
         :raises TransportFatalError: a TLS or login failure.
         """
