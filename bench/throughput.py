@@ -83,8 +83,8 @@ def child_pipeline(
     folder: Path, port: int, connections: int, profile_out: str | None, stages: bool = False
 ) -> dict[str, Any]:
     acc = _install_stage_timers() if stages else None
-    from mailer.ledger import Ledger
     from mailer.clock import virtual_clock
+    from mailer.ledger import Ledger
     from mailer.runner import run_pass
     from mailer.transport import TransportSettings
     from mailer.workspace import load_workspace

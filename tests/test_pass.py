@@ -256,7 +256,13 @@ def test_killing_mailer_send_leaves_no_worker_behind(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         done = threading.Event()
-        threading.Thread(target=lambda: (proc.stdout.read(), done.set()), daemon=True).start()  # type: ignore[union-attr]
+        stdout = proc.stdout
+
+        def drain() -> None:
+            stdout.read()  # returns at EOF: once no process holds the pipe any more
+            done.set()
+
+        threading.Thread(target=drain, daemon=True).start()
         assert done.wait(10), "something still holds the killed sender's stdout"
         deadline = time.monotonic() + 10
         while _marked(mark) and time.monotonic() < deadline:
