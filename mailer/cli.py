@@ -246,7 +246,7 @@ def _pending_changes(c: Campaign) -> None:
     with Ledger.read(c.ledger) as ledger:
         recorded = ledger.latest_revisions(c.id)
         for rev in planner.revisions(c, recorded, lambda ev: bool(ledger.calendar_holders(c.id, ev))):
-            if rev.kind not in ("update", "cancel"):
+            if not rev.kind.sends:
                 continue
             n = len(ledger.calendar_holders(c.id, rev.event))
             diff = planner.changes(json.loads(recorded[rev.event].snapshot), json.loads(rev.snapshot))

@@ -14,6 +14,7 @@ from .contacts import Contact
 from .errors import ConfigError, MailerError, Problem
 from .planner import changes as planner_changes
 from .templates import Templates, context
+from .vocab import StepKind
 
 __all__ = ["Composed", "Composer", "compose_batch", "init_worker"]
 
@@ -69,7 +70,7 @@ class Composer:
 
     @staticmethod
     def has_ics(step: Step) -> bool:
-        return step.attach_ics or step.kind in ("update", "cancel")
+        return step.attach_ics or step.kind.revises
 
     def compose_due(
         self, step: Step, event: Event, contact: Contact, *, when: datetime, sequence: int
@@ -77,7 +78,7 @@ class Composer:
         """Compose a planned delivery: invitations and reminders as configured, updates with
         the list of changes, cancellations with METHOD:CANCEL (RFC 5546 3.2.5)."""
         extra: dict[str, object] | None = None
-        if step.kind in ("update", "cancel"):
+        if step.kind.revises:
             before = self._snapshots.get((event.id, sequence - 1))
             after = self._snapshots.get((event.id, sequence))
             extra = {
@@ -90,7 +91,7 @@ class Composer:
             contact,
             when=when,
             sequence=sequence,
-            method="CANCEL" if step.kind == "cancel" else "REQUEST",
+            method="CANCEL" if step.kind is StepKind.CANCEL else "REQUEST",
             extra=extra,
         )
 

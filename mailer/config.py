@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from .errors import ConfigError, Problem, display_path
 from .schema import CampaignModel, EventModel
 from .times import parse_date, parse_duration, parse_local, resolve_local, resolve_step_time
+from .vocab import Answer, EventStatus, StepKind
 from .yamlsource import YamlPath, fmt_path, line_for, load_yaml, read_yaml
 
 __all__ = [
@@ -67,7 +68,7 @@ class Event:
     location: str | None = None
     description: str | None = None
     url: str | None = None
-    status: Literal["confirmed", "cancelled"] = "confirmed"
+    status: EventStatus = EventStatus.CONFIRMED
     uid: str = ""
 
     @property
@@ -80,7 +81,7 @@ class Event:
         return (self.end - timedelta(days=1)).date() if self.all_day else self.end.date()
 
 
-RSVP_STATES = ("accepted", "tentative", "declined", "no-reply")
+RSVP_STATES = tuple(a.value for a in Answer)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Audience:
 
     lists: frozenset[str] = frozenset()
     tags: frozenset[str] = frozenset()
-    rsvp: frozenset[str] = frozenset()
+    rsvp: frozenset[Answer] = frozenset()
 
     def matches(self, lists: frozenset[str], tags: frozenset[str]) -> bool:
         if self.lists and not (self.lists & lists):
@@ -112,7 +113,7 @@ class Step:
     at_text: str
     audience: Audience = Audience()
     attach_ics: bool = True
-    kind: Literal["invitation", "reminder", "update", "cancel"] = "invitation"
+    kind: StepKind = StepKind.INVITATION
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,7 @@ def _build(m: CampaignModel, path: Path, problem: Callable[[YamlPath, str], Prob
                     frozenset(s.audience.rsvp),
                 ),
                 attach_ics=s.attach_ics if s.attach_ics is not None else True,
-                kind=s.kind or "invitation",
+                kind=s.kind or StepKind.INVITATION,
             )
         )
     # Unless told, an event's earliest step is its invitation and later ones are reminders;
@@ -351,8 +352,8 @@ def _build(m: CampaignModel, path: Path, problem: Callable[[YamlPath, str], Prob
     explicit = {s.id: s for s in m.steps}
     for i, st in enumerate(steps):
         src = explicit[st.id]
-        kind = src.kind or ("invitation" if first[st.event] is st else "reminder")
-        attach = src.attach_ics if src.attach_ics is not None else kind == "invitation"
+        kind = src.kind or (StepKind.INVITATION if first[st.event] is st else StepKind.REMINDER)
+        attach = src.attach_ics if src.attach_ics is not None else kind is StepKind.INVITATION
         steps[i] = replace(st, kind=kind, attach_ics=attach)
 
     if m.smtp.ca_file and not (base / m.smtp.ca_file).is_file():

@@ -25,6 +25,7 @@ from .mailboxes import MaildirSource
 from .runner import run_pass
 from .smtpd import MaildirHandler, SmtpServer
 from .transport import TransportSettings
+from .vocab import StepKind
 from .workspace import load_workspace
 
 __all__ = ["run_demo", "simulated_answers"]
@@ -54,7 +55,7 @@ def run_demo(config_path: Path, out_dir: Path, *, console: Console) -> int:
             f"embedded SMTP server on {server.host}:{server.port}"
         )
         now: datetime | None = min(s.at for s in c.steps) - timedelta(minutes=1)
-        invitations = [s.at for s in c.steps if s.kind == "invitation" and s.attach_ics]
+        invitations = [s.at for s in c.steps if s.kind is StepKind.INVITATION and s.attach_ics]
         answers_at = max(invitations) if invitations else None
         passes = 0
         while now is not None and passes < 1000:
@@ -140,7 +141,7 @@ def simulated_answers(campaign: Campaign, ledger: Ledger, inbox_dir: Path, now: 
     out not to exist (a bounce report, RFC 3464). Returns what was simulated, for the output."""
     import mailbox
 
-    steps = [s for s in campaign.steps if s.kind == "invitation" and s.attach_ics]
+    steps = [s for s in campaign.steps if s.kind is StepKind.INVITATION and s.attach_ics]
     if not steps:
         return []
     step = max(steps, key=lambda s: s.at)

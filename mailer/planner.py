@@ -7,12 +7,11 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
 
 from .config import Audience, Campaign, Delivery, Event, Step
 from .contacts import Contact
 from .store import RecordedRevision, Row
-from .vocab import FINAL, Status, StepKind
+from .vocab import FINAL, Answer, EventStatus, RevisionKind, Status, StepKind
 
 __all__ = [
     "Due",
@@ -117,7 +116,7 @@ class Revision:
 
     event: str
     sequence: int
-    kind: Literal["initial", "amend", "update", "cancel"]
+    kind: RevisionKind
     fingerprint: str
     snapshot: str
 
@@ -143,15 +142,15 @@ def revisions(
         fp = _fingerprint(snap)
         text = json.dumps(snap, sort_keys=True, ensure_ascii=False)
         if ev.id not in recorded:
-            out.append(Revision(ev.id, 0, "initial", fp, text))
+            out.append(Revision(ev.id, 0, RevisionKind.INITIAL, fp, text))
             continue
         seq, old_fp = recorded[ev.id].sequence, recorded[ev.id].fingerprint
         if fp == old_fp:
             continue
         if not has_recipients(ev.id):
-            out.append(Revision(ev.id, seq, "amend", fp, text))
+            out.append(Revision(ev.id, seq, RevisionKind.AMEND, fp, text))
         else:
-            kind: Literal["update", "cancel"] = "cancel" if ev.status == "cancelled" else "update"
+            kind = RevisionKind.CANCEL if ev.status is EventStatus.CANCELLED else RevisionKind.UPDATE
             out.append(Revision(ev.id, seq + 1, kind, fp, text))
     return out
 
@@ -172,20 +171,24 @@ def changes(before: Mapping[str, object], after: Mapping[str, object]) -> list[d
 
 def dynamic_step(campaign: Campaign, event: str, kind: str, sequence: int, at: datetime) -> Step:
     """The Step of an update or cancellation (recorded in the ledger, or about to be)."""
+    step_kind = StepKind(kind)
+    if not step_kind.revises:
+        raise ValueError(f"{kind!r} is not an update or a cancellation")
     return Step(
         id=f"{event}~{kind}{sequence}",
         event=event,
-        template=campaign.cancel_template if kind == "cancel" else campaign.update_template,
+        template=campaign.cancel_template if step_kind is StepKind.CANCEL else campaign.update_template,
         at=at.astimezone(campaign.timezone),
         at_text="on change",
         audience=Audience(),
         attach_ics=True,
-        kind=kind,  # type: ignore[arg-type]
+        kind=step_kind,
     )
 
 
-def _answer(replies: Mapping[tuple[str, str], str], event: str, email: str) -> str:
-    return replies.get((event, email), "no-reply").lower()
+def _answer(replies: Mapping[tuple[str, str], str], event: str, email: str) -> Answer:
+    partstat = replies.get((event, email))
+    return Answer.NO_REPLY if partstat is None else Answer.from_partstat(partstat)
 
 
 def plan_step(
@@ -215,10 +218,10 @@ def plan_step(
     replies = replies or {}
     out.steps_due.append(step)
     in_audience: set[str] = set()
-    reminder_late = StepKind(step.kind) is StepKind.REMINDER and now > step.at + policy.late_after
+    reminder_late = step.kind is StepKind.REMINDER and now > step.at + policy.late_after
     started = now >= event.start
     first_pass = started_at is None or started_at >= now
-    dynamic = StepKind(step.kind).revises
+    dynamic = step.kind.revises
 
     def skip(email: str, name: str, status: Status, why: str) -> None:
         out.skips.append(Skip(step, event, email, name, status, why))
@@ -242,7 +245,7 @@ def plan_step(
             skip(c.email, c.name, Status.SUPPRESSED, f"address suppressed: {suppressed[c.email.lower()]}")
         elif superseded_by is not None:
             skip(c.email, c.name, Status.SKIPPED, f"superseded by {superseded_by}")
-        elif event.status == "cancelled" and StepKind(step.kind) is not StepKind.CANCEL:
+        elif event.status is EventStatus.CANCELLED and step.kind is not StepKind.CANCEL:
             skip(c.email, c.name, Status.SKIPPED, "the event is cancelled")
         elif started:
             if row is not None and row.attempts:
@@ -319,7 +322,7 @@ def plan(
         if wanted is not None and step.id not in wanted:
             continue
         if step.at > now:
-            if campaign.event(step.event).status != "cancelled":
+            if campaign.event(step.event).status is not EventStatus.CANCELLED:
                 out._wake(step.at)
             continue
         plan_step(

@@ -24,7 +24,7 @@ from .errors import MailerError, TransportFatalError
 from .planner import Due, Plan
 from .store import Claim, Claimed, Decided, LedgerStore, NewRow, Outcome, RecordedRevision, Row
 from .transport import Outgoing, Result, Transport, TransportSettings
-from .vocab import Attempt, Status, StepKind
+from .vocab import Attempt, Status
 from .workspace import Workspace
 
 __all__ = ["Change", "PassResult", "SendPass", "run_pass"]
@@ -44,7 +44,7 @@ class Change:
 
     @property
     def sends(self) -> bool:
-        return self.revision.kind in (StepKind.UPDATE, StepKind.CANCEL)
+        return self.revision.kind.sends
 
 
 @dataclass
@@ -131,8 +131,7 @@ class SendPass:
 
         out = []
         for rev in planner.revisions(self.campaign, self.store.latest_revisions(cid), has):
-            sends = rev.kind in (StepKind.UPDATE, StepKind.CANCEL)
-            change = Change(rev, holders.get(rev.event, ()) if sends else ())
+            change = Change(rev, holders.get(rev.event, ()) if rev.kind.sends else ())
             out.append(change)
             if change.sends:
                 self.result.revisions.append((rev, len(change.holders)))
@@ -187,9 +186,7 @@ class SendPass:
         """Commit (2): the steps this pass handled, every decision made without sending, and a
         pending row for each due mail (so `mailer status` shows what --limit or a stop leaves)."""
         cid, now = self.campaign.id, self.now
-        self.store.mark_steps_started(
-            cid, [s.id for s in plan.steps_due if not StepKind(s.kind).revises], now
-        )
+        self.store.mark_steps_started(cid, [s.id for s in plan.steps_due if not s.kind.revises], now)
         decided = [
             Decided(sk.step.id, sk.event.id, sk.email, sk.name, sk.step.at, Status(sk.status), sk.reason)
             for sk in plan.skips

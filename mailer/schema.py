@@ -9,6 +9,7 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .times import parse_duration
+from .vocab import Answer, EventStatus, StepKind
 
 __all__ = ["CampaignModel", "EventModel", "StepModel"]
 
@@ -52,14 +53,14 @@ class EventModel(_Model):
     location: str | None = None
     description: str | None = None
     url: str | None = None
-    status: Literal["confirmed", "cancelled"] = "confirmed"
+    status: EventStatus = EventStatus.CONFIRMED
     uid: str | None = None
 
 
 class _AudienceModel(_Model):
     lists: list[str] = []
     tags: list[str] = []
-    rsvp: list[Literal["accepted", "tentative", "declined", "no-reply"]] = []
+    rsvp: list[Answer] = []
 
 
 class StepModel(_Model):
@@ -67,9 +68,19 @@ class StepModel(_Model):
     event: str
     template: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     at: str
-    kind: Literal["invitation", "reminder"] | None = None
+    kind: StepKind | None = None
     audience: _AudienceModel = _AudienceModel()
     attach_ics: bool | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _configurable(cls, v: StepKind | None) -> StepKind | None:
+        if v is not None and v.revises:
+            raise ValueError(
+                f"kind {v.value!r} is not configured: mailer sends updates and cancellations itself "
+                "when an event changes; use invitation or reminder"
+            )
+        return v
 
 
 class _SmtpModel(_Model):

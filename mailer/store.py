@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from .vocab import Attempt, Status, StepKind
+from .vocab import Attempt, Status
 
 __all__ = [
     "Claim",
@@ -131,7 +131,3 @@ class LedgerStore(Protocol):
     def claim(self, campaign: str, items: Sequence[Claim], at: datetime) -> list[Claimed | None]: ...
     def record_outcomes(self, items: Sequence[Outcome]) -> None: ...
     def release(self, ids: Iterable[int], at: datetime) -> None: ...
-
-
-#: The kinds of revision the ledger records (``initial``/``amend`` make no mail).
-REVISION_KINDS = ("initial", "amend", StepKind.UPDATE.value, StepKind.CANCEL.value)

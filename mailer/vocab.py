@@ -12,6 +12,7 @@ __all__ = [
     "Answer",
     "Attempt",
     "EventStatus",
+    "RevisionKind",
     "Status",
     "StepKind",
     "sql_list",
@@ -72,6 +73,19 @@ class StepKind(StrEnum):
     def revises(self) -> bool:
         """An update or cancellation made by a change of the event (not configured)."""
         return self in (StepKind.UPDATE, StepKind.CANCEL)
+
+
+class RevisionKind(StrEnum):
+    """What a recorded revision of an event is (RFC 5546: SEQUENCE orders them)."""
+
+    INITIAL = "initial"  #: first sight of the event
+    AMEND = "amend"  #: changed before anyone got a calendar entry: same SEQUENCE, no mail
+    UPDATE = "update"  #: SEQUENCE + 1, an update to everyone who has the entry
+    CANCEL = "cancel"  #: SEQUENCE + 1, a cancellation to everyone who has the entry
+
+    @property
+    def sends(self) -> bool:
+        return self in (RevisionKind.UPDATE, RevisionKind.CANCEL)
 
 
 class Answer(StrEnum):

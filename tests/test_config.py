@@ -155,6 +155,21 @@ BAD = [
         ["steps[1].id: duplicate step id 's1'"],
     ),
     ("bad rate", BASE + "smtp: {rate: fast}\n", ["smtp.rate", "is not a rate"]),
+    (
+        "update kind by hand",
+        BASE.replace("at: -7d 09:00", "at: -7d 09:00\n    kind: update"),
+        ["steps[0].kind", "mailer sends updates and cancellations itself"],
+    ),
+    (
+        "bad event status",
+        BASE.replace("    title: Event\n", "    title: Event\n    status: postponed\n"),
+        ["events[0].status", "'confirmed' or 'cancelled'"],
+    ),
+    (
+        "bad rsvp",
+        BASE.replace("at: -7d 09:00", "at: -7d 09:00\n    audience: {rsvp: [maybe]}"),
+        ["steps[0].audience.rsvp[0]", "'accepted', 'tentative', 'declined' or 'no-reply'"],
+    ),
 ]
 
 

@@ -17,6 +17,7 @@ from mailer.config import Campaign, load
 from mailer.contacts import Contact
 from mailer.errors import TemplateError
 from mailer.templates import Rendered, Templates, context, locale_for
+from mailer.vocab import EventStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -341,7 +342,7 @@ def test_reminder_for_multi_day_and_cancelled_events(shipped: Templates, campaig
     step = campaign.step("herinnering-infosessie-week")
     r = shipped.render("herinnering", "nl", context(campaign, two_days, step, JAN))
     assert "van dinsdag 16 januari 2018 tot en met woensdag 17 januari 2018" in r.text
-    cancelled = replace(campaign.event("aan-de-slag"), status="cancelled")
+    cancelled = replace(campaign.event("aan-de-slag"), status=EventStatus.CANCELLED)
     r = shipped.render("herinnering", "nl", context(campaign, cancelled, step, JAN))
     assert r.subject.startswith("Gaat niet door: Aan de slag INTEGRATIEPACT")
     assert "gaat niet door" in r.text and "gaat niet door" in r.html
