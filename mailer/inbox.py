@@ -29,21 +29,15 @@ from . import contacts
 from .config import Campaign, load
 from .errors import ContactsError, InboxError
 from .ledger import Ledger
-from .mailboxes import KEYWORD, ImapSource, InboxMessage, MaildirSource, Source, configured_source
+from .mailboxes import KEYWORD, Source, configured_source
 from .message import message_id as _message_id
 
 __all__ = [
     "KEYWORD",
     "Finding",
-    "ImapSource",
-    "InboxError",
-    "InboxMessage",
     "InboxResult",
-    "MaildirSource",
-    "Source",
     "apply",
     "classify",
-    "configured_source",
     "inbox_id",
     "normalise_address",
     "process",

@@ -26,7 +26,6 @@ __all__ = [
     "Transport",
     "TransportSettings",
     "classify",
-    "data_payload",
     "protocol_wire",
 ]
 #: Replies that mean "you are going too fast / I am overloaded": slow the whole transport.

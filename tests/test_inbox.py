@@ -18,11 +18,9 @@ from dovecot import Dovecot, dovecot_fixture  # noqa: F401 - provides the doveco
 from imapclient import IMAPClient
 
 from mailer.config import Campaign, load
+from mailer.errors import InboxError
 from mailer.inbox import (
     Finding,
-    ImapSource,
-    InboxError,
-    MaildirSource,
     apply,
     classify,
     inbox_id,
@@ -33,6 +31,7 @@ from mailer.inbox import (
     worth_fetching,
 )
 from mailer.ledger import Ledger
+from mailer.mailboxes import ImapSource, MaildirSource
 from mailer.message import message_id
 from mailer.store import Claim, Outcome, RecordedRevision
 from mailer.vocab import Attempt

@@ -1,7 +1,7 @@
 """The transport's own SMTP transaction (MAIL, RCPT, DATA with prepared bytes) on the wire.
 
 ``Transport`` does not call ``aiosmtplib.SMTP.sendmail`` (which re-normalises every message);
-it writes the payload of :func:`mailer.transport.data_payload` itself. These tests hold it to
+it writes the payload of :func:`mailer.message.data_payload` itself. These tests hold it to
 what aiosmtplib would send, byte for byte, and to a real aiosmtpd server's view of it.
 """
 
@@ -20,6 +20,7 @@ from aiosmtplib.protocol import LINE_ENDINGS_REGEX, PERIOD_REGEX
 from rawsmtp import CLOSE, DEFAULTS, SILENT, Pause, RawSmtp, Reply
 
 from mailer.errors import TransportFatalError
+from mailer.message import data_payload
 from mailer.smtpd import MaildirHandler, SmtpServer
 from mailer.transport import (
     Outgoing,
@@ -27,7 +28,6 @@ from mailer.transport import (
     Transport,
     TransportSettings,
     _unstuff,
-    data_payload,
     protocol_wire,
 )
 from mailer.vocab import Attempt
