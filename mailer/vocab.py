@@ -30,6 +30,7 @@ class Status(StrEnum):
     BOUNCED = "bounced"  #: sent, then a DSN said it could not be delivered
     SKIPPED = "skipped"  #: decided without sending (audience, answer, lateness, superseded)
     SUPPRESSED = "suppressed"  #: the address is on the suppression list
+    INVALID = "invalid"  #: the contact's row could not be used (a bad address): never invited
 
     @classmethod
     def final(cls) -> frozenset[Status]:
@@ -44,7 +45,7 @@ class Status(StrEnum):
 
 
 FINAL: frozenset[Status] = frozenset(
-    {Status.SENT, Status.FAILED, Status.BOUNCED, Status.SKIPPED, Status.SUPPRESSED}
+    {Status.SENT, Status.FAILED, Status.BOUNCED, Status.SKIPPED, Status.SUPPRESSED, Status.INVALID}
 )
 OPEN: frozenset[Status] = frozenset(Status) - FINAL
 #: Rows whose mail may have reached the recipient (a calendar entry may exist for them).

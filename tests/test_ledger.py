@@ -283,7 +283,7 @@ def random_operations(led: Ledger, rnd: random.Random, n: int, check: Any) -> Co
                 status=rnd.choice([Status.FAILED, Status.SKIPPED]),
             )
         elif op == "record":
-            status = rnd.choice([Status.SKIPPED, Status.SUPPRESSED, Status.FAILED])
+            status = rnd.choice([Status.SKIPPED, Status.SUPPRESSED, Status.FAILED, Status.INVALID])
             led.record_decided(
                 campaign, [Decided(step, "ev", e, "", T0, status, "planner") for e in some(EMAILS, 4)], now
             )
