@@ -44,7 +44,6 @@ from typing import Any, Literal
 import babel
 from babel.dates import format_date, format_datetime, format_time
 from jinja2 import (
-    Environment,
     FileSystemLoader,
     StrictUndefined,
     Template,
@@ -56,6 +55,7 @@ from jinja2 import (
     select_autoescape,
 )
 from jinja2.runtime import Context
+from jinja2.sandbox import SandboxedEnvironment
 
 from .config import Campaign, Event, Step
 from .contacts import Contact
@@ -130,10 +130,16 @@ def _filter(kind: str, fallback: Callable[[], babel.Locale]) -> Callable[..., st
     return f
 
 
-class _Environment(Environment):
-    """Looks keys up before attributes on plain dicts: every template variable is a dict,
+class _Environment(SandboxedEnvironment):
+    """Jinja's sandbox (issue 12): whoever edits a template cannot reach Python's internals
+    (``cycler.__init__.__globals__``, ``''.__class__.__mro__``, ``self._TemplateReference__context``)
+    and through them the environment, the SMTP password or the shell; such an attribute is a
+    SecurityError, reported with its file and line like any other template error.
+
+    Looks keys up before attributes on plain dicts: every template variable is a dict,
     and Jinja's default order raises and catches an AttributeError for each
-    ``{{ contact.name }}`` (a third of the render time)."""
+    ``{{ contact.name }}`` (a third of the render time). A key is data, never an attribute, so
+    this stays inside the sandbox; everything else goes through the sandbox's checks."""
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict:
