@@ -13,6 +13,7 @@ from typing import Literal
 
 from email_validator import EmailNotValidError, validate_email
 
+from .csvcells import unprotect_row
 from .errors import ContactsError, HasProblems, Problem, display_path
 
 __all__ = ["Contact", "ContactList", "load_contacts", "normalise_address"]
@@ -156,6 +157,9 @@ def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[P
         header: list[str] = []
         while not any(c.strip() for c in header):  # leading blank lines are not the header
             header, line = next(reader), reader.line_num
+        # unprotect_row: `mailer export` writes a cell that starts with = + - @ (a formula to a
+        # spreadsheet) as '=...; the value read back is the one exported (issue 12).
+        header = unprotect_row(header)
         roles, fields, unnamed = _columns(header, line, report)
         if "email" not in roles:
             found = ", ".join(repr(c.strip()) for c in header if c.strip())
@@ -174,6 +178,7 @@ def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[P
         i_lists, i_tags = roles.get("lists"), roles.get("tags")
         for row in reader:
             row_no, line = line + 1, reader.line_num
+            row = unprotect_row(row)
             if len(row) != ncols:
                 if len(row) > ncols and any(c.strip() for c in row[ncols:]):
                     report(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import itertools
 import os
 import sys
@@ -23,6 +24,7 @@ from .clikit import (
     table,
     when,
 )
+from .csvcells import protect_row
 from .errors import ConfigError, MailerError
 from .ledger import Ledger
 from .times import parse_iso
@@ -30,6 +32,7 @@ from .vocab import Status
 
 if TYPE_CHECKING:  # loaded by the commands that need it (pydantic alone takes ~0.1 s to import)
     from .config import Campaign
+    from .contacts import Contact
 
 __all__ = ["dashboard", "export", "inbox", "log", "retry", "status", "suppress"]
 
@@ -42,12 +45,15 @@ TABLE_ROWS = 500
 @db_option
 @handle_errors
 def status(config_path: Path, db_path: Path | None) -> None:
-    """Per campaign and step: sent, deferred, failed, skipped, suppressed, pending, next send time."""
+    """Per campaign and step: sent, deferred, failed, bounced, skipped, suppressed, invalid,
+    pending, next send time."""
     path = ledger_path(db_path, config_path)
     campaign = _campaign_if_valid(config_path)
     with Ledger.read(path) as ledger:
         rows = ledger.summary()
         answers = ledger.reply_counts()
+        unmatched = ledger.unmatched_count()
+        recent = ledger.unmatched_replies(limit=UNMATCHED_SHOWN) if unmatched else []
     tz = campaign.timezone if campaign else UTC
     cols = (
         Status.SENT,
@@ -56,6 +62,7 @@ def status(config_path: Path, db_path: Path | None) -> None:
         Status.BOUNCED,
         Status.SKIPPED,
         Status.SUPPRESSED,
+        Status.INVALID,
         Status.PENDING,
     )
     per: dict[tuple[str, str], dict[str, Any]] = {}
@@ -92,6 +99,32 @@ def status(config_path: Path, db_path: Path | None) -> None:
         for (camp, ev), d in sorted(per_ev.items()):
             t2.add_row(camp, ev, *(str(d.get(k, 0)) for k in ("accepted", "tentative", "declined")))
         out.print(t2)
+    if unmatched:
+        _print_unmatched(unmatched, recent, tz)
+
+
+#: `mailer status` lists this many of the newest unmatched replies; the dashboard has them all.
+UNMATCHED_SHOWN = 10
+
+
+def _print_unmatched(n: int, recent: list[dict[str, Any]], tz: Any) -> None:
+    """The replies no invitee matched (an alias, a forward): counted for nobody, shown to staff."""
+    t3 = table(
+        f"{n} {'reply' if n == 1 else 'replies'} could not be matched to an invitee (counted for "
+        'nobody); see the dashboard\'s "Replies we could not match"'
+        + (f", newest {len(recent)} here" if n > len(recent) else ""),
+        ("event", "attendee", "from", "answer", "received", "why"),
+    )
+    for r in recent:
+        t3.add_row(
+            r["event"],
+            r["attendee"],
+            r["sender"] or "",
+            r["partstat"].lower(),
+            when(parse_iso(r["at"]).astimezone(tz)),
+            r["why"],
+        )
+    out.print(t3)
 
 
 def _campaign_if_valid(config_path: Path) -> Campaign | None:
@@ -196,7 +229,9 @@ def _log_lines(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    # Not click.Path(dir_okay=False): a folder would get click's usage screen and exit 2;
+    # _check_output says what is wrong with any path in one line (exit 1).
+    type=click.Path(path_type=Path),
     required=True,
     help="CSV file to write (usable as a contacts: list).",
 )
@@ -205,36 +240,115 @@ def _log_lines(
 def export(
     config_path: Path, db_path: Path | None, status_: str, step: str | None, output: Path, force: bool
 ) -> None:
-    """Write deliveries with a status as a CSV that `contacts:` accepts, to re-send elsewhere."""
+    """Write deliveries with a status as a CSV that `contacts:` accepts, to re-send elsewhere.
+
+    Each row has the delivery columns, then every column of the contact (language, lists, tags
+    and the extra columns) from the campaign's contact files, so a re-send keeps each person's
+    language and lists. Cells a spreadsheet would run as a formula start with a ' (which
+    `contacts:` removes again).
+    """
     path = ledger_path(db_path, config_path)
-    if _is_ledger_file(output, path):
-        raise MailerError(
-            f"-o {output}: that is the ledger {path} (or one of its own files); "
-            "write the export to another file"
-        )
-    if output.exists() and not force:
-        raise MailerError(
-            f"-o {output}: the file exists; choose another name, or add --force to overwrite it"
-        )
-    n = 0
+    _check_output(output, path, force)
+    contacts, extras, why = _export_contacts(config_path)
+    contact_columns = ("language", "lists", "tags", *extras) if why is None else ()
+    # A contact column named like a delivery column (a CSV with its own "status") keeps its
+    # name, so that `contacts:` reads the contact's value back; the delivery's gets a prefix.
+    header = [f"delivery_{c}" if c in extras else c for c in _EXPORT_COLUMNS] + list(contact_columns)
+    n = lacking = 0
     with Ledger.read(path) as ledger:
         rows = ledger.log(status=status_, step=step, columns=_EXPORT_COLUMNS)
         try:
             # "x": a file that appeared since the check above is not overwritten either.
             fh = output.open("w" if force else "x", newline="", encoding="utf-8")
         except OSError as exc:
-            raise MailerError(f"-o {output}: cannot write it: {exc.strerror or exc}") from None
+            raise MailerError(_path_error(output, exc)) from None
         try:
             with fh:
                 w = csv.writer(fh)
-                w.writerow(_EXPORT_COLUMNS)
+                w.writerow(protect_row(header))
                 for r in rows:
-                    w.writerow(["" if r[c] is None else r[c] for c in _EXPORT_COLUMNS])
+                    values: list[object] = [r[c] for c in _EXPORT_COLUMNS]
+                    contact = contacts.get(r["email"].lower())
+                    if contact is None:
+                        lacking += 1
+                        values += [""] * len(contact_columns)
+                    elif contact_columns:
+                        values += [
+                            contact.language or "",
+                            ";".join(sorted(contact.lists)),
+                            ";".join(sorted(contact.tags)),
+                            *(contact.fields.get(k, "") for k in extras),
+                        ]
+                    w.writerow(protect_row(values))
                     n += 1
         except BaseException:
             output.unlink(missing_ok=True)  # no half export left behind to be taken for a whole one
             raise
+    if lacking:
+        reason = why or "their addresses are no longer in the campaign's contact files"
+        err.print(
+            f"warning: {lacking} row(s) written without contact data (language, lists, tags, "
+            f"other columns): {reason}; a re-send from {output} uses the campaign language for them",
+            markup=False,
+        )
     out.print(f"Wrote {n} row(s) to {output}.", markup=False)
+
+
+def _export_contacts(config_path: Path) -> tuple[dict[str, Contact], list[str], str | None]:
+    """The campaign's contacts by lower-cased address, their extra columns in file order, and
+    None; or, without a valid schedules.yaml, no contacts and why (the ledger stores no contact
+    columns: they come from the contact files as `mailer check` reads them)."""
+    if not config_path.exists():
+        return {}, [], f"there is no {config_path} to read the contact files from"
+    from .workspace import load_workspace
+
+    try:
+        ws = load_workspace(config_path)
+    except ConfigError as exc:
+        return {}, [], f"{config_path} has {len(exc.problems)} problem(s) (run `mailer check`)"
+    extras = dict.fromkeys(k for c in ws.contacts for k in c.fields)
+    return {c.email.lower(): c for c in ws.contacts}, list(extras), None
+
+
+def _check_output(output: Path, ledger: Path, force: bool) -> None:
+    """Refuse, in one line, an -o that cannot or must not be written: the ledger or one of its
+    files, an existing file without --force, a folder, a missing or non-folder parent, a name
+    too long, a loop of symbolic links. (/dev/stdout with --force is fine.)
+
+    :raises MailerError: naming the path and what to do.
+    """
+    if not str(output) or str(output) == ".":
+        raise MailerError("-o: no file name; give the CSV file to write, e.g. -o failed.csv")
+    try:
+        if _is_ledger_file(output, ledger):
+            raise MailerError(
+                f"-o {output}: that is the ledger {ledger} (or one of its own files); "
+                "write the export to another file"
+            )
+        if output.is_dir():
+            raise MailerError(
+                f"-o {output}: is a folder; give a file name in it, e.g. -o {output / 'failed.csv'}"
+            )
+        parent = output.absolute().parent
+        if not parent.exists():
+            raise MailerError(f"-o {output}: the folder {parent} does not exist; create it or choose another")
+        if not parent.is_dir():
+            raise MailerError(f"-o {output}: {parent} is not a folder; choose another path")
+        if (output.exists() or output.is_symlink()) and not force:
+            raise MailerError(
+                f"-o {output}: the file exists; choose another name, or add --force to overwrite it"
+            )
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.resolve() on a symlink loop
+        raise MailerError(_path_error(output, exc)) from None
+
+
+def _path_error(output: Path, exc: BaseException) -> str:
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        return f"-o {output}: a loop of symbolic links; choose another path"
+    if getattr(exc, "errno", None) == errno.ENAMETOOLONG:
+        return f"-o {output}: the name is too long for the file system; choose a shorter one"
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"-o {output}: cannot write it: {text}"
 
 
 _EXPORT_COLUMNS = ("email", "name", "step", "status", "smtp_code", "smtp_text", "reason", "updated")
