@@ -54,7 +54,7 @@ test-aiosmtplib-range: $(STAMP)
 # CI=1 turns a missing browser into a failure instead of a skip.
 screenshot: $(STAMP)
 	CI=1 MAILER_SCREENSHOT=$(CURDIR)/tests/screenshots/dashboard.png \
-	  $(BIN)/python -m pytest -q tests/test_dashboard.py -k test_summary_page_shows_counts_per_step
+	  $(BIN)/python -m pytest -q tests/test_dashboard.py -k test_event_page_answers_the_four_questions
 
 check: $(STAMP)
 	$(BIN)/mailer check

@@ -8,7 +8,7 @@ import socket
 import sqlite3
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import lru_cache, partial
 from importlib import resources
 from pathlib import Path
@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from markupsafe import Markup, escape
 
+from . import dashboard_events as events
 from .errors import MailerError
 from .ledger import CURRENT_REPLY, Ledger
 
@@ -27,9 +28,11 @@ if TYPE_CHECKING:  # datasette is the optional extra mailer[dashboard]
 __all__ = [
     "ACCOUNT",
     "DATABASE",
+    "EVENTS_PATH",
     "INSTALL_HINT",
     "MAX_ROWS",
     "PASSWORD_ENV",
+    "Plan",
     "build_metadata",
     "create",
     "is_loopback",
@@ -39,6 +42,9 @@ __all__ = [
 
 #: The name the ledger has in dashboard URLs (``/ledger/summary``), whatever its file name.
 DATABASE = "ledger"
+#: The staff's event pages: the list (also the home page) and ``/-/events/<campaign>/<event>``.
+EVENTS_PATH = "/-/events"
+Plan = events.Plan
 #: Environment variable holding the password hash (``datasette hash-password`` prints one).
 PASSWORD_ENV = "MAILER_DASHBOARD_PASSWORD_HASH"
 #: The user name to log in with when a password is set.
@@ -222,14 +228,98 @@ def extra_body_script(
 
 
 def register_routes(datasette: Any) -> list[tuple[str, Callable[..., Any]]]:
-    """``/`` opens the ledger's page: its tables and the staff's queries."""
+    """``/`` opens the events page; ``/-/events`` lists the events (and takes the picker's
+    ``?event=campaign/event``), ``/-/events/<campaign>/<event>`` answers the four questions."""
 
     async def home(datasette: Any) -> Any:
         from datasette.utils.asgi import Response
 
-        return Response.redirect(datasette.urls.database(DATABASE))
+        return Response.redirect(datasette.urls.path(EVENTS_PATH))
 
-    return [(r"^/$", home)]
+    return [
+        (r"^/$", home),
+        (rf"^{EVENTS_PATH}$", _events_page),
+        (rf"^{EVENTS_PATH}/(?P<campaign>[^/]+)/(?P<event>[^/]+)$", _event_page),
+    ]
+
+
+# -- the event pages (the queries and charts: mailer/dashboard_events.py) ----------------------
+
+
+def _plan(datasette: Any) -> events.Plan:
+    config = datasette.plugin_config(_PLUGIN) or {}
+    return events.Plan.from_json(config.get("plan") or {})
+
+
+def _event_url(datasette: Any, campaign: str, event: str) -> str:
+    from urllib.parse import quote
+
+    return str(datasette.urls.path(f"{EVENTS_PATH}/{quote(campaign, safe='')}/{quote(event, safe='')}"))
+
+
+async def _check_allowed(datasette: Any, request: Any) -> None:
+    """The ledger's own pages' permission: with a password, visitors who are not logged in are
+    sent to the login page (see forbidden())."""
+    await datasette.ensure_permissions(request.actor, [("view-database", DATABASE), "view-instance"])
+
+
+async def _render(datasette: Any, request: Any, template: str, context: dict[str, Any]) -> Any:
+    from datasette.utils.asgi import Response
+
+    context |= {
+        "database": DATABASE,
+        "timezone": _timezone(datasette).key,
+        "events_url": datasette.urls.path(EVENTS_PATH),
+        "event_url": partial(_event_url, datasette),
+        "status_colours": {str(k): v for k, v in events.STATUS_COLOURS.items()},
+        "answer_colours": events.ANSWER_COLOURS,
+    }
+    return Response.html(await datasette.render_template(template, context, request=request))
+
+
+async def _events_page(datasette: Any, request: Any) -> Any:
+    """The events to choose from, the answers per event and every step's progress."""
+    from datasette.utils.asgi import Response
+
+    await _check_allowed(datasette, request)
+    choice = request.args.get("event", "")
+    if choice.count("/") == 1:  # the picker (a GET form: no JavaScript)
+        return Response.redirect(_event_url(datasette, *choice.split("/")))
+    plan, tz = _plan(datasette), _timezone(datasette)
+    db = datasette.get_database(DATABASE)
+    overview = await db.execute_fn(lambda conn: events.overview(conn, plan, tz))
+    scale = overview.answer_scale
+
+    def answers_bar(e: events.EventSummary) -> Markup:
+        return events.bar(
+            [(w, e.answers.get(w, 0), c) for w, c in events.ANSWER_COLOURS.items()],
+            label=f"{e.event}: ",
+            scale=scale,
+            empty="no answer yet",
+        )
+
+    return await _render(
+        datasette, request, "mailer_events.html", {"overview": overview, "answers_bar": answers_bar}
+    )
+
+
+async def _event_page(datasette: Any, request: Any) -> Any:
+    """Who is coming, who has not answered, who was not reached and why, what is still to come."""
+    from datasette.utils.asgi import NotFound
+
+    await _check_allowed(datasette, request)
+    campaign, event = request.url_vars["campaign"], request.url_vars["event"]
+    plan, tz = _plan(datasette), _timezone(datasette)
+    db = datasette.get_database(DATABASE)
+    now = datetime.now(UTC)
+
+    def read(conn: sqlite3.Connection) -> tuple[events.EventReport | None, list[events.EventSummary]]:
+        return events.event_report(conn, plan, tz, campaign, event, now), events.event_choices(conn, plan, tz)
+
+    report, choices = await db.execute_fn(read)
+    if report is None:
+        raise NotFound(f"No event {event!r} in campaign {campaign!r}: choose one on {EVENTS_PATH}")
+    return await _render(datasette, request, "mailer_event.html", {"r": report, "choices": choices})
 
 
 def forbidden(datasette: Any, request: Any, message: str) -> Any:
@@ -297,8 +387,12 @@ def create(
     allow_sql: bool = False,
     timezone: str = "UTC",
     password_hash: str | None = None,
+    plan: events.Plan | None = None,
 ) -> Datasette:
     """A Datasette over ``db`` (opened read-only, named ``ledger``) with our metadata.
+
+    ``plan`` (``Plan.of(campaign)``) gives the event pages the campaign's events and configured
+    steps, so they can show steps whose time has not come; without it they show the ledger alone.
 
     Arbitrary SQL (Datasette's ``execute-sql``) is denied unless ``allow_sql``; even then
     Datasette accepts only SELECT statements and the connection is read-only. With
@@ -315,6 +409,8 @@ def create(
     _check_ledger(db, metadata)
     if not allow_sql:
         metadata["allow_sql"] = False
+    if plan is not None:
+        metadata["plugins"][_PLUGIN]["plan"] = plan.to_json()
     if password_hash:
         try:
             import datasette_auth_passwords  # noqa: F401  (registers the login page)
@@ -329,6 +425,7 @@ def create(
     ds = Datasette(
         memory=False,
         metadata=metadata,
+        template_dir=str(resources.files("mailer").joinpath("dashboard_templates")),
         settings={
             "default_allow_sql": allow_sql,
             "allow_download": False,
@@ -380,6 +477,7 @@ def serve(
     password_hash: str | None = None,
     *,
     log: Callable[[str], None] = print,
+    plan: events.Plan | None = None,
 ) -> None:
     """Serve the dashboard until interrupted.
 
@@ -397,12 +495,12 @@ def serve(
             f"to the hash it prints, and log in as {ACCOUNT!r}. Without --host the dashboard "
             "listens on 127.0.0.1 only."
         )
-    ds = create(db, allow_sql=allow_sql, timezone=timezone, password_hash=password_hash)
+    ds = create(db, allow_sql=allow_sql, timezone=timezone, password_hash=password_hash, plan=plan)
     _check_port(host, port)
     import uvicorn
 
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    log(f"Dashboard of {db} (read-only): http://{shown}:{port}/{DATABASE}")
+    log(f"Dashboard of {db} (read-only): http://{shown}:{port}{EVENTS_PATH}")
     if password_hash:
         log(f"Log in as {ACCOUNT!r} with the password whose hash is in {PASSWORD_ENV}.")
     if not is_loopback(host):

@@ -550,6 +550,7 @@ def dashboard(config_path: Path, db_path: Path | None, host: str, port: int, all
         timezone=campaign.timezone.key if campaign else "UTC",
         password_hash=os.environ.get(board.PASSWORD_ENV) or None,
         log=lambda line: out.print(line, markup=False),
+        plan=board.Plan.of(campaign) if campaign else None,
     )
 
 

@@ -266,9 +266,8 @@ def _summary_counts(heads: list[str], rows: list[list[str]]) -> list[list[str]]:
     return [[row[i] for i in keep] for row in rows]
 
 
-def test_summary_page_shows_counts_per_step(dashboard: str, browser: Any, tmp_path: Path) -> None:
-    browser.get(dashboard + "/")  # / opens the ledger page, which lists the staff's queries
-    assert browser.current_url == f"{dashboard}/{DATABASE}"
+def test_summary_page_shows_counts_per_step(dashboard: str, browser: Any) -> None:
+    browser.get(f"{dashboard}/{DATABASE}")  # the ledger page lists the staff's queries
     assert "Summary per campaign and step" in browser.page_source
     browser.get(f"{dashboard}/{DATABASE}/summary")
     assert browser.title == "Summary per campaign and step \u2013 mailer delivery log"
@@ -276,13 +275,6 @@ def test_summary_page_shows_counts_per_step(dashboard: str, browser: Any, tmp_pa
     assert _summary_counts(heads, rows) == EXPECTED_SUMMARY
     started = [row[heads.index("Started")] for row in rows]
     assert started == ["2030-02-01 09:05:00 CET", "2030-03-09 09:05:00 CET"]  # local, not UTC
-    # For the README: the page without the empty window below it.
-    from selenium.webdriver.common.by import By
-
-    shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "dashboard.png")
-    shot.parent.mkdir(parents=True, exist_ok=True)
-    assert browser.find_element(By.CSS_SELECTOR, "div.not-footer").screenshot(str(shot))
-    assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_failed_list_shows_the_servers_reply(dashboard: str, browser: Any) -> None:
@@ -641,3 +633,243 @@ def test_metadata_names_only_real_tables_and_columns(ledger_path: Path, tmp_path
         assert metadata_drift(led.conn, metadata) == []
         metadata["databases"]["ledger"]["tables"]["deliveries"]["columns"]["colour"] = "nope"
         assert metadata_drift(led.conn, metadata) == ["no column deliveries.colour"]
+
+
+# -- the event pages (issue 12): four questions for an event picked from a list --------------
+
+GALA_EVENTS = """\
+- id: gala
+  title: Spring gala
+  start: 2030-03-10 19:00
+  end: 2030-03-10 23:00
+"""
+GALA_STEPS = """\
+- id: invite
+  event: gala
+  template: invite
+  at: 2030-02-01 09:00
+- id: remind
+  event: gala
+  template: remind
+  at: -1d 09:00
+"""
+GALA_CONTACTS = (
+    "email,name,lists\n"
+    "ann@example.org,Ann Andries,a\n"
+    "tom@example.org,Tom Tack,a\n"
+    "dora@example.org,Dora Decock,a\n"
+    "carl@example.org,Carl Claes,a\n"
+    "bob@example.org,Bob Bral,a\n"
+    "bea@example.org,Bea Boon,a\n"
+    "sue@example.org,Sue Smet,a\n"
+    "gus@example.org,Gus Goris,a\n"
+)
+DSN = ("5.1.1", "The email account that you tried to reach does not exist")
+INVALID_REASON = "not a valid address: marc.dupont@@example (contacts/list.csv row 10)"
+SKIPPED_REASON = "the contact was added after the step's window closed"
+
+
+@pytest.fixture(scope="module")
+def gala(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A campaign whose invitation went out once (`mailer send` against aiosmtpd), then what
+    the inbox and the contacts check record through the Ledger: every way of being reached or
+    not. Returns (schedules.yaml, ledger)."""
+    folder = tmp_path_factory.mktemp("gala")
+    cfg = write_campaign(folder, events=GALA_EVENTS, steps=GALA_STEPS, contacts=GALA_CONTACTS)
+    db = folder / "ledger.db"
+    at = datetime(2030, 1, 20, 12, 0, tzinfo=UTC)
+    with Ledger(db) as ledger:  # unsubscribed before the campaign: the planner suppresses her
+        ledger.suppress("sue@example.org", "unsubscribed", at)
+    handler = FaultyHandler(
+        rcpt_replies={"bob@example.org": f"550 {REJECTED}", "gus@example.org": f"451 {GREYLISTED}"}
+    )
+    with SmtpServer(handler) as server:
+        env = {
+            "MAILER_SMTP_HOST": server.host,
+            "MAILER_SMTP_PORT": str(server.port),
+            "MAILER_SMTP_TLS": "none",
+        }
+        result = CliRunner().invoke(
+            cli, ["send", "--config", str(cfg), "--now", "2030-02-01T09:05", "--force"], env=env
+        )
+        assert result.exit_code == 0, result.output
+    answered = datetime(2030, 2, 2, 10, 0, tzinfo=UTC)
+    with Ledger(db) as ledger:
+        for i, (email, partstat) in enumerate(
+            (
+                ("ann@example.org", "ACCEPTED"),
+                ("tom@example.org", "TENTATIVE"),
+                ("dora@example.org", "DECLINED"),
+            )
+        ):
+            ledger.record_reply("test", "gala", email, partstat, answered, f"<a{i}@example.org>")
+        assert ledger.record_bounce("bea@example.org", None, *DSN, answered) == 1
+        due = datetime(2030, 2, 1, 8, 0, tzinfo=UTC)
+        decided = [
+            Decided(
+                "invite", "gala", "marc.dupont@@example", "Marc Dupont", due, Status.INVALID, INVALID_REASON
+            ),
+            Decided("invite", "gala", "late@example.org", "Lena Late", due, Status.SKIPPED, SKIPPED_REASON),
+        ]
+        ledger.record_decided("test", decided, answered)
+    return cfg, db
+
+
+@pytest.fixture(scope="module")
+def gala_dashboard(gala: tuple[Path, Path]) -> Iterator[str]:
+    """`mailer dashboard --config` in a subprocess, as staff start it: the time zone and the
+    configured steps come from schedules.yaml."""
+    cfg, db = gala
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailer", "dashboard", "--config", str(cfg), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/-/versions.json", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"the dashboard did not start:\n{proc.communicate()[0]}")
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _section(driver: Any, section: str, table: str) -> list[list[str]]:
+    """Cell texts of one table in one section of the event page."""
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, f"section#{section} table.{table} tbody tr")
+    return [[td.text.strip() for td in tr.find_elements(By.CSS_SELECTOR, "td")] for tr in rows]
+
+
+def test_event_page_answers_the_four_questions(
+    gala_dashboard: str, gala: tuple[Path, Path], browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    before = _fingerprint(gala[1])
+    browser.get(gala_dashboard + "/")  # the home page is the list of events
+    assert browser.current_url == f"{gala_dashboard}/-/events"
+    # Picked from a list, not typed: the picker is a plain GET form (no JavaScript needed).
+    picker = Select(browser.find_element(By.ID, "event-choice"))
+    assert [o.text for o in picker.options][1:] == ["gala: Spring gala (test) – Sun 10 Mar 2030 19:00 CET"]
+    picker.select_by_value("test/gala")
+    browser.find_element(By.CSS_SELECTOR, "form.pick button").click()
+    assert browser.current_url == f"{gala_dashboard}/-/events/test/gala"
+    assert browser.title == "gala (test) \u2013 mailer delivery log"
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Spring gala"
+
+    # 1. who is coming, with names; who is not, folded away
+    assert _section(browser, "coming", "people")[:2] == [
+        ["Ann Andries", "ann@example.org", "coming", "Sat 02 Feb 2030 11:00 CET"],
+        ["Tom Tack", "tom@example.org", "maybe", "Sat 02 Feb 2030 11:00 CET"],
+    ]
+    folded = browser.find_element(By.CSS_SELECTOR, "section#coming details")
+    assert folded.find_element(By.TAG_NAME, "summary").text == "Not coming: 1"
+    assert [tr.get_attribute("data-email") for tr in folded.find_elements(By.CSS_SELECTOR, "tbody tr")] == [
+        "dora@example.org"
+    ]
+    # 2. reached, no answer
+    assert _section(browser, "silent", "silent") == [["Carl Claes", "carl@example.org", ""]]
+    assert "Who has not answered: 1 of 4 reached" in browser.page_source
+    # 3. not reached, and why: the DSN for the bounce (not our server's 250), the server's reply
+    # for the refusal, the reasons for invalid, suppressed and skipped
+    missed = {r[1]: r for r in _section(browser, "missed", "missed")}
+    assert sorted(missed) == [
+        "bea@example.org",
+        "bob@example.org",
+        "late@example.org",
+        "marc.dupont@@example",
+        "sue@example.org",
+    ]
+    assert missed["bea@example.org"][2] == f"invite: bounced \u2013 {DSN[0]} {DSN[1]}"
+    assert "250" not in missed["bea@example.org"][2]
+    assert missed["bob@example.org"][2] == f"invite: failed \u2013 550 {REJECTED}"
+    assert missed["marc.dupont@@example"][:3] == [
+        "Marc Dupont",
+        "marc.dupont@@example",
+        f"invite: invalid \u2013 {INVALID_REASON}",
+    ]
+    assert missed["sue@example.org"][2].startswith("invite: suppressed \u2013 ")
+    assert "unsubscribed" in missed["sue@example.org"][2]
+    assert missed["late@example.org"][2] == f"invite: skipped \u2013 {SKIPPED_REASON}"
+    # 4. what is still to be sent, and when: the greylisted retry, then the reminder's own time
+    waiting = _section(browser, "waiting", "waiting")
+    assert [(w[1], w[3], w[4]) for w in waiting] == [("invite", "gus@example.org", "deferred")]
+    assert waiting[0][0].startswith("Fri 01 Feb 2030 ") and waiting[0][0].endswith(" CET")
+    assert waiting[0][6] == f"451 {GREYLISTED}"
+    assert _section(browser, "waiting", "upcoming") == [
+        ["remind", "reminder", "Sat 09 Mar 2030 09:00 CET", "later"]
+    ]
+
+    # The charts: answers (with who has not answered) and each step's progress, as SVG.
+    labels = [e.get_attribute("aria-label") for e in browser.find_elements(By.CSS_SELECTOR, "svg.mailer-bar")]
+    assert "answers: 1 coming, 1 maybe, 1 not coming, 1 no answer yet" in labels
+    assert "invite: 4 sent, 1 deferred, 1 failed, 1 bounced, 1 invalid, 1 suppressed, 1 skipped" in labels
+    assert "remind: not started: due Sat 09 Mar 2030 09:00 CET" in labels
+    # Readable on a laptop: at 1366 px nothing needs a sideways scroll.
+    browser.set_window_size(1366, 768)
+    try:
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 1366
+        shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "dashboard.png")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(shot))
+    finally:
+        browser.set_window_size(1500, 900)
+    assert _fingerprint(gala[1]) == before
+
+
+def test_events_page_charts_answers_and_steps(gala_dashboard: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{gala_dashboard}/-/events")
+    assert browser.title == "Events \u2013 mailer delivery log"
+    row = browser.find_element(By.CSS_SELECTOR, 'table.answers tr[data-event="test/gala"]')
+    assert [td.text for td in row.find_elements(By.CSS_SELECTOR, "td.num")] == ["1", "1", "1"]
+    bar = row.find_element(By.CSS_SELECTOR, "svg.mailer-bar")
+    assert bar.get_attribute("aria-label") == "gala: 1 coming, 1 maybe, 1 not coming"
+    assert len(bar.find_elements(By.CSS_SELECTOR, "rect")) == 3
+    steps = {
+        tr.get_attribute("data-step"): tr.find_element(By.CSS_SELECTOR, "svg").get_attribute("aria-label")
+        for tr in browser.find_elements(By.CSS_SELECTOR, "table.steps tbody tr")
+    }
+    assert steps == {
+        "invite": "invite: 4 sent, 1 deferred, 1 failed, 1 bounced, 1 invalid, 1 suppressed, 1 skipped",
+        "remind": "remind: not started: due Sat 09 Mar 2030 09:00 CET",
+    }
+    row.find_element(By.LINK_TEXT, "gala").click()
+    assert browser.current_url == f"{gala_dashboard}/-/events/test/gala"
+
+
+async def test_event_pages_are_read_only_and_need_the_login(
+    gala: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datasette_auth_passwords.utils import hash_password
+
+    cfg, db = gala
+    monkeypatch.setenv(PASSWORD_ENV, "")  # create() sets it; restored after the test
+    ds = create(db, timezone=TZ, password_hash=hash_password("s3cret"))
+    for path in ("/-/events", "/-/events/test/gala", "/-/events?event=test/gala"):
+        r = await ds.client.get(path)
+        assert (r.status_code, r.headers.get("location")) == (302, "/-/login"), path
+    ds = create(db, timezone=TZ)  # no plan: the ledger alone still answers
+    r = await ds.client.get("/-/events/test/gala")
+    assert r.status_code == 200 and "Carl Claes" in r.text and "Steps not started yet" not in r.text
+    assert (await ds.client.get("/-/events/test/nope")).status_code == 404
+    assert (await ds.client.post("/-/events/test/gala", data={"x": "1"})).status_code == 405
