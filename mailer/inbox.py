@@ -26,6 +26,7 @@ from urllib.parse import unquote
 import icalendar
 
 from . import contacts
+from .addresses import address_key
 from .config import Campaign, load
 from .errors import ContactsError, InboxError
 from .ledger import Ledger
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 Kind = Literal["reply", "bounce", "delay", "unsubscribe"]
+#: What :func:`apply` did with a finding: a reply from no invitee of its event is "unmatched".
+Recorded = Literal["reply", "unmatched", "bounce", "delay", "unsubscribe"]
 
 _PARTSTATS = frozenset({"ACCEPTED", "DECLINED", "TENTATIVE"})
 _STATUS = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})")
@@ -59,7 +62,8 @@ class Finding:
     """One thing a message tells us.
 
     ``status``/``diagnostic``/``original_message_id`` are set for ``bounce`` and ``delay``
-    (RFC 3464 Status, Diagnostic-Code, and the Message-ID of the mail that failed).
+    (RFC 3464 Status, Diagnostic-Code, and the Message-ID of the mail that failed); ``sender``
+    for ``reply``: the From address (the attendee line may name someone else).
     """
 
     kind: Kind
@@ -70,6 +74,7 @@ class Finding:
     status: str = ""
     diagnostic: str = ""
     original_message_id: str | None = None
+    sender: str | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -145,18 +150,18 @@ def _attendees(ev: Any, event_id: str, msg: Message) -> list[Finding]:
     except (KeyError, ValueError):
         sequence = None
     attendees = raw if isinstance(raw, list) else [raw] if raw is not None else []
+    sender = _from(msg)
     found = []
     for att in attendees:
         params = getattr(att, "params", {})
         partstat = str(params.get("PARTSTAT", "")).strip().upper()
         addr = normalise_address(str(att))
         if addr and partstat in _PARTSTATS:
-            found.append(Finding("reply", addr, event_id, partstat, sequence=sequence))
+            found.append(Finding("reply", addr, event_id, partstat, sequence=sequence, sender=sender))
     if len(found) > 1:
         # RFC 5546 3.2.3: a REPLY carries the replying attendee; if a client lists more,
         # trust the one that sent the mail.
-        sender = _from(msg)
-        mine = [f for f in found if sender and f.email.lower() == sender.lower()]
+        mine = [f for f in found if sender and address_key(f.email) == address_key(sender)]
         found = mine or found
     return found
 
@@ -319,32 +324,66 @@ def worth_fetching(header: bytes, campaign: Campaign) -> bool:
 
 def apply(
     findings: list[Finding], ledger: Ledger, campaign: Campaign, message_id: str, now: datetime
-) -> list[str]:
+) -> list[tuple[Recorded, str]]:
     """Record what one message (``message_id``) told us, and remember the message as handled.
 
-    A hard bounce marks the delivery bounced and suppresses the address; a delay changes
-    nothing; an unsubscribe suppresses the sender. Returns one log line per finding.
+    A reply is the answer of the invitee its attendee address matches (by
+    :func:`~mailer.addresses.address_key`); a reply from an address that was sent no calendar
+    for that event (an alias, a forward) is kept as unmatched, for staff, and is nobody's
+    answer. A hard bounce marks the delivery bounced and suppresses the address; a delay
+    changes nothing; an unsubscribe suppresses the sender. Returns what each finding became,
+    with a log line.
     """
-    lines = []
+    done: list[tuple[Recorded, str]] = []
     for f in findings:
         if f.kind == "reply" and f.event_id and f.partstat:
-            ledger.record_reply(campaign.id, f.event_id, f.email, f.partstat, now, message_id, f.sequence)
-            lines.append(f"reply: {f.email} {f.partstat.lower()} {f.event_id}")
+            answer = f"{address_key(f.email)} {f.partstat.lower()} {f.event_id}"
+            if ledger.is_invitee(campaign.id, f.event_id, f.email):
+                ledger.record_reply(campaign.id, f.event_id, f.email, f.partstat, now, message_id, f.sequence)
+                done.append(("reply", f"reply: {answer}"))
+            else:
+                why = _unmatched_why(f)
+                uid = campaign.event(f.event_id).uid
+                ledger.record_unmatched_reply(
+                    campaign.id,
+                    f.event_id,
+                    uid,
+                    f.email,
+                    f.sender,
+                    f.partstat,
+                    f.sequence,
+                    message_id,
+                    now,
+                    why,
+                )
+                done.append(("unmatched", f"unmatched reply: {answer}: {why}; not applied to anyone"))
         elif f.kind == "bounce":
             n = ledger.record_bounce(f.email, f.original_message_id, f.status, f.diagnostic, now)
-            lines.append(
-                f"bounce: {f.email} {f.status} {f.diagnostic}".rstrip()
-                + f"; {n} deliver{'y' if n == 1 else 'ies'} marked bounced, address suppressed"
+            done.append(
+                (
+                    "bounce",
+                    f"bounce: {f.email} {f.status} {f.diagnostic}".rstrip()
+                    + f"; {n} deliver{'y' if n == 1 else 'ies'} marked bounced, address suppressed",
+                )
             )
         elif f.kind == "delay":
-            lines.append(f"delay: {f.email} {f.status} {f.diagnostic}".rstrip() + " (recorded only)")
+            done.append(
+                ("delay", f"delay: {f.email} {f.status} {f.diagnostic}".rstrip() + " (recorded only)")
+            )
         elif f.kind == "unsubscribe":
             ledger.suppress(f.email, "unsubscribed by mail", now)
-            lines.append(f"unsubscribe: {f.email} suppressed")
-    kinds = "+".join(dict.fromkeys(f.kind for f in findings))
+            done.append(("unsubscribe", f"unsubscribe: {f.email} suppressed"))
+    kinds = "+".join(dict.fromkeys(k for k, _ in done))
     emails = ", ".join(dict.fromkeys(f.email for f in findings))
-    ledger.record_inbox(message_id, kinds, emails, "; ".join(lines), now)
-    return lines
+    ledger.record_inbox(message_id, kinds, emails, "; ".join(line for _, line in done), now)
+    return done
+
+
+def _unmatched_why(f: Finding) -> str:
+    why = f"no invitation to {f.event_id} with a calendar was sent to {f.email}"
+    if f.sender and address_key(f.sender) != address_key(f.email):
+        why += f" (the mail came from {f.sender})"
+    return why
 
 
 # --------------------------------------------------------------------------------------
@@ -356,20 +395,21 @@ def apply(
 class InboxResult:
     """What one pass over the inbox did: findings per kind, messages handled, log lines."""
 
-    counts: Counter[str] = field(default_factory=Counter)
+    counts: Counter[Recorded] = field(default_factory=Counter)
     handled: int = 0
     ignored: int = 0
     lines: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """``3 replies, 1 bounce; 4 message(s) handled, 1 left alone.``"""
+        """``3 replies, 1 unmatched reply, 1 bounce; 5 message(s) handled, 1 left alone.``"""
         parts = [f"{n} {_LABELS[k][n != 1]}" for k in _LABELS if (n := self.counts[k])]
         done = f"{self.handled} message(s) handled, {self.ignored} left alone"
         return f"{', '.join(parts) or 'nothing new'}; {done}."
 
 
-_LABELS = {
+_LABELS: dict[Recorded, tuple[str, str]] = {
     "reply": ("reply", "replies"),
+    "unmatched": ("unmatched reply", "unmatched replies"),
     "bounce": ("bounce", "bounces"),
     "delay": ("delay", "delays"),
     "unsubscribe": ("unsubscribe", "unsubscribes"),
@@ -403,8 +443,9 @@ def process(source: Source, ledger: Ledger, campaign: Campaign, now: datetime) -
                 continue
             mid = inbox_id(item.raw)
             if not ledger.inbox_seen(mid):
-                result.lines += apply(findings, ledger, campaign, mid, now)
-                result.counts.update(f.kind for f in findings)
+                done = apply(findings, ledger, campaign, mid, now)
+                result.lines += [line for _, line in done]
+                result.counts.update(kind for kind, _ in done)
                 result.handled += 1
             try:
                 source.mark(item.key)

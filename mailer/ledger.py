@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .addresses import address_key
 from .errors import LedgerError, LockedError
 from .migrations import MIGRATIONS, SCHEMA_VERSION, statements
 from .store import Claim, Claimed, Decided, NewRow, Outcome, RecordedRevision, Row
@@ -215,6 +216,8 @@ class Ledger:
         else:
             conn = self._connect(target, mode)
         conn.isolation_level = None  # autocommit; we open transactions explicitly
+        # Answers are keyed by it (schema 4's migration and the reply methods call it in SQL).
+        conn.create_function("address_key", 1, address_key, deterministic=True)
         if tracer is not None:
             conn.set_trace_callback(tracer)
         self.conn = conn
@@ -774,8 +777,9 @@ class Ledger:
         sequence: int | None = None,
     ) -> None:
         """Store an attendee's answer (ACCEPTED, DECLINED, TENTATIVE) to revision ``sequence``
-        of the event (None: the reply carried no SEQUENCE). The latest one wins, unless it
-        answers an older revision than the one stored (a late mail about an earlier version)."""
+        of the event (None: the reply carried no SEQUENCE), under the address's
+        :func:`~mailer.addresses.address_key`. The latest one wins, unless it answers an older
+        revision than the one stored (a late mail about an earlier version)."""
         self.conn.execute(
             "INSERT INTO replies (campaign, event, email, partstat, at, message_id, sequence)"
             " VALUES (?,?,?,?,?,?,?)"
@@ -783,12 +787,72 @@ class Ledger:
             " at=excluded.at, message_id=excluded.message_id, sequence=excluded.sequence"
             " WHERE excluded.sequence IS NULL OR replies.sequence IS NULL"
             " OR excluded.sequence >= replies.sequence",
-            (campaign, event, email, partstat.upper(), iso(at), message_id, sequence),
+            (campaign, event, address_key(email), partstat.upper(), iso(at), message_id, sequence),
+        )
+
+    def is_invitee(self, campaign: str, event: str, email: str) -> bool:
+        """Whether ``email``, compared by :func:`~mailer.addresses.address_key`, was sent (or
+        was being sent) a calendar object for ``event``: only such an address may answer it."""
+        key = address_key(email)
+        exact = self.conn.execute(  # the usual case, on the (event, campaign, email) index
+            "SELECT 1 FROM deliveries WHERE event=? AND campaign=? AND email IN (?, ?) AND ics=1 LIMIT 1",
+            (event, campaign, email, key),
+        ).fetchone()
+        if exact is not None:
+            return True
+        return (
+            self.conn.execute(  # another spelling: the event's calendar rows, keyed
+                "SELECT 1 FROM deliveries WHERE campaign=? AND event=? AND ics=1 AND address_key(email)=?"
+                " LIMIT 1",
+                (campaign, event, key),
+            ).fetchone()
+            is not None
+        )
+
+    def record_unmatched_reply(
+        self,
+        campaign: str,
+        event: str,
+        uid: str,
+        attendee: str,
+        sender: str | None,
+        partstat: str,
+        sequence: int | None,
+        message_id: str,
+        at: datetime,
+        why: str,
+    ) -> None:
+        """Keep a reply that matches no invitee of its event (an alias, a forward) for staff;
+        it is nobody's answer. The same message is recorded once."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO unmatched_replies (campaign, event, uid, attendee, sender, partstat,"
+            " sequence, message_id, at, why) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (campaign, event, uid, attendee, sender, partstat.upper(), sequence, message_id, iso(at), why),
+        )
+
+    def unmatched_replies(
+        self, campaign: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Replies no invitee could be matched to, newest first."""
+        where, args = _filters(campaign=campaign)
+        sql = (
+            "SELECT campaign, event, uid, attendee, sender, partstat, sequence, message_id, at, why"
+            f" FROM unmatched_replies WHERE {where} ORDER BY at DESC, id DESC"
+        )
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return list(dicts(self.conn.execute(sql, args)))
+
+    def unmatched_count(self, campaign: str | None = None) -> int:
+        """How many replies could not be matched to an invitee."""
+        where, args = _filters(campaign=campaign)
+        return int(
+            self.conn.execute(f"SELECT count(*) FROM unmatched_replies WHERE {where}", args).fetchone()[0]
         )
 
     def answers(self, campaign: str) -> dict[tuple[str, str], str]:
-        """``{(event, email): PARTSTAT}``: the answers that count for the event as it is now
-        (see :data:`CURRENT_REPLY`)."""
+        """``{(event, address_key): PARTSTAT}``: the answers that count for the event as it is
+        now (see :data:`CURRENT_REPLY`); look one up with the address's key."""
         cur = self.conn.execute(
             f"SELECT event, email, partstat FROM replies AS r WHERE campaign=? AND {CURRENT_REPLY}",
             (campaign,),

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "statements"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Version 1: the tables and indexes. ``IF NOT EXISTS`` as in the releases before migrations,
 #: which ran it on every open.
@@ -140,8 +140,51 @@ ALTER TABLE replies ADD COLUMN sequence INTEGER;
 DROP INDEX IF EXISTS deliveries_by_status;
 """
 
+#: Version 4: answers are stored under :func:`mailer.addresses.address_key` (the ``address_key``
+#: SQL function the Ledger registers on its connection), so ``Celine.Mertens@Example.BE`` and
+#: ``celine.mertens@example.be`` are one invitee. Answers stored under several spellings merge
+#: as :meth:`~mailer.ledger.Ledger.record_reply` would have merged them, replayed in the order
+#: they arrived: the newest wins unless it answers an older SEQUENCE than the one kept. Also
+#: the table of replies that match no invitee of their event (an alias, a forward): kept for
+#: staff, never applied to anyone.
+_SCHEMA_V4 = """
+CREATE TABLE unmatched_replies (
+    id INTEGER PRIMARY KEY,
+    campaign TEXT NOT NULL,
+    event TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    attendee TEXT NOT NULL,
+    sender TEXT,
+    partstat TEXT NOT NULL,
+    sequence INTEGER,
+    message_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    why TEXT NOT NULL,
+    UNIQUE (message_id, event, attendee)
+);
+CREATE TABLE replies_v4 (
+    campaign TEXT NOT NULL,
+    event TEXT NOT NULL,
+    email TEXT NOT NULL,
+    partstat TEXT NOT NULL,
+    at TEXT NOT NULL,
+    message_id TEXT,
+    sequence INTEGER,
+    PRIMARY KEY (campaign, event, email)
+);
+INSERT INTO replies_v4 (campaign, event, email, partstat, at, message_id, sequence)
+    SELECT campaign, event, address_key(email), partstat, at, message_id, sequence
+    FROM replies WHERE true ORDER BY at, rowid
+    ON CONFLICT (campaign, event, email) DO UPDATE SET partstat=excluded.partstat,
+    at=excluded.at, message_id=excluded.message_id, sequence=excluded.sequence
+    WHERE excluded.sequence IS NULL OR replies_v4.sequence IS NULL
+    OR excluded.sequence >= replies_v4.sequence;
+DROP TABLE replies;
+ALTER TABLE replies_v4 RENAME TO replies;
+"""
+
 #: ``{version: the SQL that brings version - 1 to it}``: a new file runs them all, in order.
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
 
 
 def statements(script: str) -> Iterator[str]:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from .addresses import address_key
 from .config import Audience, Campaign, Delivery, Event, Step
 from .contacts import Contact
 from .store import RecordedRevision, Row
@@ -187,7 +188,9 @@ def dynamic_step(campaign: Campaign, event: str, kind: str, sequence: int, at: d
 
 
 def _answer(replies: Mapping[tuple[str, str], str], event: str, email: str) -> Answer:
-    partstat = replies.get((event, email))
+    """The contact's answer; ``replies`` is keyed by :func:`~mailer.addresses.address_key`, so
+    an answer from ``Celine.Mertens@Example.BE`` is ``celine.mertens@example.be``'s."""
+    partstat = replies.get((event, address_key(email)))
     return Answer.NO_REPLY if partstat is None else Answer.from_partstat(partstat)
 
 

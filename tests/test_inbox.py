@@ -212,10 +212,15 @@ def scenario(campaign: Campaign) -> dict[str, bytes]:
     }
 
 
+#: The invitees whose replies the scenario carries (a reply from anyone else is unmatched).
+INVITEES = ("jan@example.be", "els@example.be", "piet@example.be")
+
+
 def ledger_with_deliveries(path: Path, campaign: Campaign) -> Ledger:
-    """A real ledger where the invitation to gone@ and slow@ was sent (known Message-IDs)."""
+    """A real ledger where the invitation (with a calendar) to the invitees, gone@ and slow@
+    was sent (known Message-IDs)."""
     ledger = Ledger(path)
-    for email in ("gone@example.net", "slow@example.net"):
+    for email in ("gone@example.net", "slow@example.net", *INVITEES):
         item = Claim(STEP, "aan-de-slag", email, "", SENT_AT, mid_for(campaign, email), 0, True)
         [claimed] = ledger.claim(campaign.id, [item], SENT_AT)
         assert claimed is not None
@@ -447,22 +452,30 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
         (
             "accepted",
             reply_mail(reply_ics(u, R, "ACCEPTED"), "jan@example.be"),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=0)],
+            [
+                Finding(
+                    "reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=0, sender="jan@example.be"
+                )
+            ],
         ),
         (
             "MAILTO upper-case, domain case",
             reply_mail(reply_ics(u, "MAILTO:Jan@Example.BE", "accepted"), "x@y.be"),
-            [Finding("reply", "Jan@example.be", "aan-de-slag", "ACCEPTED", sequence=0)],
+            [Finding("reply", "Jan@example.be", "aan-de-slag", "ACCEPTED", sequence=0, sender="x@y.be")],
         ),
         (
             "other event",
             reply_mail(reply_ics(uid(c, "infosessie"), R, "DECLINED"), "jan@example.be"),
-            [Finding("reply", "jan@example.be", "infosessie", "DECLINED", sequence=0)],
+            [
+                Finding(
+                    "reply", "jan@example.be", "infosessie", "DECLINED", sequence=0, sender="jan@example.be"
+                )
+            ],
         ),
         (
             "inline and attached: once",
             reply_mail(reply_ics(u, R, "TENTATIVE"), "j@x.be", attach=True),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "TENTATIVE", sequence=0)],
+            [Finding("reply", "jan@example.be", "aan-de-slag", "TENTATIVE", sequence=0, sender="j@x.be")],
         ),
         (
             "unknown UID",
@@ -477,12 +490,25 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
         (
             "an answer to revision 2",
             reply_mail(reply_ics(u, R, "ACCEPTED", sequence=2), "jan@example.be"),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=2)],
+            [
+                Finding(
+                    "reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=2, sender="jan@example.be"
+                )
+            ],
         ),
         (
             "no SEQUENCE",
             reply_mail(reply_ics(u, R, "ACCEPTED", sequence=None), "jan@example.be"),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=None)],
+            [
+                Finding(
+                    "reply",
+                    "jan@example.be",
+                    "aan-de-slag",
+                    "ACCEPTED",
+                    sequence=None,
+                    sender="jan@example.be",
+                )
+            ],
         ),
         ("NEEDS-ACTION", reply_mail(reply_ics(u, R, "NEEDS-ACTION"), "jan@example.be"), []),
         (
@@ -498,7 +524,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
         (
             "a broken DTSTART does not hide the answer",
             reply_mail(reply_ics(u, R, "DECLINED").replace(b"DTSTART:2018", b"DTSTART:xx18"), "j@x.be"),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "DECLINED", sequence=0)],
+            [Finding("reply", "jan@example.be", "aan-de-slag", "DECLINED", sequence=0, sender="j@x.be")],
         ),
         ("not a calendar at all", reply_mail("\x00\x01 garbage", "j@x.be"), []),
         (
@@ -604,11 +630,12 @@ def test_header_prefilter_and_ids(campaign: Campaign) -> None:
     assert normalise_address("mailto:jan%2Bnews@Example.be") == "jan+news@example.be"
 
 
-def test_apply_lines(campaign: Campaign) -> None:
-    with Ledger(":memory:") as ledger:
-        lines = apply(
+def test_apply_lines(tmp_path: Path, campaign: Campaign) -> None:
+    with ledger_with_deliveries(tmp_path / "mailer.db", campaign) as ledger:
+        done = apply(
             [
-                Finding("reply", "a@b.be", "aan-de-slag", "DECLINED"),
+                Finding("reply", "Jan@example.be", "aan-de-slag", "DECLINED", sender="jan@example.be"),
+                Finding("reply", "a@b.be", "aan-de-slag", "ACCEPTED", sender="fwd@example.org"),
                 Finding("delay", "c@d.be", status="4.2.2", diagnostic="mailbox full"),
             ],
             ledger,
@@ -616,16 +643,26 @@ def test_apply_lines(campaign: Campaign) -> None:
             "<m@x>",
             NOW,
         )
-        assert lines == [
-            "reply: a@b.be declined aan-de-slag",
-            "delay: c@d.be 4.2.2 mailbox full (recorded only)",
+        assert done == [
+            ("reply", "reply: jan@example.be declined aan-de-slag"),
+            (
+                "unmatched",
+                "unmatched reply: a@b.be accepted aan-de-slag: no invitation to aan-de-slag with a "
+                "calendar was sent to a@b.be (the mail came from fwd@example.org); not applied to anyone",
+            ),
+            ("delay", "delay: c@d.be 4.2.2 mailbox full (recorded only)"),
         ]
         assert ledger.inbox_seen("<m@x>")
         assert ledger.suppressed() == {}
+        assert ledger.answers(campaign.id) == {("aan-de-slag", "jan@example.be"): "DECLINED"}
+        [row] = ledger.unmatched_replies()
+        assert (row["attendee"], row["sender"], row["message_id"]) == ("a@b.be", "fwd@example.org", "<m@x>")
+        kind = ledger.conn.execute("SELECT kind FROM inbox WHERE message_id='<m@x>'").fetchone()
+        assert kind == ("reply+unmatched+delay",)
 
 
 def test_cli_inbox(tmp_path: Path, campaign: Campaign) -> None:
-    Ledger.create(tmp_path / "m.db").close()  # only send/run create one
+    ledger_with_deliveries(tmp_path / "m.db", campaign).close()  # only send/run create one
     from click.testing import CliRunner
 
     from mailer.cli import cli

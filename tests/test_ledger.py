@@ -49,11 +49,11 @@ def outcome(
 
 def test_file_is_wal_with_schema_version(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as led:
-        assert led.schema_version == 3
+        assert led.schema_version == SCHEMA_VERSION
         assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # reopening keeps the data and the version
     with Ledger(tmp_path / "l.db") as led:
-        assert led.schema_version == 3
+        assert led.schema_version == SCHEMA_VERSION
 
 
 def test_claim_then_sent_records_attempt(tmp_path: Path) -> None:
@@ -367,6 +367,7 @@ def make_v1(path: Path, seed: int = 6, n: int = 150) -> dict[tuple[str, str, str
         for (name,) in c.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
             c.execute(f"DROP TRIGGER {name}")
         c.execute("DROP TABLE delivery_counts")
+        c.execute("DROP TABLE unmatched_replies")  # version 4
         c.execute("ALTER TABLE replies DROP COLUMN sequence")  # version 3
         c.execute("DROP INDEX deliveries_by_message_id")
         c.execute("CREATE INDEX deliveries_status_only ON deliveries (status, campaign)")
@@ -386,12 +387,13 @@ def test_version_2_ledger_gets_reply_sequences(tmp_path: Path) -> None:
         random_operations(led, random.Random(3), 80, lambda: None)
         led.record_reply("c", "ev", "ann@example.org", "ACCEPTED", when, "<a@x>", 4)
         c = led.conn
+        c.execute("DROP TABLE unmatched_replies")  # version 4
         c.execute("ALTER TABLE replies DROP COLUMN sequence")
         c.execute("CREATE INDEX deliveries_by_status ON deliveries (campaign, step, status)")
         c.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
         before = counts(c)
     with Ledger(db) as led:
-        assert led.schema_version == 3
+        assert led.schema_version == SCHEMA_VERSION
         names = {r[0] for r in led.conn.execute("SELECT name FROM sqlite_master")}
         assert "deliveries_by_status" not in names and "delivery_counts_insert" in names
         assert counts(led.conn) == before == group_by(led.conn)
@@ -404,7 +406,7 @@ def test_version_1_ledger_is_migrated(tmp_path: Path) -> None:
     truth = make_v1(db)
     assert truth and sum(truth.values()) > 30
     with Ledger(db) as led:
-        assert led.schema_version == 3
+        assert led.schema_version == SCHEMA_VERSION
         assert counts(led.conn) == truth == group_by(led.conn)
         assert led.summary() == expected_summary(led.conn)
         names = {r[0] for r in led.conn.execute("SELECT name FROM sqlite_master")}
@@ -481,13 +483,15 @@ def test_concurrent_opens_migrate_once(tmp_path: Path) -> None:
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "l.db"
     with Ledger(db) as led:
-        led.conn.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
+        led.conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
     with pytest.raises(
-        LedgerError, match=r"ledger is schema 4, newer than this mailer reads \(3\); upgrade mailer"
+        LedgerError,
+        match=rf"ledger is schema {SCHEMA_VERSION + 1}, newer than this mailer reads \({SCHEMA_VERSION}\); upgrade",
     ):
         Ledger(db)
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("4",)
+    newer = (str(SCHEMA_VERSION + 1),)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == newer
     conn.close()
 
 
@@ -595,6 +599,7 @@ def test_only_create_makes_a_file(tmp_path: Path) -> None:
 def _v2_file(path: Path) -> None:
     """A ledger as schema 2 left it (the version-3 step not applied)."""
     with Ledger.create(path) as led:
+        led.conn.execute("DROP TABLE unmatched_replies")  # version 4
         led.conn.execute("ALTER TABLE replies DROP COLUMN sequence")
         led.conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
         led.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -605,7 +610,8 @@ def test_read_never_migrates_and_never_writes(tmp_path: Path) -> None:
     _v2_file(db)
     before = db.read_bytes()
     with pytest.raises(
-        LedgerError, match=r"ledger is schema 2, this mailer reads 3; upgrade it with `mailer send`"
+        LedgerError,
+        match=rf"ledger is schema 2, this mailer reads {SCHEMA_VERSION}; upgrade it with `mailer send`",
     ):
         Ledger.read(db)
     assert db.read_bytes() == before
