@@ -420,6 +420,13 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
     if result.stopped:
         err.print("Stopped before everything due was sent; the rest goes out on the next pass.", markup=False)
         raise SystemExit(1)
+    if result.unreachable and not result.counts["sent"]:
+        # Nothing could go out: exit 1, so a cron job or a script sees it (issue 12).
+        wake = result.next_wake.astimezone(c.timezone) if result.next_wake else None
+        later = f" to {wake:%a %Y-%m-%d %H:%M:%S %Z}" if wake else ""
+        n = result.counts["deferred"]
+        err.print(f"{result.unreachable}; {n} mail(s) deferred{later}", markup=False)
+        raise SystemExit(1)
 
 
 for _command in (status, log, export, retry, suppress, inbox, dashboard):

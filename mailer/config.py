@@ -129,6 +129,7 @@ class SmtpSettings:
     rate: float | None = None  # messages per second across all connections
     per_hour: int | None = None
     local_hostname: str | None = None
+    allow_plaintext_login: bool = False  # a login over tls: none to a host other than loopback
 
 
 @dataclass(frozen=True)
@@ -385,6 +386,7 @@ def _build(m: CampaignModel, path: Path, problem: Callable[[YamlPath, str], Prob
             rate=m.smtp.rate,  # type: ignore[arg-type]  # normalised to float by validator
             per_hour=m.smtp.per_hour,
             local_hostname=m.smtp.local_hostname,
+            allow_plaintext_login=m.smtp.allow_plaintext_login,
         ),
         delivery=Delivery(
             late_after=parse_duration(d.late_after),

@@ -60,6 +60,8 @@ class PassResult:
     plan: Plan | None = field(default=None, repr=False)
     stopped: bool = False
     revisions: list[tuple[planner.Revision, int]] = field(default_factory=list)
+    #: Why the SMTP server could not be reached (the rest of the pass was deferred), or None.
+    unreachable: str | None = None
 
     def __getitem__(self, key: str) -> int:
         return self.counts[key]
@@ -262,6 +264,7 @@ class _Delivery:
             raise
         finally:
             await self._finish(producer, watcher)
+            sp.result.unreachable = self.transport.unreachable
         if self.failure is not None:
             raise self.failure
 

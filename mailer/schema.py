@@ -93,6 +93,9 @@ class _SmtpModel(_Model):
     rate: str | float | None = None
     per_hour: int | None = Field(default=None, ge=1)
     local_hostname: str | None = None
+    #: With ``tls: none``, a login (MAILER_SMTP_USER) to a host other than loopback is refused
+    #: unless this is true: the password would cross the network in clear text.
+    allow_plaintext_login: bool = False
 
     @field_validator("rate")
     @classmethod

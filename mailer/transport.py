@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import inspect
+import ipaddress
+import re
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -26,10 +30,14 @@ __all__ = [
     "Transport",
     "TransportSettings",
     "classify",
+    "is_loopback",
     "protocol_wire",
 ]
 #: Replies that mean "you are going too fast / I am overloaded": slow the whole transport.
 SLOW_DOWN_CODES = frozenset({421, 451, 452, 454})
+#: Replies to MAIL or RCPT that refuse us, not the recipient: a login is wanted (530, RFC 4954
+#: 6), the credentials are wrong (535) or the login needs encryption (538). The run stops.
+LOGIN_CODES = frozenset({530, 535, 538})
 _DEFAULT_PORTS = {"tls": 465, "starttls": 587, "none": 25}
 
 
@@ -67,8 +75,16 @@ class TransportSettings:
         password = environ.get("MAILER_SMTP_PASSWORD") or None
         if user and password is None:
             raise TransportFatalError("MAILER_SMTP_USER is set but MAILER_SMTP_PASSWORD is not")
+        host = environ.get("MAILER_SMTP_HOST") or smtp.host
+        if user and tls == "none" and not smtp.allow_plaintext_login and not is_loopback(host):
+            raise TransportFatalError(
+                f"tls is none and a login is set (MAILER_SMTP_USER): the password would cross the "
+                f"network to {host} in clear text. Use tls: starttls or tls (MAILER_SMTP_TLS), or, on a "
+                "network you trust, write `allow_plaintext_login: true` under smtp: in schedules.yaml "
+                "(smtp.allow_plaintext_login). Nothing was sent."
+            )
         return cls(
-            host=environ.get("MAILER_SMTP_HOST") or smtp.host,
+            host=host,
             port=port,
             tls=tls,  # type: ignore[arg-type]
             username=user,
@@ -85,6 +101,22 @@ class TransportSettings:
         """Where we send, for logs (never the password)."""
         who = f"{self.username}@" if self.username else ""
         return f"smtp://{who}{self.host}:{self.port} (tls={self.tls})"
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` names this machine without a look-up: ``localhost`` (RFC 6761 6.3) or a
+    loopback address. Anything else may be across a network.
+
+    >>> [is_loopback(h) for h in ("localhost", "127.0.0.2", "[::1]", "10.0.0.1", "localhost.example.org")]
+    [True, True, True, False, False]
+    """
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -210,7 +242,10 @@ class Transport:
         self._connect_failures = 0
         self._data_path = data_path
         self._said_fallback = False
+        #: Why the rest of this run is deferred without trying: the server cannot be reached.
         self.unreachable: str | None = None
+        #: A session was opened in this run (the server is there, whatever it said later).
+        self.reached = False
         self._failures: list[BaseException] = []
         self._stopping = False
         #: Workers with a transaction under way (from MAIL until ``on_result`` returned).
@@ -224,7 +259,11 @@ class Transport:
     async def connect(self) -> aiosmtplib.SMTP:
         """Open, secure and authenticate one session.
 
-        :raises TransportFatalError: TLS or login failure (stop the run, nothing is sent).
+        STARTTLS is ours to start, not aiosmtplib's: a server that does not offer it stops the
+        run (aiosmtplib raises a bare SMTPException for it, which reads like "unreachable").
+
+        :raises TransportFatalError: TLS or login failure, STARTTLS or AUTH not offered (stop
+            the run, nothing is sent).
         :raises OSError / SMTPException: the server is unreachable (caller defers).
         """
         s = self.settings
@@ -232,7 +271,7 @@ class Transport:
             hostname=s.host,
             port=s.port,
             use_tls=s.tls == "tls",
-            start_tls=True if s.tls == "starttls" else False,
+            start_tls=False,
             validate_certs=True,
             tls_context=self._tls_context() if s.tls != "none" else None,
             timeout=s.timeout,
@@ -240,13 +279,25 @@ class Transport:
         )
         try:
             await client.connect()
-            if client.is_ehlo_or_helo_needed:  # no STARTTLS or login did it: we need the extensions
-                try:
-                    await client.ehlo()
-                except smtp_errors.SMTPHeloError:
-                    await client.helo()
+            await _hello(client)
+            if s.tls == "starttls":
+                if not client.supports_extension("starttls"):
+                    raise TransportFatalError(
+                        f"{s.describe()}: the server does not offer STARTTLS, so nothing was sent (never "
+                        "in clear text); check the port, or set MAILER_SMTP_TLS (smtp.tls) to tls"
+                    )
+                await client.starttls()
+                await _hello(client)  # RFC 3207 4.2: ask for the extensions again
             if s.username:
+                if not client.supports_extension("auth"):
+                    raise TransportFatalError(
+                        f"{s.describe()}: a login is set (MAILER_SMTP_USER) but the server does not offer "
+                        "AUTH" + (" over a plain connection; set MAILER_SMTP_TLS" if s.tls == "none" else "")
+                    )
                 await client.login(s.username, s.password or "")
+        except TransportFatalError:
+            await _quit(client)
+            raise
         except smtp_errors.SMTPAuthenticationError as exc:
             await _close(client)
             raise TransportFatalError(
@@ -264,6 +315,7 @@ class Transport:
                     "MAILER_SMTP_TLS and ca_file (certificates are always verified)"
                 ) from None
             raise
+        self.reached = True
         return client
 
     async def run(self, queue: asyncio.Queue[Outgoing | None], on_result: OnResult) -> None:
@@ -354,12 +406,14 @@ class Transport:
                 raise
             except (smtp_errors.SMTPException, OSError) as exc:
                 self._connect_failures += 1
-                text = f"cannot connect to {self.settings.host}:{self.settings.port}: {_root(exc)}"
-                if self._connect_failures >= 3:
-                    # Stop hammering a server that is down: the rest of this pass is deferred
-                    # and retried later with backoff.
+                nobody, text = _why_unreachable(exc, self.settings)
+                if (nobody and not self.reached) or self._connect_failures >= 3:
+                    # Stop hammering a server that is down (or not there at all: refused, no
+                    # answer, no such host): the rest of this pass is deferred and retried
+                    # later with backoff.
+                    if self.unreachable is None:
+                        self._log(f"server unreachable, deferring the rest of this pass: {text}")
                     self.unreachable = text
-                    self._log(f"server unreachable, deferring the rest of this pass: {text}")
                 if isinstance(exc, smtp_errors.SMTPResponseException) and exc.code in SLOW_DOWN_CODES:
                     self.pacer.slow_down()
                 return Result(Attempt.DEFERRED, getattr(exc, "code", None), text), None
@@ -376,6 +430,10 @@ class Transport:
             reply = await _transaction(client, job, wire)
         except _Unsendable as exc:
             result = Result(Attempt.FAILED, None, str(exc))
+        except _NotLoggedIn as exc:
+            # Refused as a sender, not the recipient: every other mail would get the same.
+            await _quit(client)
+            raise TransportFatalError(self._login_hint(exc)) from None
         except _InDoubt as exc:
             # Out of step or lost with the payload on its way: the server may have the mail.
             # This connection cannot be trusted with another one.
@@ -385,7 +443,11 @@ class Transport:
         except (smtp_errors.SMTPServerDisconnected, smtp_errors.SMTPTimeoutError, OSError) as exc:
             # Lost before any byte of the payload was written: nothing can have been delivered.
             await _close(client)
-            return Result(Attempt.DEFERRED, None, f"connection lost before the message: {_root(exc)}"), None
+            return Result(
+                Attempt.DEFERRED,
+                None,
+                f"connection lost before the message: {_root(exc, self.settings.timeout)}",
+            ), None
         except smtp_errors.SMTPResponseException as exc:
             # A 4xx or 5xx in step: the transaction is over, the connection goes on.
             result = classify(exc.code, exc.message)
@@ -403,9 +465,32 @@ class Transport:
             self.pacer.ok()
         return result, client
 
+    def _login_hint(self, exc: _NotLoggedIn) -> str:
+        s, reply = self.settings, f"{exc.code} {exc.text}".strip()
+        said = f"{s.describe()}: the server answered {reply} to {exc.verb}"
+        if "starttls" in exc.text.lower():
+            what = "it wants STARTTLS first; set MAILER_SMTP_TLS (smtp.tls) to starttls"
+        elif exc.code == 538:
+            what = (
+                "the login needs an encrypted connection; set MAILER_SMTP_TLS (smtp.tls) to starttls or tls"
+            )
+        elif s.username is None:
+            what = "it wants a login; set MAILER_SMTP_USER and MAILER_SMTP_PASSWORD"
+        else:
+            what = "login refused; check MAILER_SMTP_USER and MAILER_SMTP_PASSWORD"
+        return f"{said}: {what}. The run stopped; what was not sent stays pending."
+
 
 class _Unsendable(Exception):
     """This message cannot go over this connection as it is (nothing was sent for it)."""
+
+
+class _NotLoggedIn(Exception):
+    """MAIL or RCPT answered with a :data:`LOGIN_CODES` reply: the server refuses us, not the recipient."""
+
+    def __init__(self, verb: str, code: int, text: str) -> None:
+        super().__init__(text)
+        self.verb, self.code, self.text = verb, code, text
 
 
 class _InDoubt(Exception):
@@ -511,7 +596,9 @@ async def _transaction(
     try:
         reply = await wire.read_response(timeout=client.timeout)
     except (smtp_errors.SMTPServerDisconnected, smtp_errors.SMTPTimeoutError, OSError) as exc:
-        raise _InDoubt(None, f"connection lost after the message was sent: {_root(exc)}") from None
+        raise _InDoubt(
+            None, f"connection lost after the message was sent: {_root(exc, client.timeout)}"
+        ) from None
     except smtp_errors.SMTPResponseException as exc:  # a line that is no reply, over-long
         raise _InDoubt(exc.code, f"no valid reply to the end of the message: {exc.message}") from None
     return _in_step(reply, wire, "the end of the message", range(200, 300))
@@ -524,7 +611,10 @@ async def _command(
         reply = await client.execute_command(*args)
     except smtp_errors.SMTPResponseException as exc:  # a line that is no reply, over-long
         raise _InDoubt(exc.code, f"no valid reply to {args[0].decode()}: {exc.message}") from None
-    return _in_step(reply, wire, args[0].decode(), expected)
+    verb = args[0].decode()
+    if reply.code in LOGIN_CODES and verb in ("MAIL", "RCPT") and not (wire is not None and wire.buffer):
+        raise _NotLoggedIn("MAIL FROM" if verb == "MAIL" else "RCPT TO", reply.code, reply.message)
+    return _in_step(reply, wire, verb, expected)
 
 
 def _in_step(
@@ -559,7 +649,7 @@ async def _public_data(client: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SM
             raise smtp_errors.SMTPResponseException(exc.code, exc.message) from None
         raise _InDoubt(exc.code, f"out of step: {exc.code} {exc.message} during DATA") from None
     except (smtp_errors.SMTPServerDisconnected, smtp_errors.SMTPTimeoutError, OSError) as exc:
-        raise _InDoubt(None, f"connection lost during DATA: {_root(exc)}") from None
+        raise _InDoubt(None, f"connection lost during DATA: {_root(exc, client.timeout)}") from None
     except smtp_errors.SMTPResponseException as exc:
         raise _InDoubt(exc.code, f"no valid reply during DATA: {exc.message}") from None
 
@@ -576,7 +666,65 @@ def _unstuff(payload: bytes) -> bytes:
     return body.replace(b"\r\n..", b"\r\n.")
 
 
-def _root(exc: BaseException) -> str:
+def _why_unreachable(exc: BaseException, s: TransportSettings) -> tuple[bool, str]:
+    """One line on why a session could not be opened, and whether nobody is there at all (no
+    such host, the port refused, no answer within the timeout) rather than a server that
+    answered with a refusal or went away (which may pass: another connection may get in).
+
+    >>> s = TransportSettings(host="mx.example", port=25, timeout=30.0)
+    >>> _why_unreachable(smtp_errors.SMTPConnectTimeoutError("Timed out"), s)
+    (True, 'no answer from mx.example:25 in 30 s')
+    >>> _why_unreachable(smtp_errors.SMTPConnectResponseError(421, "too busy"), s)
+    (False, 'could not reach mx.example:25: the server answered 421 too busy')
+    """
+    where = f"{s.host}:{s.port}"
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if isinstance(exc, smtp_errors.SMTPResponseException):
+        return False, f"could not reach {where}: the server answered {exc.code} {exc.message}".rstrip()
+    if any(isinstance(x, socket.gaierror) for x in chain):
+        dns = next(x for x in chain if isinstance(x, socket.gaierror))
+        return True, f"could not reach {where}: unknown host (DNS: {dns.strerror or dns})"
+    if any(isinstance(x, TimeoutError | asyncio.TimeoutError) for x in chain):
+        return True, f"no answer from {where} in {s.timeout:g} s"
+    if any(_refused(x) for x in chain):
+        return True, f"could not reach {where}: connection refused"
+    return False, f"could not reach {where}: {_root(exc)}"
+
+
+def _refused(exc: BaseException) -> bool:
+    """The port refused us; for a name with several addresses Python 3.11 raises one OSError
+    that lists each (``Multiple exceptions: [Errno 111] ...``): refused when all were."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    codes = re.findall(r"\[Errno (\d+)\]", str(exc))
+    return exc.errno == errno.ECONNREFUSED or (
+        bool(codes) and all(int(c) == errno.ECONNREFUSED for c in codes)
+    )
+
+
+async def _hello(client: aiosmtplib.SMTP) -> None:
+    """EHLO (HELO when refused), when the session has not said hello since it (re)started."""
+    if client.is_ehlo_or_helo_needed:
+        try:
+            await client.ehlo()
+        except smtp_errors.SMTPHeloError:
+            await client.helo()
+
+
+def _root(exc: BaseException, timeout: float | None = None) -> str:
+    """The first cause of ``exc``, as a line; a timeout as one (not the ``CancelledError`` that
+    asyncio's ``wait_for`` leaves at the root of aiosmtplib's timeout errors)."""
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, TimeoutError | asyncio.TimeoutError):
+            return f"no answer in {timeout:g} s" if timeout else "no answer within the timeout"
+        e = e.__cause__
     while exc.__cause__ is not None:
         exc = exc.__cause__
     return str(exc) or type(exc).__name__
