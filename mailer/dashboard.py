@@ -61,6 +61,7 @@ _TIME_COLUMNS: dict[str, frozenset[str]] = {
     "suppressions": frozenset({"at"}),
     "revisions": frozenset({"at"}),
     "replies": frozenset({"at"}),
+    "unmatched_replies": frozenset({"at"}),
 }
 
 

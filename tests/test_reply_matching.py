@@ -157,6 +157,31 @@ def test_a_reply_from_someone_not_invited_is_recorded_unmatched(tmp_path: Path) 
     assert "c.mertens@example.be" in done.stdout and "Replies we could not match" in done.stdout
 
 
+async def test_the_dashboard_shows_unmatched_replies_and_counts_each_invitee_once(tmp_path: Path) -> None:
+    pytest.importorskip("datasette")
+    from mailer.dashboard import DATABASE, create
+
+    ev = CAMPAIGN.event("aan-de-slag")
+    db = tmp_path / "mailer.db"
+    invited(db, CAMPAIGN, {CELINE: ev.id})
+    box = maildir(
+        tmp_path / "in",
+        reply_mail(reply_ics(ev.uid, OUTLOOK, "TENTATIVE"), "Celine.Mertens@Example.BE", mid="<1@o>"),
+        reply_mail(reply_ics(ev.uid, "mailto:celine.mertens@example.be", "DECLINED"), CELINE, mid="<2@o>"),
+        reply_mail(reply_ics(ev.uid, "mailto:c.mertens@example.be", "ACCEPTED"), "c.mertens@example.be"),
+    )
+    run_inbox(ROOT / "schedules.yaml", db, box, {}, NOW)
+    ds = create(db, timezone="Europe/Brussels")
+    rows = (await ds.client.get(f"/{DATABASE}/unmatched.json?_shape=array")).json()
+    assert [(r["Answered as"], r["Answer"], r["Received"]) for r in rows] == [
+        ("c.mertens@example.be", "coming", "2018-01-10 13:00:00 CET")
+    ]
+    assert "no invitation to aan-de-slag" in rows[0]["Why it was not matched"]
+    [answers] = (await ds.client.get(f"/{DATABASE}/answers.json?_shape=array")).json()
+    # two spellings of Celine: one answer; the alias's "coming" counts for nobody
+    assert (answers["Event"], answers["Answers"], answers["Coming"]) == ("aan-de-slag", 1, 0)
+
+
 # --------------------------------------------------------------------------------------
 # A version-3 ledger: its answers are re-keyed, duplicates merged.
 # --------------------------------------------------------------------------------------
