@@ -89,18 +89,22 @@ def cli() -> None:
 
 @cli.command()
 @config_option
+@click.option("--strict", is_flag=True, help="Treat warnings as errors (exit 1 when there are any).")
 @handle_errors
-def check(config_path: Path) -> None:
+def check(config_path: Path, strict: bool) -> None:
     """Validate schedules.yaml, the contact lists and the templates (rendering every mail),
-    and show the events, the steps with their send times and recipient counts.
+    warn about mistakes that would send the wrong thing, and show the events, the steps with
+    their send times and recipient counts.
 
-    Exits 1 when anything is wrong; every problem is listed at once.
+    Every problem of every stage is listed at once. Exits 1 with errors (or, with --strict,
+    warnings), 0 with warnings only.
     """
     from .compose import Composer
     from .config import Step
     from .contacts import Contact
     from .errors import TemplateError
-    from .workspace import load_workspace
+    from .review import review
+    from .workspace import survey
 
     def render_problems(step: Step, contact: Contact) -> list[tuple[str, str | None]]:
         """Compose as a pass would: each problem's text and its template's language, if any."""
@@ -112,9 +116,11 @@ def check(config_path: Path) -> None:
             return [(line, None) for line in str(exc).splitlines()]
         return []
 
-    ws = load_workspace(config_path)
+    ws, problems = survey(config_path)
+    if ws is None:  # schedules.yaml has errors: every other stage's problems are in the list too
+        _verdict(problems, strict)
+        return
     c = ws.campaign
-    problems = list(ws.problems)
     composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
     counts: dict[str, int] = {}
     # A template (or one language of it) with a blocking problem is already reported; rendering
@@ -184,11 +190,19 @@ def check(config_path: Path) -> None:
             lists[name] = lists.get(name, 0) + 1
     out.print(f"{len(ws.contacts)} contacts: " + ", ".join(f"{k} {v}" for k, v in sorted(lists.items())))
     _pending_changes(c)
+    _verdict([*problems, *review(ws)], strict)
+
+
+def _verdict(problems: list[Problem], strict: bool) -> None:
+    """Print every problem, then the count; exit 1 with errors (with ``strict``, warnings)."""
     print_problems(problems)
     n_err = sum(p.severity == "error" for p in problems)
     n_warn = len(problems) - n_err
     if n_err:
         err.print(f"{n_err} error(s), {n_warn} warning(s).", markup=False)
+        raise SystemExit(1)
+    if strict and n_warn:
+        err.print(f"{n_warn} warning(s) (--strict: warnings are errors).", markup=False)
         raise SystemExit(1)
     out.print(f"OK: {n_warn} warning(s).")
 

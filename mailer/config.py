@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from functools import cached_property
@@ -28,6 +29,7 @@ __all__ = [
     "SmtpSettings",
     "Step",
     "Unsubscribe",
+    "contact_files",
     "load",
     "loads",
 ]
@@ -193,15 +195,7 @@ class Campaign:
 
     def contact_files(self) -> dict[str, list[Path]]:
         """Files matched by each ``contacts:`` glob (relative globs from the config's folder)."""
-        out: dict[str, list[Path]] = {}
-        for pattern in self.contacts:
-            p = Path(pattern)
-            if p.is_absolute():
-                found = Path(p.anchor).glob(str(p.relative_to(p.anchor)))
-            else:
-                found = self.base_dir.glob(pattern)
-            out[pattern] = sorted(m.resolve() for m in found if m.is_file())
-        return out
+        return contact_files(self.base_dir, self.contacts)
 
     def contact_paths(self) -> list[Path]:
         """Contact files matched by the ``contacts:`` globs, in order, without repeats."""
@@ -210,6 +204,19 @@ class Campaign:
             for m in matches:
                 seen.setdefault(m, None)
         return list(seen)
+
+
+def contact_files(base_dir: Path, patterns: Iterable[str]) -> dict[str, list[Path]]:
+    """Files matched by each ``contacts:`` glob (relative globs from ``base_dir``)."""
+    out: dict[str, list[Path]] = {}
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_absolute():
+            found = Path(p.anchor).glob(str(p.relative_to(p.anchor)))
+        else:
+            found = base_dir.glob(pattern)
+        out[pattern] = sorted(m.resolve() for m in found if m.is_file())
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -250,8 +257,75 @@ def loads(text: str, path: str | Path = "schedules.yaml") -> Campaign:
                 msg = "required key is missing"
             loc = tuple("from" if p == "from_" else p for p in loc)
             problems.append(problem(loc, msg))
+        # Every problem at once (issue 12): what the later stages (times, events, steps) find
+        # in the parts of the file the schema accepted, so one run shows everything.
+        problems += _beyond_schema(data, exc, path, problem)
         raise ConfigError(problems) from None
     return _build(model, path, problem)
+
+
+#: Stand-ins for required keys the schema refused, used only to look further for problems
+#: (a campaign built with them is never returned).
+_STAND_INS: dict[str, Any] = {
+    "campaign": "campaign",
+    "timezone": "UTC",
+    "sender": {"from": "sender@example.org"},
+}
+
+
+def _beyond_schema(
+    data: dict[str, Any], exc: ValidationError, path: Path, problem: Callable[[YamlPath, str], Problem]
+) -> list[Problem]:
+    """The problems :func:`_build` finds once the parts the schema refused are set aside: a
+    refused top-level value falls back to its default (or a stand-in), an unknown key in an
+    event or step is dropped, and an event or step with any other schema error is left out
+    (steps of a left-out event are not "unknown"). Problems keep the lines of the real file."""
+    data = copy.deepcopy(data)
+    kept = {k: list(range(len(data[k]))) for k in ("events", "steps") if isinstance(data.get(k), list)}
+    set_aside: set[str] = set()
+    errors = exc.errors()
+    for _ in range(3):  # a repair can reveal a deeper error of the same item; a few rounds do
+        drop: dict[str, set[int]] = {"events": set(), "steps": set()}
+        for err in errors:
+            loc = tuple("from" if p == "from_" else p for p in err["loc"])
+            head = str(loc[0]) if loc else ""
+            if head in kept and len(loc) >= 2 and isinstance(loc[1], int):
+                item = data[head][loc[1]]
+                if err["type"] == "extra_forbidden" and len(loc) == 3 and isinstance(item, dict):
+                    item.pop(loc[2], None)
+                else:
+                    drop[head].add(loc[1])
+            elif err["type"] == "extra_forbidden" and len(loc) == 1:
+                data.pop(head, None)
+            elif head in CampaignModel.model_fields and not CampaignModel.model_fields[head].is_required():
+                data.pop(head, None)
+            elif head in _STAND_INS:
+                data[head] = copy.deepcopy(_STAND_INS[head])
+            else:
+                return []  # events:/steps:/contacts: themselves unusable: nothing more to learn
+        for head, gone in drop.items():
+            for i in sorted(gone, reverse=True):
+                item = data[head].pop(i)
+                del kept[head][i]
+                if head == "events" and isinstance(item, dict) and isinstance(item.get("id"), str):
+                    set_aside.add(item["id"])
+        try:
+            model = CampaignModel.model_validate(data)
+        except ValidationError as again:
+            errors = again.errors()
+            continue
+
+        def at(loc: YamlPath, msg: str) -> Problem:
+            if len(loc) >= 2 and loc[0] in kept and isinstance(loc[1], int):
+                loc = (loc[0], kept[str(loc[0])][loc[1]], *loc[2:])
+            return problem(loc, msg)
+
+        try:
+            _build(model, path, at, set_aside=frozenset(set_aside))
+        except ConfigError as more:
+            return more.problems
+        return []
+    return []
 
 
 def _step_id(data: dict[str, Any], loc: YamlPath) -> str | None:
@@ -265,7 +339,18 @@ def _step_id(data: dict[str, Any], loc: YamlPath) -> str | None:
     return sid if isinstance(sid, str) else None
 
 
-def _build(m: CampaignModel, path: Path, problem: Callable[[YamlPath, str], Problem]) -> Campaign:
+def _build(
+    m: CampaignModel,
+    path: Path,
+    problem: Callable[[YamlPath, str], Problem],
+    *,
+    set_aside: frozenset[str] = frozenset(),
+) -> Campaign:
+    """The campaign ``m`` describes. ``set_aside``: ids of events refused by the schema (steps
+    naming them are not reported again as naming an unknown event).
+
+    :raises ConfigError: with every problem found.
+    """
     problems: list[Problem] = []
 
     def bad(loc: YamlPath, msg: str) -> None:
@@ -278,7 +363,9 @@ def _build(m: CampaignModel, path: Path, problem: Callable[[YamlPath, str], Prob
             ("timezone",),
             f"unknown time zone {m.timezone!r}; use an IANA name such as Europe/Brussels",
         )
-        raise ConfigError(problems) from None
+        # Go on in UTC to find every other problem at once (issue 12); the error above keeps
+        # this campaign from being returned. UTC has no gaps or overlaps, so no false ones.
+        tz = ZoneInfo("UTC")
 
     base = path.parent
     sender = Sender(
@@ -312,7 +399,7 @@ def _build(m: CampaignModel, path: Path, problem: Callable[[YamlPath, str], Prob
             continue
         seen_steps[s.id] = i
         if s.event not in by_id:
-            if s.event not in seen:  # not a follow-on error of a bad event
+            if s.event not in seen and s.event not in set_aside:  # not a follow-on error
                 known = ", ".join(sorted(seen)) or "none"
                 bad((*loc, "event"), f"unknown event {s.event!r}; known events: {known}")
             continue

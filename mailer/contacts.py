@@ -16,7 +16,7 @@ from email_validator import EmailNotValidError, validate_email
 from .csvcells import unprotect_row
 from .errors import ContactsError, HasProblems, Problem, display_path
 
-__all__ = ["Contact", "ContactList", "load_contacts", "normalise_address"]
+__all__ = ["Contact", "ContactList", "InvalidContact", "load_contacts", "normalise_address"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,27 @@ class Contact:
         return f"{self.file}:row {self.row}" if self.row is not None else self.file
 
 
+@dataclass(frozen=True)
+class InvalidContact:
+    """A row whose address cannot be mailed. It is left out of sending and recorded in the
+    ledger as ``invalid`` (with ``reason``) in every step whose lists/tags would include it, so
+    staff see who was never invited and why. ``email`` is the address as written, trimmed."""
+
+    email: str
+    name: str
+    reason: str
+    lists: frozenset[str] = frozenset()
+    tags: frozenset[str] = frozenset()
+
+
 @dataclass
 class ContactList(HasProblems):
-    """What loading gives: the usable contacts (sorted by email) and every problem found."""
+    """What loading gives: the usable contacts (sorted by email), the rows whose address cannot
+    be used (:class:`InvalidContact`, in file order) and every problem found."""
 
     contacts: list[Contact]
     problems: list[Problem]
+    invalid: list[InvalidContact] = field(default_factory=list)
 
 
 # Header names (trimmed, lower-cased, inner whitespace collapsed) -> the column's role.
@@ -88,6 +103,7 @@ def load_contacts(paths: Iterable[Path], *, display_root: Path | None = None) ->
     """
     problems: list[Problem] = []
     by_email: dict[str, Contact] = {}
+    invalid: dict[str, InvalidContact] = {}
     seen: set[Path] = set()
     for path in map(Path, paths):
         if path.resolve() in seen:  # the same file twice would only produce duplicate warnings
@@ -96,8 +112,8 @@ def load_contacts(paths: Iterable[Path], *, display_root: Path | None = None) ->
         where = str(path) if display_root is None else display_path(path, display_root)
         text = _read_text(path, where, problems)
         if text is not None:
-            _parse(text, where, by_email, problems)
-    return ContactList(sorted(by_email.values(), key=lambda c: c.email), problems)
+            _parse(text, where, by_email, problems, invalid)
+    return ContactList(sorted(by_email.values(), key=lambda c: c.email), problems, list(invalid.values()))
 
 
 def _read_text(path: Path, where: str, problems: list[Problem]) -> str | None:
@@ -140,7 +156,13 @@ def _read_text(path: Path, where: str, problems: list[Problem]) -> str | None:
     return text
 
 
-def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[Problem]) -> None:
+def _parse(
+    text: str,
+    where: str,
+    by_email: dict[str, Contact],
+    problems: list[Problem],
+    invalid: dict[str, InvalidContact],
+) -> None:
     def report(row_no: int, message: str, fld: str = "", severity: _Severity = "warning") -> None:
         problems.append(Problem(where, message, fld, severity, row=row_no))
 
@@ -193,16 +215,24 @@ def _parse(text: str, where: str, by_email: dict[str, Contact], problems: list[P
             raw = row[i_email].strip()
             if not raw:
                 if any(c.strip() for c in row):  # blank lines and Excel's ';;;;' rows are fine
-                    report(row_no, "no email address; row skipped", "email", "error")
+                    report(row_no, "no email address; row skipped", "email")
                 continue
             try:
                 email = _address(raw)
             except EmailNotValidError as exc:
-                report(
-                    row_no,
-                    f"{raw!r} is not a usable email address ({str(exc).rstrip('.')}); row skipped",
-                    "email",
-                    "error",
+                # A warning, not an error: this one person cannot be mailed whatever happens,
+                # and the rest of the list can. The ledger records them as invalid (issue 12).
+                why = f"{raw!r} is not a usable email address ({str(exc).rstrip('.')})"
+                report(row_no, f"{why}; left out, recorded as invalid", "email")
+                invalid.setdefault(
+                    raw,
+                    InvalidContact(
+                        raw,
+                        _clean(row[i_name]) if i_name is not None else "",
+                        f"{where}:row {row_no}: {why}; fix the row",
+                        _labels(row[i_lists]) if i_lists is not None else frozenset(),
+                        _labels(row[i_tags]) if i_tags is not None else frozenset(),
+                    ),
                 )
                 continue
             name = row[i_name].strip() if i_name is not None else ""

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from .addresses import address_key
 from .config import Audience, Campaign, Delivery, Event, Step
-from .contacts import Contact
+from .contacts import Contact, InvalidContact
 from .store import RecordedRevision, Row
 from .vocab import FINAL, Answer, EventStatus, RevisionKind, Status, StepKind
 
@@ -55,7 +55,7 @@ class Skip:
     event: Event
     email: str
     name: str
-    status: Status  # skipped, suppressed or failed: a final status
+    status: Status  # skipped, suppressed, failed or invalid: a final status
     reason: str
 
 
@@ -207,6 +207,7 @@ def plan_step(
     replies: Mapping[tuple[str, str], str] | None = None,
     superseded_by: str | None = None,
     by_email: Mapping[str, Contact] | None = None,
+    invalid: Sequence[InvalidContact] = (),
 ) -> Plan:
     """Plan one step whose time has come (``step.at <= now``). See README "Delivery rules".
 
@@ -214,6 +215,9 @@ def plan_step(
     :param started_at: when a pass first handled this step (None: this is the first pass).
     :param replies: ``{(event, email): PARTSTAT}`` for ``audience.rsvp``.
     :param superseded_by: for an update/cancel step, the id of a later one for the same event.
+    :param invalid: contact rows whose address cannot be used: each one the step's lists/tags
+        include is recorded ``invalid`` with its reason (never for updates and cancellations,
+        which go only to people who got the calendar entry).
     """
     out = plan if plan is not None else Plan()
     event = campaign.event(step.event)
@@ -293,6 +297,14 @@ def plan_step(
         else:
             out.due.append(Due(step, event, c, row))
 
+    for bad in () if dynamic else invalid:
+        if not step.audience.matches(bad.lists, bad.tags) or bad.email in in_audience:
+            continue
+        in_audience.add(bad.email)
+        row = rows.get(bad.email)
+        if row is None or row.status not in FINAL:
+            skip(bad.email, bad.name, Status.INVALID, bad.reason)
+
     for email, row in rows.items():
         if email not in in_audience and row.status not in FINAL:
             why = "no longer in the step's audience (removed from the contacts or lists)"
@@ -313,11 +325,13 @@ def plan(
     only_steps: Iterable[str] | None = None,
     replies: Mapping[tuple[str, str], str] | None = None,
     dynamic: Sequence[Step] = (),
+    invalid: Sequence[InvalidContact] = (),
 ) -> Plan:
     """Plan every step of ``campaign`` at ``now``, then the update/cancel steps ``dynamic``.
 
     ``rows_for(step_id)`` returns that step's ledger rows; it is called only for steps whose
-    time has come, so memory holds one step's rows at a time.
+    time has come, so memory holds one step's rows at a time. ``invalid``: contact rows whose
+    address cannot be used, recorded ``invalid`` in each due step that would include them.
     """
     wanted = set(only_steps) if only_steps is not None else None
     out = Plan()
@@ -338,6 +352,7 @@ def plan(
             now,
             out,
             replies=replies,
+            invalid=invalid,
         )
     latest: dict[str, Step] = {}
     for step in dynamic:  # ordered oldest first

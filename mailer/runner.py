@@ -173,6 +173,7 @@ class SendPass:
             only_steps=self.steps,
             replies=self.store.answers(cid),
             dynamic=dynamic,
+            invalid=self.ws.invalid,
         )
         self.result.due, self.result.plan, self.result.next_wake = len(plan.due), plan, plan.next_wake
         return plan

@@ -131,22 +131,29 @@ def test_source_is_relative_to_display_root_or_as_given(tmp_path: Path) -> None:
 # --- addresses ------------------------------------------------------------------------------
 
 
-def test_bad_address_is_an_error_with_file_and_row_and_the_row_is_skipped(tmp_path: Path) -> None:
-    text = "email,name\nan@example.be,An\nnot-an-address,Bert\njan@example,Jan\nzoe@example.org,Zoë\n"
+def test_bad_address_is_a_warning_with_file_and_row_and_the_row_is_kept_as_invalid(tmp_path: Path) -> None:
+    """Issue 12: a warning (the rest of the list can be sent), and the row is kept as invalid
+    (the address as written, trimmed, with its lists) so the ledger can record it."""
+    text = "email,name,lists\nan@example.be,An,a\n not-an-address ,Bert,a;b\njan@example,Jan,\nzoe@example.org,Zoë,\n"
     result = load(tmp_path, write(tmp_path, "x.csv", text))
     assert [c.email for c in result.contacts] == ["an@example.be", "zoe@example.org"]
     assert [(p.where, p.severity, p.field) for p in result.problems] == [
-        ("x.csv:row 3", "error", "email"),
-        ("x.csv:row 4", "error", "email"),
+        ("x.csv:row 3", "warning", "email"),
+        ("x.csv:row 4", "warning", "email"),
     ]
+    assert [(i.email, i.name, i.lists) for i in result.invalid] == [
+        ("not-an-address", "Bert", frozenset({"a", "b"})),
+        ("jan@example", "Jan", frozenset()),
+    ]
+    assert result.invalid[0].reason.startswith("x.csv:row 3: 'not-an-address' is not a usable email address")
     assert "'not-an-address'" in result.problems[0].message
     assert "@-sign" in result.problems[0].message  # the library's reason is passed on
 
 
-def test_row_without_address_is_an_error(tmp_path: Path) -> None:
+def test_row_without_address_is_a_warning(tmp_path: Path) -> None:
     result = load(tmp_path, write(tmp_path, "x.csv", "email,name\n,An\n"))
-    [error] = result.errors
-    assert error.where == "x.csv:row 2"
+    [warning] = result.warnings
+    assert warning.where == "x.csv:row 2" and not result.errors
 
 
 def test_domain_is_lowercased_and_idn_normalised(tmp_path: Path) -> None:

@@ -1,0 +1,214 @@
+"""What check warns about: mistakes that send the wrong thing."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+from .config import Campaign, Step
+from .contacts import Contact
+from .errors import ConfigError, Problem, display_path
+from .vocab import Answer, StepKind
+from .workspace import Workspace
+from .yamlsource import YamlPath, fmt_path, line_for, load_yaml, read_yaml
+
+__all__ = ["review"]
+
+#: How many addresses a warning names before "and N more".
+EXAMPLES = 3
+
+
+def review(ws: Workspace) -> list[Problem]:
+    """Mistakes in a valid campaign that would send someone the wrong mail, or none: a step at
+    or after its event's start (an error: it can send nothing), a reminder to people no
+    invitation reaches, two invitations to the same people, a language with no template, the
+    organiser's own address among the contacts. Each names the file and line or row."""
+    c = ws.campaign
+    at = _Places(c)
+    audiences = {s.id: ws.audience(s) for s in c.steps}
+    return [
+        *_at_or_after_start(c, at),
+        *_reminders_beyond_invitations(c, audiences, at),
+        *_overlapping_invitations(c, audiences, at),
+        *_languages_without_template(ws, audiences),
+        *_organiser_among_contacts(c, audiences),
+    ]
+
+
+class _Places:
+    """Problems about steps, with the line of schedules.yaml they are on."""
+
+    def __init__(self, campaign: Campaign) -> None:
+        self.file = display_path(campaign.config_path)
+        self.lines: dict[YamlPath, int] = {}
+        self.index: dict[str, int] = {}
+        try:
+            data, self.lines = load_yaml(read_yaml(campaign.config_path), self.file)
+        except ConfigError:  # changed on disk since it was loaded: no lines, still the problem
+            return
+        steps = data.get("steps") if isinstance(data, dict) else None
+        for i, s in enumerate(steps if isinstance(steps, list) else []):
+            if isinstance(s, dict) and isinstance(s.get("id"), str):
+                self.index.setdefault(s["id"], i)
+
+    def problem(
+        self,
+        step: Step,
+        message: str,
+        key: str | None = None,
+        severity: Literal["error", "warning"] = "warning",
+    ) -> Problem:
+        i = self.index.get(step.id)
+        loc: YamlPath = ("steps", i) if i is not None else ()
+        if loc and key:
+            loc = (*loc, key)
+        return Problem(
+            self.file,
+            message,
+            fmt_path(loc),
+            severity,
+            line=line_for(self.lines, loc) if loc else None,
+            step=step.id,
+        )
+
+
+def _some(emails: Iterable[str]) -> str:
+    """``a, b, c and 4 more``."""
+    items = sorted(emails)
+    shown = ", ".join(items[:EXAMPLES])
+    return shown + (f" and {len(items) - EXAMPLES} more" if len(items) > EXAMPLES else "")
+
+
+def _keys(contacts: Iterable[Contact]) -> set[str]:
+    return {x.email.lower() for x in contacts}
+
+
+def _at_or_after_start(c: Campaign, at: _Places) -> Iterator[Problem]:
+    """A step at or after its event's start sends nothing: the planner skips every recipient
+    as "the event had started". An error, since it can never send a mail."""
+    for s in c.steps:
+        ev = c.event(s.event)
+        if s.at >= ev.start:
+            yield at.problem(
+                s,
+                f"{s.at:%Y-%m-%d %H:%M} is at or after event {ev.id} starts "
+                f"({ev.start:%Y-%m-%d %H:%M}{', all day' if ev.all_day else ''}): every recipient "
+                "would be skipped as 'the event had started', so this step sends nothing; "
+                "move it before the start",
+                "at",
+                "error",
+            )
+
+
+def _reminders_beyond_invitations(
+    c: Campaign, audiences: dict[str, list[Contact]], at: _Places
+) -> Iterator[Problem]:
+    """A reminder that reaches people none of the event's invitations reaches: they would be
+    reminded of an event they were never invited to. (A reminder only for people who answered
+    cannot reach anyone uninvited: only a ``no-reply`` or no ``rsvp`` filter can.)"""
+    for s in c.steps:
+        if s.kind is not StepKind.REMINDER:
+            continue
+        if s.audience.rsvp and Answer.NO_REPLY not in s.audience.rsvp:
+            continue
+        invited: set[str] = set()
+        for inv in c.steps:
+            if inv.event == s.event and inv.kind is StepKind.INVITATION:
+                invited |= _keys(audiences[inv.id])
+        extra = {x.email for x in audiences[s.id] if x.email.lower() not in invited}
+        if extra:
+            yield at.problem(
+                s,
+                f"reminder {s.id} reaches {len(extra)} contact(s) that no invitation of event "
+                f"{s.event} reaches ({_some(extra)}): they would be reminded of an event they were "
+                "never invited to; add their lists to an invitation's audience, or narrow the reminder's",
+            )
+
+
+def _overlapping_invitations(
+    c: Campaign, audiences: dict[str, list[Contact]], at: _Places
+) -> Iterator[Problem]:
+    """Two invitation steps of one event whose audiences share people: those get two
+    invitations (steps are sorted by time, so the later one is named)."""
+    by_event: dict[str, list[Step]] = defaultdict(list)
+    for s in c.steps:
+        if s.kind is StepKind.INVITATION:
+            by_event[s.event].append(s)
+    for event, steps in by_event.items():
+        for i, later in enumerate(steps):
+            mine = {x.email.lower(): x.email for x in audiences[later.id]}
+            for earlier in steps[:i]:
+                both = [mine[k] for k in _keys(audiences[earlier.id]) & mine.keys()]
+                if both:
+                    yield at.problem(
+                        later,
+                        f"invitations {earlier.id} and {later.id} of event {event} both go to "
+                        f"{len(both)} contact(s) ({_some(both)}): they would get two invitations; "
+                        "make the audiences disjoint (lists, tags), or make one a reminder (kind:)",
+                    )
+
+
+def _base(language: str) -> str:
+    return language.replace("-", "_").partition("_")[0].lower()
+
+
+def _languages_without_template(ws: Workspace, audiences: dict[str, list[Contact]]) -> Iterator[Problem]:
+    """Contacts whose language a template has no version in get the campaign language (French
+    contacts silently got Dutch): one warning per language, with the count and the templates."""
+    c, templates = ws.campaign, ws.templates
+    readers: dict[str, dict[str, Contact]] = defaultdict(dict)  # template -> contacts by key
+    calendar: dict[str, Contact] = {}
+    for s in c.steps:
+        for x in audiences[s.id]:
+            readers[s.template].setdefault(x.email.lower(), x)
+            if s.attach_ics:
+                calendar.setdefault(x.email.lower(), x)
+    for name in (c.update_template, c.cancel_template):  # everyone with a calendar entry
+        for k, x in calendar.items():
+            readers[name].setdefault(k, x)
+    # (contact language, language used) -> the templates and the contacts concerned
+    fallen: dict[tuple[str, str], tuple[dict[str, None], dict[str, None]]] = {}
+    for name, contacts in readers.items():
+        if not templates.languages(name):
+            continue  # a missing template is a problem of its own
+        for x in contacts.values():
+            if not x.language:
+                continue
+            used = templates.language_for(name, x.language)
+            if used is not None and _base(used) != _base(x.language):
+                names, emails = fallen.setdefault((_base(x.language), used), ({}, {}))
+                names[name] = None
+                emails[x.email] = None
+    for (language, used), (names, emails) in sorted(fallen.items()):
+        listed = ", ".join(names)
+        yield Problem(
+            display_path(templates.root),
+            f"{len(emails)} contact(s) with language {language} get mails in {used} "
+            f"({_some(emails)}): template(s) {listed} have no {language} version; add "
+            f"<template>/{language}/ to each, or write {used} in their language column",
+            severity="warning",
+            template=next(iter(names)) if len(names) == 1 else None,
+            language=language,
+        )
+
+
+def _organiser_among_contacts(c: Campaign, audiences: dict[str, list[Contact]]) -> Iterator[Problem]:
+    """The organiser's (or sender's) own address in a step's audience: it would be invited to
+    its own meeting, and its calendar would take the invitation for an answer."""
+    own = {c.sender.address.lower(): "sender.from", c.sender.organizer.lower(): "sender.organizer"}
+    seen: set[str] = set()
+    for s in c.steps:
+        for x in audiences[s.id]:
+            key = x.email.lower()
+            if key in own and key not in seen:
+                seen.add(key)
+                yield Problem(
+                    x.file,
+                    f"{x.email} is the organiser's own address ({own[key]} in schedules.yaml): it "
+                    "would be invited to its own meeting; remove the row",
+                    "email",
+                    "warning",
+                    row=x.row,
+                    step=s.id,
+                )
