@@ -19,6 +19,7 @@ import yaml
 from markupsafe import Markup, escape
 
 from . import dashboard_events as events
+from .dashboard_guard import HOSTS_ENV, CsvCells, HostNames, is_csv_request
 from .errors import MailerError
 from .ledger import CURRENT_REPLY, Ledger
 
@@ -61,7 +62,6 @@ _TIME_COLUMNS: dict[str, frozenset[str]] = {
     "suppressions": frozenset({"at"}),
     "revisions": frozenset({"at"}),
     "replies": frozenset({"at"}),
-    "unmatched_replies": frozenset({"at"}),
 }
 
 
@@ -339,14 +339,36 @@ _POST_PATHS = frozenset({"/-/login", "/-/logout"})
 
 
 def asgi_wrapper(datasette: Any) -> Callable[[Any], Any]:
-    """Refuse every request that is not a read (405), except logging in and out.
+    """Refuse a request for another Host name (400), and every request that is not a read (405)
+    except logging in and out; protect the cells of CSV downloads.
 
-    Datasette 0.65 has no write API, but a plugin installed next to it could add one (and
-    Datasette 1.0 has one); this keeps the dashboard read-only at the HTTP level too.
+    The Host check stops DNS rebinding: a web page whose name was made to resolve to 127.0.0.1
+    would otherwise read the dashboard as its own site (issue 12). Datasette 0.65 has no write
+    API, but a plugin installed next to it could add one (and Datasette 1.0 has one); this keeps
+    the dashboard read-only at the HTTP level too. A CSV cell that starts with = + - @ tab or CR
+    gets a leading ' so that a spreadsheet shows it instead of running it (mailer/csvcells.py).
     """
+    hosts = HostNames.from_json((datasette.plugin_config(_PLUGIN) or {}).get("hosts"))
 
     def wrap(app: Any) -> Any:
         async def read_only(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                host = [v for k, v in scope.get("headers", []) if k == b"host"]
+                if len(host) != 1 or not hosts.allows(host[0].decode("latin-1")):
+                    shown = host[0].decode("latin-1")[:80] if len(host) == 1 else "(none)"
+                    body = (
+                        f"400: Host {shown} refused: this dashboard answers only to {hosts.describe()} "
+                        f"(DNS rebinding protection; more names: {HOSTS_ENV})\n"
+                    ).encode()
+                    headers = [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"x-content-type-options", b"nosniff"),
+                    ]
+                    await send({"type": "http.response.start", "status": 400, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                if is_csv_request(scope):
+                    send = CsvCells(send)
             if (
                 scope["type"] == "http"
                 and scope["method"] not in ("GET", "HEAD", "OPTIONS")
@@ -389,11 +411,15 @@ def create(
     timezone: str = "UTC",
     password_hash: str | None = None,
     plan: events.Plan | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
 ) -> Datasette:
     """A Datasette over ``db`` (opened read-only, named ``ledger``) with our metadata.
 
     ``plan`` (``Plan.of(campaign)``) gives the event pages the campaign's events and configured
     steps, so they can show steps whose time has not come; without it they show the ledger alone.
+    It answers only to the Host names of ``host`` and ``port`` as served (loopback's by default;
+    port None: any port), plus those in MAILER_DASHBOARD_HOSTS: a guard against DNS rebinding.
 
     Arbitrary SQL (Datasette's ``execute-sql``) is denied unless ``allow_sql``; even then
     Datasette accepts only SELECT statements and the connection is read-only. With
@@ -412,6 +438,9 @@ def create(
         metadata["allow_sql"] = False
     if plan is not None:
         metadata["plugins"][_PLUGIN]["plan"] = plan.to_json()
+    # The Host names it answers to (``host`` and ``port`` as served; port None: any port).
+    names = HostNames.serving(host, port, os.environ.get(HOSTS_ENV, "").split(","))
+    metadata["plugins"][_PLUGIN]["hosts"] = names.to_json()
     if password_hash:
         try:
             import datasette_auth_passwords  # noqa: F401  (registers the login page)
@@ -496,7 +525,15 @@ def serve(
             f"to the hash it prints, and log in as {ACCOUNT!r}. Without --host the dashboard "
             "listens on 127.0.0.1 only."
         )
-    ds = create(db, allow_sql=allow_sql, timezone=timezone, password_hash=password_hash, plan=plan)
+    ds = create(
+        db,
+        allow_sql=allow_sql,
+        timezone=timezone,
+        password_hash=password_hash,
+        plan=plan,
+        host=host,
+        port=port,
+    )
     _check_port(host, port)
     import uvicorn
 

