@@ -99,65 +99,25 @@ def check(config_path: Path, strict: bool) -> None:
     Every problem of every stage is listed at once. Exits 1 with errors (or, with --strict,
     warnings), 0 with warnings only.
     """
-    from .compose import Composer
-    from .config import Step
-    from .contacts import Contact
-    from .errors import TemplateError
+    from .gate import check_workspace
     from .review import review
     from .workspace import survey
-
-    def render_problems(step: Step, contact: Contact) -> list[tuple[str, str | None]]:
-        """Compose as a pass would: each problem's text and its template's language, if any."""
-        try:
-            composer.compose(step, c.event(step.event), contact, when=step.at)
-        except TemplateError as exc:
-            return [(str(p).lstrip(": "), p.language) for p in exc.problems]
-        except MailerError as exc:
-            return [(line, None) for line in str(exc).splitlines()]
-        return []
 
     ws, problems = survey(config_path)
     if ws is None:  # schedules.yaml has errors: every other stage's problems are in the list too
         _verdict(problems, strict)
         return
     c = ws.campaign
-    composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
-    counts: dict[str, int] = {}
-    # A template (or one language of it) with a blocking problem is already reported; rendering
-    # it for every recipient would only repeat that. Decided on the problems' fields, never on
-    # their text (issue 11 item 7: a bad row in contacts/invite.csv hid template `invite`).
-    broken = {(p.template, p.language) for p in ws.blocking if p.template is not None}
-    seen: set[str] = set()
-    audiences = {step.id: ws.audience(step) for step in c.steps}
-    total = sum(len(a) for a in audiences.values())
-    # Rendering every mail of a large campaign takes a while: show how far it is (on a terminal).
-    with progress_bar("rendering every mail", disable=total < 2000) as bar:
-        task = bar.add_task("render", total=total)
-        for step in c.steps:
-            audience = audiences[step.id]
-            counts[step.id] = len(audience)
-            if (step.template, None) in broken:
-                bar.advance(task, len(audience))
-                continue
-            for contact in audience:
-                lang = ws.templates.language_for(step.template, contact.language)
-                if lang is None or (step.template, lang) in broken:  # no version: reported too
-                    bar.advance(task)
-                    continue
-                for line, language in render_problems(step, contact):
-                    if line not in seen:  # one report per distinct template problem
-                        seen.add(line)
-                        problems.append(
-                            Problem(
-                                contact.file,
-                                f"step {step.id}: {line}",
-                                row=contact.row,
-                                step=step.id,
-                                template=step.template,
-                                language=language,
-                            )
-                        )
-                bar.advance(task)
+    counts = {step.id: len(ws.audience(step)) for step in c.steps}
+    # Every mail of every step, and every update and cancellation (mailer.gate). Rendering a
+    # large campaign takes a while: show how far it is (on a terminal).
+    with progress_bar("rendering every mail", disable=sum(counts.values()) < 2000) as bar:
+        task = bar.add_task("render", total=None)
+        problems += check_workspace(
+            ws,
+            unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"),
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
 
     out.print(f"[bold]{c.name}[/bold] ({c.id}), time zone {c.timezone.key}, language {c.language}")
     out.print(f"From {c.sender.name} <{c.sender.address}>, organizer {c.sender.organizer}", markup=False)
@@ -422,7 +382,7 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
         out.print(due)
     parts = [
         f"{k} {result.counts[k]}"
-        for k in ("sent", "deferred", "failed", "skipped", "suppressed", "resent")
+        for k in ("sent", "deferred", "failed", "skipped", "suppressed", "resent", "held")
         if result.counts[k]
     ]
     out.print(
@@ -431,6 +391,16 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
     )
     if result.next_wake:
         out.print(f"Next send time: {when(result.next_wake.astimezone(c.timezone))}", markup=False)
+    if result.problems:  # the render gate held steps back (issue 12: nothing half-sent)
+        print_problems(result.problems)
+        steps = sorted({p.step for p in result.problems if p.step})
+        err.print(
+            f"Held {result.counts['held']} mail(s) of step(s) {', '.join(steps)}: a template above does "
+            "not render, so nothing of those steps was sent or recorded. Fix it, run `mailer check`, "
+            "then send again.",
+            markup=False,
+        )
+        raise SystemExit(1)
     if result.stopped:
         err.print("Stopped before everything due was sent; the rest goes out on the next pass.", markup=False)
         raise SystemExit(1)

@@ -13,7 +13,7 @@ from .config import Campaign, Event, Step
 from .contacts import Contact
 from .errors import ConfigError, MailerError, Problem
 from .planner import changes as planner_changes
-from .templates import Templates, context
+from .templates import Rendered, Templates, context
 from .vocab import StepKind
 
 __all__ = ["Composed", "Composer", "compose_batch", "init_worker"]
@@ -77,14 +77,6 @@ class Composer:
     ) -> Composed:
         """Compose a planned delivery: invitations and reminders as configured, updates with
         the list of changes, cancellations with METHOD:CANCEL (RFC 5546 3.2.5)."""
-        extra: dict[str, object] | None = None
-        if step.kind.revises:
-            before = self._snapshots.get((event.id, sequence - 1))
-            after = self._snapshots.get((event.id, sequence))
-            extra = {
-                "changes": planner_changes(json.loads(before), json.loads(after)) if before and after else [],
-                "sequence": sequence,
-            }
         return self.compose(
             step,
             event,
@@ -92,8 +84,27 @@ class Composer:
             when=when,
             sequence=sequence,
             method="CANCEL" if step.kind is StepKind.CANCEL else "REQUEST",
-            extra=extra,
+            extra=self._revision_extra(step, event, sequence),
         )
+
+    def render_due(self, step: Step, event: Event, contact: Contact, *, sequence: int) -> Rendered:
+        """The templates of :meth:`compose_due`, rendered with the very same variables, and
+        nothing else built (no calendar, no MIME): what the render gate checks.
+
+        :raises TemplateError: the template fails for this contact.
+        """
+        return self.render(step, event, contact, extra=self._revision_extra(step, event, sequence))
+
+    def _revision_extra(self, step: Step, event: Event, sequence: int) -> dict[str, object] | None:
+        """``changes`` and ``sequence`` for an update or cancellation (None for other steps)."""
+        if not step.kind.revises:
+            return None
+        before = self._snapshots.get((event.id, sequence - 1))
+        after = self._snapshots.get((event.id, sequence))
+        return {
+            "changes": planner_changes(json.loads(before), json.loads(after)) if before and after else [],
+            "sequence": sequence,
+        }
 
     def message_id(self, step: Step, email: str) -> str:
         return message.message_id(self.campaign.id, step.id, email, self.campaign.sender.domain)
@@ -127,16 +138,8 @@ class Composer:
 
         :raises TemplateError: the template fails for this contact.
         """
-        ctx = context(self.campaign, event, step, contact)
-        unsub_url = None
-        if self._secret and self.campaign.unsubscribe and self.campaign.unsubscribe.url:
-            unsub_url = unsubscribe.link(
-                self.campaign.unsubscribe.url, self._secret, self.campaign.id, contact.email
-            )
-            ctx["campaign"] = {**ctx["campaign"], "unsubscribe_url": unsub_url}
-        if extra:
-            ctx.update(extra)
-        rendered = self.templates.render(template or step.template, contact.language, ctx)
+        unsub_url = self._unsubscribe_url(contact)
+        rendered = self.render(step, event, contact, template=template, extra=extra, unsub_url=unsub_url)
         payload = None
         if self.has_ics(step):
             payload = self.prototype(event, method, sequence, when).for_attendee(contact.email, contact.name)
@@ -156,6 +159,37 @@ class Composer:
             unsubscribe_url=unsub_url,
         )
         return Composed(mid, contact.email, rendered.subject, data)
+
+    def render(
+        self,
+        step: Step,
+        event: Event,
+        contact: Contact,
+        *,
+        template: str | None = None,
+        extra: Mapping[str, object] | None = None,
+        unsub_url: str | None = None,
+    ) -> Rendered:
+        """The subject and bodies of :meth:`compose` for ``contact``: the one place the
+        template variables are put together, so the render gate checks what is sent.
+
+        :raises TemplateError: the template fails for this contact.
+        """
+        ctx = context(self.campaign, event, step, contact)
+        if unsub_url is None:
+            unsub_url = self._unsubscribe_url(contact)
+        if unsub_url is not None:
+            ctx["campaign"] = {**ctx["campaign"], "unsubscribe_url": unsub_url}
+        if extra:
+            ctx.update(extra)
+        return self.templates.render(template or step.template, contact.language, ctx)
+
+    def _unsubscribe_url(self, contact: Contact) -> str | None:
+        """The signed one-click link for ``contact`` (None without ``unsubscribe.url``)."""
+        unsub = self.campaign.unsubscribe
+        if not (self._secret and unsub and unsub.url):
+            return None
+        return unsubscribe.link(unsub.url, self._secret, self.campaign.id, contact.email)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,13 +14,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from . import planner
 from .clock import Clock, virtual_clock
 from .compose import Composer, compose_batch, init_worker
-from .errors import MailerError, TransportFatalError
+from .errors import MailerError, Problem, TransportFatalError
+from .gate import gate_due
 from .planner import Due, Plan
 from .store import Claim, Claimed, Decided, LedgerStore, NewRow, Outcome, RecordedRevision, Row
 from .transport import Outgoing, Result, Transport, TransportSettings
@@ -49,7 +50,7 @@ class Change:
 
 @dataclass
 class PassResult:
-    """What one pass did. ``counts`` has sent/deferred/failed/unknown/skipped/suppressed/resent."""
+    """What one pass did. ``counts`` has sent/deferred/failed/unknown/skipped/suppressed/resent/held."""
 
     now: datetime
     due: int = 0
@@ -60,6 +61,9 @@ class PassResult:
     plan: Plan | None = field(default=None, repr=False)
     stopped: bool = False
     revisions: list[tuple[planner.Revision, int]] = field(default_factory=list)
+    #: Why steps were held back by the render gate (template file and line, step); their
+    #: mails are counted as ``held``, and nothing of them was sent or recorded.
+    problems: list[Problem] = field(default_factory=list)
     #: Why the SMTP server could not be reached (the rest of the pass was deferred), or None.
     unreachable: str | None = None
 
@@ -100,12 +104,14 @@ class SendPass:
     # -- the pass -----------------------------------------------------------------------------
 
     async def run(self) -> PassResult:
-        """The pass. Commits, in this order: (1) event revisions with their pending updates,
-        (2) steps started, skipped/suppressed rows and pending rows, in :meth:`record_plan`;
-        then per batch (3) the claim (``sending``, with its Message-ID) before any of its DATA,
-        and (4) each outcome before that connection sends its next mail (:class:`_Delivery`)."""
+        """The pass. Nothing is written until every due mail has rendered (:meth:`gate`: a step
+        with one that does not is left out whole). Commits, in this order: (1) event revisions
+        with their pending updates, (2) steps started, skipped/suppressed rows and pending rows,
+        in :meth:`record_plan`; then per batch (3) the claim (``sending``, with its Message-ID)
+        before any of its DATA, and (4) each outcome before that connection sends its next mail
+        (:class:`_Delivery`)."""
         changes = self.revise()
-        plan = self.plan(changes)
+        plan = self.gate(self.plan(changes), changes)
         self.record_changes(changes)
         self.record_plan(plan)
         due = plan.due[: self.limit] if self.limit is not None else plan.due
@@ -116,8 +122,10 @@ class SendPass:
         return self.result
 
     def dry_run(self) -> PassResult:
-        """The same stages as :meth:`run` up to the plan: what it would send, nothing written."""
-        self.plan(self.revise())
+        """The same stages as :meth:`run` up to the gate: what it would send and hold, nothing
+        written."""
+        changes = self.revise()
+        self.gate(self.plan(changes), changes)
         return self.result
 
     # -- stages -------------------------------------------------------------------------------
@@ -177,6 +185,46 @@ class SendPass:
         )
         self.result.due, self.result.plan, self.result.next_wake = len(plan.due), plan, plan.next_wake
         return plan
+
+    def gate(self, plan: Plan, changes: list[Change]) -> Plan:
+        """The render gate (pure: nothing is written): render every due mail with the variables
+        its delivery will use. A step with one mail that does not render is held back whole:
+        its mails, its skips and its start leave the plan, so nothing of it is sent or recorded
+        (its rows stay as they are) and the next pass plans it afresh. Its problems (template
+        file and line) go to ``result.problems``; the other steps go."""
+        if not plan.due:
+            return plan
+        kept, problems = gate_due(self._composer(changes), plan.due)
+        if not problems:
+            return plan
+        held = {p.step for p in problems}
+        for step in sorted(s for s in held if s is not None):
+            n = sum(d.step.id == step for d in plan.due)
+            self.say(f"step {step} held: none of its {n} mail(s) sent, a template does not render")
+        self.result.problems += problems
+        self.result.counts["held"] += len(plan.due) - len(kept)
+        plan = replace(
+            plan,
+            due=kept,
+            skips=[s for s in plan.skips if s.step.id not in held],
+            steps_due=[s for s in plan.steps_due if s.id not in held],
+        )
+        self.result.due, self.result.plan = len(kept), plan
+        return plan
+
+    def _composer(self, changes: list[Change]) -> Composer:
+        """A composer that sees the ledger as it will be once ``changes`` are recorded (the
+        SEQUENCE and snapshots an update is built with)."""
+        cid = self.campaign.id
+        latest = {
+            e: (r.sequence, r.fingerprint, r.snapshot) for e, r in self.store.latest_revisions(cid).items()
+        }
+        snapshots = dict(self.store.revision_snapshots(cid))
+        for c in changes:
+            r = c.revision
+            latest[r.event] = (r.sequence, r.fingerprint, r.snapshot)  # never below the recorded one
+            snapshots[(r.event, r.sequence)] = r.snapshot
+        return Composer(self.campaign, self.ws.templates, latest, snapshots, unsubscribe_secret=self.secret)
 
     def record_changes(self, changes: list[Change]) -> None:
         """Commit (1): each revision with the pending update/cancel rows it causes."""
