@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from functools import cached_property
@@ -30,6 +31,7 @@ __all__ = [
     "Step",
     "Unsubscribe",
     "contact_files",
+    "contact_links_outside",
     "load",
     "loads",
 ]
@@ -207,16 +209,59 @@ class Campaign:
 
 
 def contact_files(base_dir: Path, patterns: Iterable[str]) -> dict[str, list[Path]]:
-    """Files matched by each ``contacts:`` glob (relative globs from ``base_dir``)."""
-    out: dict[str, list[Path]] = {}
-    for pattern in patterns:
-        p = Path(pattern)
-        if p.is_absolute():
-            found = Path(p.anchor).glob(str(p.relative_to(p.anchor)))
-        else:
-            found = base_dir.glob(pattern)
-        out[pattern] = sorted(m.resolve() for m in found if m.is_file())
-    return out
+    """Files matched by each ``contacts:`` glob (relative globs from ``base_dir``), without
+    those reached through a symbolic link leading outside (see :func:`contact_links_outside`)."""
+    return {
+        pattern: sorted(m.resolve() for m, inside in _contact_matches(base_dir, pattern) if inside)
+        for pattern in patterns
+    }
+
+
+_GLOB_CHARS = frozenset("*?[")
+#: Why a match is not read. The link is named, never where it leads nor what it holds: the first
+#: line of any readable file used to appear in an error and in the daemon's log (issue 12).
+LINK_OUTSIDE = (
+    "is a symbolic link (or in a linked folder) leading outside the campaign folder, so it is not "
+    "read; copy the file into the campaign folder, or name its real path in contacts:"
+)
+
+
+def contact_links_outside(base_dir: Path, patterns: Iterable[str]) -> list[Problem]:
+    """One error per file a ``contacts:`` glob meets through a symbolic link (the file itself or
+    a folder on its way) that leads outside the folder the pattern starts from: the campaign
+    folder for a relative pattern, the pattern's fixed folder for an absolute one. A link that
+    stays inside is read; so is any real file an absolute pattern names."""
+    return [
+        Problem(display_path(m), LINK_OUTSIDE, "contacts")
+        for pattern in patterns
+        for m, inside in _contact_matches(base_dir, pattern)
+        if not inside
+    ]
+
+
+def _contact_matches(base_dir: Path, pattern: str) -> Iterator[tuple[Path, bool]]:
+    """``(file, inside)`` for each file ``pattern`` matches, as the glob found it (not resolved)."""
+    p = Path(pattern)
+    if p.is_absolute():
+        found = Path(p.anchor).glob(str(p.relative_to(p.anchor)))
+        fixed = Path(*itertools.takewhile(lambda part: not _GLOB_CHARS & set(part), p.parts))
+        root = base_dir if fixed.is_relative_to(base_dir) else fixed
+    else:
+        found, root = base_dir.glob(pattern), base_dir
+    real_root = root.resolve()
+    for m in found:
+        if m.is_file():
+            yield m, _inside(m, root, real_root)
+
+
+def _inside(match: Path, root: Path, real_root: Path) -> bool:
+    """No symbolic link on the way from ``root`` to ``match`` leads outside ``real_root``."""
+    here = root
+    for part in match.relative_to(root).parts:
+        here = here / part
+        if here.is_symlink() and not here.resolve().is_relative_to(real_root):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------

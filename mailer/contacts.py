@@ -91,6 +91,29 @@ _ROLE_MAILBOXES = frozenset(  # RFC 2142 names email-validator lower-cases
     "webmaster www uucp ftp".split()
 )
 
+#: Longest cell, in characters, in the email, name, language, lists and tags columns, and in any
+#: other column. A longer cell is the sign of rows read into one cell (an unclosed quote): the
+#: whole file is refused rather than one contact's mail carrying the others' data (issue 12).
+MAX_ROLE_CHARS = 1_000
+MAX_CELL_CHARS = 10_000
+#: Most lines one cell may span (a postal address fits). email, name, language, lists and tags
+#: may not span lines at all, and no cell may have an email address on a line after its first.
+MAX_CELL_LINES = 5
+_BREAK = re.compile(r"\r\n|\r|\n")  # as newline="" splits records
+_ADDRESS_LIKE = re.compile(r"[^\s@,;\"'<>()]+@[^\s@,;\"'<>()]+\.[^\s@,;\"'<>()]+")
+_QUOTE_HINT = (
+    'a quote (") opened in this row and not closed reads the next rows into one cell, and '
+    "their data would go into this contact's mail"
+)
+
+
+class _Unusable(Exception):
+    """The file cannot be read safely: one error at ``row``, and none of its rows is used."""
+
+    def __init__(self, row: int, message: str, column: str = "") -> None:
+        super().__init__(message)
+        self.row, self.message, self.column = row, message, column
+
 
 def load_contacts(paths: Iterable[Path], *, display_root: Path | None = None) -> ContactList:
     """Read contact CSV files into one de-duplicated list, sorted by email address.
@@ -112,7 +135,15 @@ def load_contacts(paths: Iterable[Path], *, display_root: Path | None = None) ->
         where = str(path) if display_root is None else display_path(path, display_root)
         text = _read_text(path, where, problems)
         if text is not None:
-            _parse(text, where, by_email, problems, invalid)
+            kept = dict(by_email), dict(invalid)
+            try:
+                _parse(text, where, by_email, problems, invalid)
+            except _Unusable as exc:  # none of the file's rows is used, not even those before
+                problems.append(Problem(where, exc.message, exc.column, row=exc.row))
+                by_email.clear()
+                by_email.update(kept[0])
+                invalid.clear()
+                invalid.update(kept[1])
     return ContactList(sorted(by_email.values(), key=lambda c: c.email), problems, list(invalid.values()))
 
 
@@ -198,9 +229,12 @@ def _parse(
         ncols, count = len(header), 0
         i_email, i_name, i_lang = roles["email"], roles.get("name"), roles.get("language")
         i_lists, i_tags = roles.get("lists"), roles.get("tags")
+        one_line = frozenset(roles.values())  # email, name, language, lists, tags
         for row in reader:
             row_no, line = line + 1, reader.line_num
             row = unprotect_row(row)
+            if line > row_no or len(row) > ncols or len(max(row, key=len, default="")) > MAX_ROLE_CHARS:
+                _check_cells(row, header, one_line, i_email, row_no, line)
             if len(row) != ncols:
                 if len(row) > ncols and any(c.strip() for c in row[ncols:]):
                     report(
@@ -275,15 +309,64 @@ def _parse(
             problems.append(Problem(where, "has a header row but no contacts", severity="warning"))
     except StopIteration:  # nothing but blank lines and delimiters
         problems.append(Problem(where, _EMPTY))
-    except csv.Error as exc:
-        problems.append(
-            Problem(
-                where,
-                f"cannot read the CSV from here on ({exc}); check the quotes; "
-                "the rest of the file is skipped",
-                row=line + 1,
+    except csv.Error as exc:  # e.g. "field larger than field limit (131072)"
+        raise _Unusable(
+            line + 1,
+            f"cannot read the CSV from this row on ({exc}; the reader takes cells of at most "
+            f"{csv.field_size_limit():,} characters): {_QUOTE_HINT}; close or remove "
+            "the quote; no contact of this file is used until then",
+        ) from None
+
+
+def _check_cells(
+    row: list[str], header: list[str], one_line: frozenset[int], email: int, first: int, last: int
+) -> None:
+    """Refuse a record that shows the signs of other rows read into it.
+
+    :param email: the email column; ``one_line``: the columns that may not span lines.
+    :param first: the record's first physical line; ``last`` its last.
+    :raises _Unusable: a one-line column spans lines, a cell is too long or spans too many lines,
+        a later line of a cell holds an email address (a swallowed row), or a row with more
+        cells than the header has an address outside its email column (two rows on one line).
+    """
+    for i, cell in enumerate(row):
+        column = " ".join(header[i].split()) if i < len(header) else ""
+        name = repr(column) if column else f"number {i + 1}"
+        if len(row) > len(header) and i != email and _ADDRESS_LIKE.search(cell):
+            raise _Unusable(
+                first,
+                f"this row has {len(row)} cells for {len(header)} columns and an email address in "
+                f"column {name}: two rows on one line (a line break lost)? Their data would go "
+                "into one contact's mail; put each contact on its own line; no contact of this "
+                "file is used until then",
+                column,
             )
-        )
+        limit = MAX_ROLE_CHARS if i in one_line else MAX_CELL_CHARS
+        if len(cell) > limit:
+            raise _Unusable(
+                first,
+                f"the cell in column {name} is {len(cell):,} characters long (at most {limit:,}): "
+                f"{_QUOTE_HINT}; close or remove the quote, or shorten the cell; no contact of "
+                "this file is used until then",
+                column,
+            )
+        if last == first or not _BREAK.search(cell):
+            continue
+        lines = _BREAK.split(cell)
+        why = ""
+        if i in one_line:
+            why = f"column {name} must be one line"
+        elif len(lines) > MAX_CELL_LINES:
+            why = f"{len(lines)} lines, at most {MAX_CELL_LINES}"
+        elif any(_ADDRESS_LIKE.search(x) for x in lines[1:]):
+            why = "an email address on a line after the first"
+        if why:
+            raise _Unusable(
+                first,
+                f"the cell in column {name} spans lines {first}-{last} ({why}): {_QUOTE_HINT}; "
+                "close or remove the quote; no contact of this file is used until then",
+                column,
+            )
 
 
 def _columns(

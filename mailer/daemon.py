@@ -14,6 +14,7 @@ from apscheduler.triggers.date import DateTrigger
 
 from .clock import Clock, SystemClock
 from .errors import ConfigError, LockedError, MailerError, TransportFatalError
+from .gate import check_workspace
 from .inbox import InboxResult, process_configured
 from .ledger import Ledger
 from .mailboxes import configured_source
@@ -30,6 +31,14 @@ WATCH_SECONDS = 2.0
 SWEEP_SECONDS = 60.0
 #: How often the organiser's mailbox is read for replies, bounces and unsubscribes.
 INBOX_SECONDS = 180.0
+#: A reload that would drop more than DROP_SHARE of the running campaign's contacts *and* more
+#: than DROP_MIN of them at once is refused (a half-saved or wrongly exported file); to drop them
+#: on purpose, restart the daemon, which takes the files as they are.
+DROP_SHARE = 0.20
+DROP_MIN = 5
+
+#: A file's state as the watcher sees it: modification time and size.
+_Stat = tuple[int, int]
 
 
 def _setup_logging() -> None:
@@ -43,15 +52,17 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
-def _snapshot(ws: Workspace) -> dict[Path, int]:
+def _snapshot(ws: Workspace) -> dict[Path, _Stat]:
     files = set(ws.files) | set(ws.campaign.contact_paths())
     files |= {p for p in ws.campaign.templates_dir.rglob("*") if p.is_file()}
-    out: dict[Path, int] = {}
+    out: dict[Path, _Stat] = {}
     for f in files:
         try:
-            out[f] = f.stat().st_mtime_ns
+            st = f.stat()
         except OSError:
-            out[f] = -1
+            out[f] = (-1, -1)
+        else:
+            out[f] = (st.st_mtime_ns, st.st_size)
     return out
 
 
@@ -90,6 +101,7 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._files = _snapshot(ws)
+        self._settling: dict[Path, _Stat] | None = None  # a change seen, not yet still
         self._lock = asyncio.Lock()
         #: Why the daemon stopped on its own (a failed pass, a login refused); exit status 1.
         self.fatal: str | None = None
@@ -181,13 +193,20 @@ class Daemon:
             )
 
     async def watch(self) -> None:
-        """Reload when schedules.yaml, a contact file or a template changes. An invalid edit
-        is logged with its problems and the running campaign goes on unchanged."""
+        """Reload when schedules.yaml, a contact file or a template changes and has stopped
+        changing. An edit that is invalid, that would drop many contacts at once, or whose mails
+        do not all render is logged at ERROR and the running campaign goes on unchanged."""
         # A few stat() calls every WATCH_SECONDS; the campaign (all contact files) is read
-        # again only when one of its files changed.
+        # again only when one of its files changed, and only once two looks a watch period
+        # apart agree: an editor's non-atomic save was read half-written (issue 12).
         current = _snapshot(self.ws)
         if current == self._files:
+            self._settling = None
             return
+        if current != self._settling:
+            self._settling = current
+            return
+        self._settling = None
         self._files = current
         try:
             ws = load_workspace(self.config_path)
@@ -196,7 +215,10 @@ class Daemon:
             for p in exc.problems:
                 log.error("  %s", p)
             return
-        self._files = _snapshot(ws)
+        after = _snapshot(ws)
+        if any(after.get(f, st) != st for f, st in current.items()):
+            return  # changed while being read: the next look sees it and waits again
+        self._files = after
         if ws.blocking:
             log.error("reload refused; still running the previous version:")
             for p in ws.blocking:
@@ -209,11 +231,42 @@ class Daemon:
                 ws.campaign.id,
             )
             return
+        if not self._few_dropped(ws) or not await self._renders(ws):
+            return
         self.ws = ws
         log.info("reload: %d steps, %d contacts", len(ws.campaign.steps), len(ws.contacts))
         self.scheduler.remove_all_jobs()
         self._add_periodic()
         await self.tick()
+
+    def _few_dropped(self, ws: Workspace) -> bool:
+        """False (logged) when ``ws`` would drop a large share of the contacts at once."""
+        before = len(self.ws.contacts)
+        gone = before - len({c.email for c in self.ws.contacts} & {c.email for c in ws.contacts})
+        if gone > DROP_MIN and gone > DROP_SHARE * before:
+            log.error(
+                "reload refused: the edit would drop %d of the %d contacts at once (more than %d and "
+                "more than %d %%; a half-saved or wrongly exported file?); still running the "
+                "previous version. If that is meant, restart the daemon.",
+                gone,
+                before,
+                DROP_MIN,
+                round(DROP_SHARE * 100),
+            )
+            return False
+        return True
+
+    async def _renders(self, ws: Workspace) -> bool:
+        """False (every problem logged) when a mail of ``ws`` would not render: the render gate
+        (:func:`mailer.gate.check_workspace`), in a thread, since it renders every mail."""
+        secret = self.environ.get("MAILER_UNSUBSCRIBE_SECRET")
+        found = await asyncio.to_thread(check_workspace, ws, unsubscribe_secret=secret)
+        errors = [p for p in found if p.severity == "error"]
+        if errors:
+            log.error("reload refused, %d mail problem(s); still running the previous version:", len(errors))
+            for p in errors:
+                log.error("  %s", p)
+        return not errors
 
     def _add_periodic(self) -> None:
         self.scheduler.add_job(

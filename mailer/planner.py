@@ -305,8 +305,19 @@ def plan_step(
         if row is None or row.status not in FINAL:
             skip(bad.email, bad.name, Status.INVALID, bad.reason)
 
+    # Someone who left the audience with a mail still open is decided only once the step's
+    # window closes: a contact dropped by a bad edit and back before then is mailed after all
+    # (issue 12: a half-saved file made ten deferred recipients "no longer in the audience" for
+    # good). Until then the row keeps its open status; the planner looks again at the close.
+    closes = event.start
+    if step.kind is StepKind.REMINDER:
+        closes = min(closes, step.at + policy.late_after)
+    window_open = now < closes and superseded_by is None and event.status is not EventStatus.CANCELLED
     for email, row in rows.items():
         if email not in in_audience and row.status not in FINAL:
+            if window_open:
+                out._wake(closes)
+                continue
             why = "no longer in the step's audience (removed from the contacts or lists)"
             if row.status is Status.SENDING:
                 why += "; the outcome of its last attempt is unknown"

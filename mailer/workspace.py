@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Campaign, Step, contact_files, load
+from .config import Campaign, Step, contact_files, contact_links_outside, load
 from .contacts import Contact, ContactList, InvalidContact, load_contacts
 from .errors import ConfigError, HasProblems, Problem, display_path
 from .templates import Templates
@@ -131,6 +131,7 @@ def _contacts_and_templates(
             problems.append(
                 Problem(config_path.name, f"contacts pattern {pattern!r} matches no file", field="contacts")
             )
+    problems.extend(contact_links_outside(config_path.parent, patterns))  # never read (issue 12)
     paths = list(dict.fromkeys(m for matches in found.values() for m in matches))
     cl = load_contacts(paths, display_root=Path.cwd())
     problems.extend(cl.problems)

@@ -223,14 +223,20 @@ def test_duplicate_in_one_file_keeps_first_values(tmp_path: Path) -> None:
 # --- names, fields, quoting ---------------------------------------------------------------------
 
 
-def test_name_with_line_breaks_is_cleaned_with_a_warning(tmp_path: Path) -> None:
-    text = 'email,name\nan@example.be,"An\r\nBcc: victim@example.org"\nbert@example.be,"Bert\rX\x1b"\n'
+def test_name_with_a_line_break_refuses_the_file(tmp_path: Path) -> None:
+    """A CSV line break in a name is a row read into it, or a header injection: not repaired."""
+    text = 'email,name\nan@example.be,"An\r\nBcc: victim@example.org"\n'
+    assert_unusable(load(tmp_path, write(tmp_path, "c.csv", text)), "c.csv:row 2", "name", "one line")
+
+
+def test_name_with_control_characters_is_cleaned_with_a_warning(tmp_path: Path) -> None:
+    text = 'email,name\nan@example.be,"An\x0bBcc: victim@example.org"\nbert@example.be,"Bert\u2028X\x1b"\n'
     result = load(tmp_path, write(tmp_path, "c.csv", text))
     names = {c.email: c.name for c in result.contacts}
     assert names == {"an@example.be": "An Bcc: victim@example.org", "bert@example.be": "Bert X"}
     assert [(p.where, p.severity, p.field) for p in result.problems] == [
         ("c.csv:row 2", "warning", "name"),
-        ("c.csv:row 4", "warning", "name"),
+        ("c.csv:row 3", "warning", "name"),
     ]
 
 
@@ -375,3 +381,80 @@ def test_same_file_twice_is_read_once(tmp_path: Path) -> None:
     path = write(tmp_path, "c.csv", "email\nan@example.be\n")
     result = load(tmp_path, path, tmp_path / "." / "c.csv")
     assert result.problems == [] and len(result.contacts) == 1
+
+
+# --- a file that cannot be read safely is unusable (issue 12) -------------------------------
+# One unbalanced quote used to make the reader swallow every later row into one cell: u2's
+# invitation carried the addresses, names and organisations of the others (a data leak).
+
+TEN = "email,name,organisation\n" + "".join(
+    f"u{i}@example.org,User{i},Org{i}\n" if i != 2 else 'u2@example.org,"Unclosed,a,Org2\n'
+    for i in range(1, 11)
+)
+
+
+def assert_unusable(result: ContactList, where: str, field: str, *words: str) -> None:
+    """One blocking error naming file:row and the column, and no contact read from the file."""
+    [error] = result.errors
+    assert (error.where, error.field) == (where, field), error
+    for w in words:
+        assert w in error.message, error.message
+    assert result.contacts == [] and result.invalid == []
+
+
+def test_an_unbalanced_quote_makes_the_file_unusable(tmp_path: Path) -> None:
+    result = load(tmp_path, write(tmp_path, "c.csv", TEN))
+    assert_unusable(result, "c.csv:row 3", "name", "quote", "lines 3-11")
+
+
+def test_an_unbalanced_quote_in_a_free_column_is_caught_by_the_addresses_it_swallowed(tmp_path: Path) -> None:
+    text = 'email,organisation,name\nu1@example.org,"Org1,User1\nu2@example.org,Org2,User2\n'
+    result = load(tmp_path, write(tmp_path, "c.csv", text))
+    assert_unusable(result, "c.csv:row 2", "organisation", "email address", "quote")
+
+
+@pytest.mark.parametrize("column", ["email", "name", "language", "lists", "tags"])
+def test_a_line_break_in_a_one_line_column_makes_the_file_unusable(tmp_path: Path, column: str) -> None:
+    cells = {"email": "an@example.be", "name": "An", "language": "nl", "lists": "a", "tags": "b"}
+    cells[column] = cells[column][:1] + "\r\n" + cells[column][1:]
+    header = ",".join(cells)
+    row = ",".join(f'"{v}"' for v in cells.values())
+    result = load(tmp_path, write(tmp_path, "c.csv", f"{header}\nok@example.be,Ok,nl,a,b\n{row}\n"))
+    assert_unusable(result, "c.csv:row 3", column, "lines 3-4")
+
+
+def test_a_cell_over_many_lines_makes_the_file_unusable(tmp_path: Path) -> None:
+    notes = "\n".join(f"line {i}" for i in range(12))
+    text = f'email,notes\nan@example.be,"{notes}"\nbert@example.be,x\n'
+    result = load(tmp_path, write(tmp_path, "c.csv", text))
+    assert_unusable(result, "c.csv:row 2", "notes", "12 lines")
+
+
+@pytest.mark.parametrize(
+    "column, size, limit", [("name", 1001, "1,000"), ("tags", 5000, "1,000"), ("bio", 10_001, "10,000")]
+)
+def test_an_overlong_cell_makes_the_file_unusable(tmp_path: Path, column: str, size: int, limit: str) -> None:
+    text = f"email,{column}\nan@example.be,x\nbert@example.be,{'y' * size}\n"
+    result = load(tmp_path, write(tmp_path, "c.csv", text))
+    assert_unusable(result, "c.csv:row 3", column, f"{size:,} characters", limit)
+
+
+def test_a_cell_over_the_csv_field_limit_makes_the_file_unusable(tmp_path: Path) -> None:
+    """Today a 128 KiB cell stopped the reader: the rows after it were silently dropped."""
+    text = f'email,name\nan@example.be,An\nbert@example.be,"{"y" * 200_000}"\nzoe@example.be,Zoe\n'
+    result = load(tmp_path, write(tmp_path, "c.csv", text))
+    assert_unusable(result, "c.csv:row 3", "", "131,072")
+
+
+def test_an_unusable_file_leaves_the_other_files_alone(tmp_path: Path) -> None:
+    good = write(tmp_path, "good.csv", "email,name\nu1@example.org,First\n")
+    result = load(tmp_path, good, write(tmp_path, "bad.csv", TEN))
+    assert [p.where for p in result.errors] == ["bad.csv:row 3"]
+    assert [(c.email, c.name) for c in result.contacts] == [("u1@example.org", "First")]
+
+
+def test_a_postal_address_over_a_few_lines_is_still_fine(tmp_path: Path) -> None:
+    text = 'email,adres\nan@example.be,"Arduinkaai 7\nbus 3\n1000 Brussel\nBelgium"\n'
+    result = load(tmp_path, write(tmp_path, "c.csv", text))
+    assert result.problems == []
+    assert result.contacts[0].fields == {"adres": "Arduinkaai 7 bus 3 1000 Brussel Belgium"}

@@ -182,6 +182,8 @@ async def test_an_added_step_is_picked_up_on_reload(
         edit(cfg, cfg.read_text() + REMIND_STEP)
         clock.advance(timedelta(minutes=1))
         await d.watch()
+        assert not any(m.startswith("reload") for m in lines(logs)), "not before the file is still"
+        await d.watch()
         assert "reload: 2 steps, 2 contacts" in lines(logs)
         assert d.wake_at == REMIND
         assert len(smtp_server.handler.received) == 2
@@ -206,7 +208,7 @@ async def test_an_invalid_edit_is_logged_and_the_campaign_goes_on(
     try:
         good = cfg.read_text()
         edit(cfg, good.replace("timezone: Europe/Brussels", "timezone: Mars/Olympus"))
-        await d.watch()
+        await settle(d)
         errors = lines(logs, logging.ERROR)
         assert errors[0].startswith("reload refused"), errors
         assert any("Mars/Olympus" in m for m in errors), errors
@@ -331,3 +333,151 @@ async def test_a_failing_later_pass_stops_a_running_daemon(
     assert code == 1
     assert [m for m in lines(logs, logging.ERROR) if "stopping" in m], lines(logs)
     assert_lock_free(db)
+
+
+# -- reloads that cannot hurt anyone (issue 12) ------------------------------------------------
+
+
+def people(n: int, start: int = 0) -> str:
+    return "email,name,lists\n" + "".join(f"p{i:02d}@example.org,P{i},a\n" for i in range(start, start + n))
+
+
+async def settle(d: Daemon) -> None:
+    """Two looks a watch period apart that agree: what the watch job does when a file is still."""
+    await d.watch()
+    await d.watch()
+
+
+async def test_a_file_still_being_written_is_not_reloaded(
+    cfg: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], logs: list[logging.LogRecord]
+) -> None:
+    """An editor's non-atomic save was read half-written: the reload must wait until the file
+    has stopped changing (two successive looks with the same mtime and size)."""
+    contacts = cfg.parent / "contacts" / "list.csv"
+    clock = ManualClock(T0)
+    d = make_daemon(cfg, clock, smtp_env)
+    await d.start(run_jobs=False)
+    try:
+        edit(contacts, "email,name,lists\nann@example.org,Ann,a\n")  # the first half of the save
+        await d.watch()
+        assert not any(m.startswith("reload") for m in lines(logs)), "read while still changing"
+        assert len(d.ws.contacts) == 2
+
+        edit(
+            contacts, "email,name,lists\nann@example.org,Ann,a\nbob@example.org,Bob,a\ncees@example.org,C,a\n"
+        )
+        await d.watch()  # changed again since the last look: still waiting
+        assert len(d.ws.contacts) == 2
+        await d.watch()  # the same as a watch period ago: read now
+        assert "reload: 1 steps, 3 contacts" in lines(logs)
+        assert [m for m in lines(logs) if m.startswith("reload")] == ["reload: 1 steps, 3 contacts"]
+    finally:
+        assert await d.close() == 0
+
+
+async def test_a_reload_that_drops_many_contacts_at_once_is_refused(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], logs: list[logging.LogRecord]
+) -> None:
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=INVITE_STEP, contacts=people(20))
+    contacts = tmp_path / "contacts" / "list.csv"
+    clock = ManualClock(T0)
+    d = make_daemon(cfg, clock, smtp_env)
+    await d.start(run_jobs=False)
+    try:
+        edit(contacts, people(14))  # 6 of 20 gone: more than 5 and more than 20 %
+        await settle(d)
+        [error] = lines(logs, logging.ERROR)
+        assert error.startswith("reload refused: the edit would drop 6 of the 20 contacts at once"), error
+        assert len(d.ws.contacts) == 20, "the running campaign stays"
+
+        edit(contacts, people(16))  # 4 gone: taken
+        await settle(d)
+        assert "reload: 1 steps, 16 contacts" in lines(logs)
+        edit(contacts, people(12))  # 4 more (25 % but only 4): taken
+        await settle(d)
+        assert "reload: 1 steps, 12 contacts" in lines(logs)
+
+        clock.set(INVITE)
+        await d.tick()
+        assert len(smtp_server.handler.received) == 12
+    finally:
+        assert await d.close() == 0
+
+
+async def test_a_contact_who_comes_back_before_the_window_closes_is_mailed_after_all(
+    cfg: Path, smtp_env: dict[str, str], logs: list[logging.LogRecord]
+) -> None:
+    """bob's invitation is deferred, a bad edit drops him from the file, the edit is undone: he
+    was "no longer in the step's audience" for good; now his row waits and he is mailed."""
+    contacts = cfg.parent / "contacts" / "list.csv"
+    good = contacts.read_text()
+    handler = FaultyHandler(rcpt_replies={"bob@example.org": "451 4.2.0 mailbox busy, try later"})
+    with SmtpServer(handler) as server:
+        env = {**smtp_env, "MAILER_SMTP_PORT": str(server.port)}
+        clock = ManualClock(INVITE)
+        d = make_daemon(cfg, clock, env)
+        await d.start(run_jobs=False)  # ann sent, bob deferred
+        try:
+            assert [r.rcpt_tos[0] for r in handler.received] == ["ann@example.org"]
+            edit(contacts, "email,name,lists\nann@example.org,Ann,a\n")
+            await settle(d)  # reloads and runs a pass: bob is not in the audience any more
+            assert "reload: 1 steps, 1 contacts" in lines(logs)
+            clock.advance(timedelta(hours=1))
+            await d.tick()
+            assert len(handler.received) == 1
+
+            edit(contacts, good)  # undone
+            handler.rcpt_replies.clear()  # and the server is well again
+            await settle(d)
+            assert "reload: 1 steps, 2 contacts" in lines(logs)
+            clock.advance(timedelta(hours=1))
+            await d.tick()
+            assert sorted(r.rcpt_tos[0] for r in handler.received) == ["ann@example.org", "bob@example.org"]
+        finally:
+            assert await d.close() == 0
+
+
+async def test_a_contact_removed_for_good_is_skipped_once_the_window_closes(
+    cfg: Path, smtp_env: dict[str, str], logs: list[logging.LogRecord]
+) -> None:
+    contacts = cfg.parent / "contacts" / "list.csv"
+    handler = FaultyHandler(rcpt_replies={"bob@example.org": "451 4.2.0 mailbox busy, try later"})
+    with SmtpServer(handler) as server:
+        env = {**smtp_env, "MAILER_SMTP_PORT": str(server.port)}
+        clock = ManualClock(INVITE)
+        d = make_daemon(cfg, clock, env)
+        await d.start(run_jobs=False)
+        try:
+            edit(contacts, "email,name,lists\nann@example.org,Ann,a\n")
+            await settle(d)
+            handler.rcpt_replies.clear()
+            assert d.wake_at == EVENT, "the planner looks again when the step's window closes"
+            clock.set(EVENT)
+            await d.tick()
+            rows = d.ledger.step_rows(d.ws.campaign.id, "invite")
+            assert rows["bob@example.org"].status == "skipped"
+            assert len(handler.received) == 1, "never mailed"
+        finally:
+            assert await d.close() == 0
+
+
+async def test_a_reload_whose_mails_do_not_render_is_refused(
+    cfg: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], logs: list[logging.LogRecord]
+) -> None:
+    """The render gate (mailer.gate.check_workspace) runs on every reload: today the daemon
+    logged "reload: 2 steps" and then failed every reminder with no error line."""
+    clock = ManualClock(INVITE)
+    d = make_daemon(cfg, clock, smtp_env)
+    await d.start(run_jobs=False)
+    try:
+        body = cfg.parent / "templates" / "remind" / "en" / "body.txt"
+        edit(body, "Reminder for {{ contact.email }} about {{ event.titel }}\n")
+        edit(cfg, cfg.read_text() + REMIND_STEP)
+        await settle(d)
+        errors = lines(logs, logging.ERROR)
+        assert errors and errors[0].startswith("reload refused"), errors
+        assert any("titel" in m and "remind/en/body.txt" in m for m in errors), errors
+        assert [s.id for s in d.ws.campaign.steps] == ["invite"], "the running campaign stays"
+        assert d.wake_at is None
+    finally:
+        assert await d.close() == 0
