@@ -71,7 +71,7 @@ def _cells(path: Path) -> list[list[str]]:
     return list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
 
 
-def _same(a: Contact, b: Contact) -> dict[str, object]:
+def _same(a: Contact, b: Contact) -> dict[str, tuple[object, object]]:
     """What re-sending depends on, for comparison: b may have more columns (the delivery ones)."""
     return {
         "email": (a.email, b.email),
