@@ -233,7 +233,7 @@ def _parse(
         for row in reader:
             row_no, line = line + 1, reader.line_num
             row = unprotect_row(row)
-            if line > row_no or len(row) > ncols or len(max(row, key=len, default="")) > MAX_ROLE_CHARS:
+            if line > row_no or len(row) > ncols or max(map(len, row), default=0) > MAX_ROLE_CHARS:
                 _check_cells(row, header, one_line, i_email, row_no, line)
             if len(row) != ncols:
                 if len(row) > ncols and any(c.strip() for c in row[ncols:]):
