@@ -95,6 +95,17 @@ def test_an_outlook_cased_answer_is_the_invitees_answer(tmp_path: Path) -> None:
         assert ledger.unmatched_replies() == []
 
 
+def test_an_invitee_is_found_under_any_spelling(tmp_path: Path) -> None:
+    invited(
+        tmp_path / "mailer.db", CAMPAIGN, {"Jan@münchen.de": "aan-de-slag", "Zoë@Example.org": "aan-de-slag"}
+    )
+    with Ledger.open(tmp_path / "mailer.db") as ledger:
+        for spelling in ("jan@xn--mnchen-3ya.de", "JAN@MÜNCHEN.DE", "zoë@example.org", "ZOË@EXAMPLE.ORG"):
+            assert ledger.is_invitee(CAMPAIGN.id, "aan-de-slag", spelling), spelling
+        assert not ledger.is_invitee(CAMPAIGN.id, "infosessie", "jan@münchen.de")  # another event
+        assert not ledger.is_invitee(CAMPAIGN.id, "aan-de-slag", "jan@munchen.de")
+
+
 def test_a_reply_from_someone_not_invited_is_recorded_unmatched(tmp_path: Path) -> None:
     ev = CAMPAIGN.event("aan-de-slag")
     invited(tmp_path / "mailer.db", CAMPAIGN, {CELINE: ev.id, "jan.peeters@example.org": "infosessie"})
