@@ -209,9 +209,17 @@ BAD_INPUTS = [
         ["extra.csv", "Windows-1252"],
     ),
     (
-        "name with cr/lf",
+        "name with cr/lf",  # a row read into the name, or a header injection: the file is refused
         None,
         HDR + b'crlf@example.org,"Evil\r\nBcc: x@example.com",nl,indieners\n',
+        None,
+        1,
+        ["extra.csv:row 2: name: the cell in column 'name' spans lines 2-3"],
+    ),
+    (
+        "name with a vertical tab",
+        None,
+        HDR + b'vt@example.org,"Evil\x0bBcc: x@example.com",nl,indieners\n',
         None,
         0,
         ["extra.csv:row 2", "line breaks"],
@@ -279,7 +287,7 @@ def test_bad_input_table(
 
 def test_hostile_names_are_safe_in_the_mail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     csv = HDR + (
-        b'crlf@example.org,"Evil\r\nBcc: x@example.com",nl,indieners\n'
+        b'crlf@example.org,"Evil\xe2\x80\xa8Bcc: x@example.com\x0bCc: y@example.com",nl,indieners\n'
         b"html@example.org,<script>alert(1)</script>,nl,indieners\n"
         b'comma@example.org,"Peeters, Jan",nl,indieners\n'
     )
