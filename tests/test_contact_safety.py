@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import SIMPLE_TEMPLATES, write_campaign
 
 from mailer.compose import Composer
@@ -114,7 +113,6 @@ def whose(text: str, row: int | None) -> int | None:
     return min(found)[1] if found else None
 
 
-@pytest.mark.slow
 def test_random_hostile_files_never_put_one_contact_in_another_contacts_mail(tmp_path: Path) -> None:
     cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, templates=TEMPLATES)
     ws = load_workspace(cfg)
