@@ -19,6 +19,7 @@ import yaml
 from markupsafe import Markup, escape
 
 from . import dashboard_events as events
+from .addresses import address_key
 from .dashboard_guard import HOSTS_ENV, CsvCells, HostNames, is_csv_request
 from .errors import MailerError
 from .ledger import CURRENT_REPLY, Ledger
@@ -62,6 +63,7 @@ _TIME_COLUMNS: dict[str, frozenset[str]] = {
     "suppressions": frozenset({"at"}),
     "revisions": frozenset({"at"}),
     "replies": frozenset({"at"}),
+    "unmatched_replies": frozenset({"at"}),
 }
 
 
@@ -188,6 +190,7 @@ def _timezone(datasette: Any) -> ZoneInfo:
 def prepare_connection(conn: sqlite3.Connection, database: str, datasette: Any) -> None:
     """Register ``local_time(ts)``; make every connection to the ledger query-only."""
     conn.create_function("local_time", 1, partial(local_time, tz=_timezone(datasette)), deterministic=True)
+    conn.create_function("address_key", 1, address_key, deterministic=True)  # as the Ledger does
     if database == DATABASE:
         # Datasette already opens the file with mode=ro; this also covers the write
         # connection a third-party plugin could ask for (Database.execute_write).

@@ -431,6 +431,12 @@ def event_report(
     )
     args = {"c": campaign, "e": event, "limit": LIST_LIMIT}
 
+    # Replies are stored under the address key (mailer.addresses.address_key); deliveries keep
+    # the address as the contact list spells it. For an ASCII address the key is lower() (fast,
+    # in SQLite); only a non-ASCII one calls the Python function.
+    def key(col: str) -> str:
+        return f"(CASE WHEN {col} GLOB '*[^ -~]*' THEN address_key({col}) ELSE lower({col}) END)"
+
     # Names come from the deliveries (replies carry none): one seek on deliveries_by_event_email
     # per person shown, after the LIMIT.
     name_of = (
@@ -461,7 +467,7 @@ def event_report(
     # index in address order and stop at the LIMIT.
     no_answer = (
         "NOT EXISTS (SELECT 1 FROM replies AS r WHERE r.campaign = :c AND r.event = :e"
-        f" AND r.email = p.email AND {CURRENT_REPLY})"
+        f" AND r.email = {key('p.email')} AND {CURRENT_REPLY})"
     )
     sent = f"max(status = '{Status.SENT}')"
     reached_count, missed_count = conn.execute(
@@ -471,9 +477,8 @@ def event_report(
         args,
     ).fetchone()
     answered = conn.execute(
-        f"SELECT count(*) FROM replies AS r WHERE campaign = :c AND event = :e AND {CURRENT_REPLY}"
-        " AND EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event = :e AND d.campaign = :c"
-        f" AND d.email = r.email AND d.status = '{Status.SENT}')",
+        "SELECT count(*) FROM (SELECT email FROM deliveries WHERE event = :e AND campaign = :c"
+        f" GROUP BY email HAVING {sent} = 1) AS p WHERE NOT {no_answer}",
         args,
     ).fetchone()[0]
     silent_count = reached_count - answered
@@ -481,7 +486,7 @@ def event_report(
         Person(email, name or "", earlier=_ANSWER_WORD.get(earlier or "", ""))
         for email, name, earlier in conn.execute(
             f"SELECT p.email, {name_of}, (SELECT partstat FROM replies AS r WHERE r.campaign = :c"
-            " AND r.event = :e AND r.email = p.email)"
+            f" AND r.event = :e AND r.email = {key('p.email')})"
             f" FROM (SELECT email FROM deliveries WHERE event = :e AND campaign = :c GROUP BY email"
             f" HAVING {sent} = 1 ORDER BY email) AS p WHERE {no_answer} LIMIT :limit",
             args,

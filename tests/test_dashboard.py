@@ -960,3 +960,26 @@ async def test_event_pages_are_read_only_and_need_the_login(
     assert r.status_code == 200 and "Carl Claes" in r.text and "Steps not started yet" not in r.text
     assert (await ds.client.get("/-/events/test/nope")).status_code == 404
     assert (await ds.client.post("/-/events/test/gala", data={"x": "1"})).status_code == 405
+
+
+async def test_event_page_matches_answers_by_address_key(tmp_path: Path) -> None:
+    """A contact list that spells an address with capitals, an answer stored under the key
+    (Outlook's MAILTO:Celine.Mertens@Example.BE): she is coming, not "has not answered"."""
+    from mailer.store import Claim, Outcome
+    from mailer.vocab import Attempt
+
+    db = tmp_path / "ledger.db"
+    at = datetime(2030, 2, 1, 9, 0, tzinfo=UTC)
+    with Ledger.create(db) as ledger:
+        for email in ("Celine.Mertens@example.be", "jan@example.be"):
+            [claimed] = ledger.claim(
+                "test", [Claim("invite", "gala", email, email[:4], at, f"<{email}>", 0, True)], at
+            )
+            assert claimed is not None
+            ledger.record_outcomes([Outcome(claimed.id, Attempt.SENT, 250, "ok", at)])
+        ledger.record_reply("test", "gala", "MAILTO:Celine.Mertens@Example.BE", "ACCEPTED", at, "<r@x>")
+    ds = create(db, timezone=TZ)
+    page = (await ds.client.get("/-/events/test/gala")).text
+    coming, _, rest = page.partition("has not answered")
+    assert "celine.mertens@example.be" in coming.lower()
+    assert "jan@example.be" in rest and "celine" not in rest.lower().split("not reached")[0]
