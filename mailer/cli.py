@@ -382,7 +382,17 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
         out.print(due)
     parts = [
         f"{k} {result.counts[k]}"
-        for k in ("sent", "deferred", "failed", "skipped", "suppressed", "resent", "held")
+        for k in (
+            "sent",
+            "deferred",
+            "failed",
+            "unknown",
+            "skipped",
+            "suppressed",
+            "invalid",
+            "resent",
+            "held",
+        )
         if result.counts[k]
     ]
     out.print(

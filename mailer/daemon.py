@@ -368,6 +368,20 @@ def run_daemon(config_path: Path, db_path: Path | None, *, environ: Mapping[str,
         raise MailerError(
             f"{len(ws.blocking)} problem(s) stop the daemon from starting; fix them and run `mailer check`"
         )
+    # The same render gate a reload passes (issue 12): a daemon never starts on templates that
+    # fail for some recipient; each pass would hold those steps back, quietly, for ever.
+    rendered = [
+        p
+        for p in check_workspace(ws, unsubscribe_secret=environ.get("MAILER_UNSUBSCRIBE_SECRET"))
+        if p.severity == "error"
+    ]
+    for p in rendered:
+        log.error("%s", p)
+    if rendered:
+        raise MailerError(
+            f"{len(rendered)} mail(s) would not render (see above); the daemon did not start: fix the "
+            "templates and run `mailer check`"
+        )
     settings = TransportSettings.from_config(ws.campaign.smtp, environ)
     ledger = Ledger.create(db_path or ws.campaign.ledger)
     try:

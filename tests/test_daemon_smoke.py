@@ -148,3 +148,18 @@ def test_a_write_that_fails_stops_mailer_run_with_status_1(
         statuses = {r[0] for r in ledger.conn.execute("SELECT status FROM deliveries")}
     assert Status.SENDING not in statuses, "nothing left in 'sending'"
     assert smtp_server.handler.received == []
+
+
+def test_mailer_run_refuses_to_start_on_templates_that_do_not_render(tmp_path: Path) -> None:
+    """The reload's render gate also guards the start: a template that fails for some
+    recipient stops `mailer run` at once (exit 1, each problem at ERROR, no ledger written)."""
+    cfg, _ = campaign_due_in(tmp_path, 3600)
+    (tmp_path / "templates" / "invite" / "en" / "subject.txt").write_text("{{ event.titel }}")
+    run = Run(cfg, {"MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": "9", "MAILER_SMTP_TLS": "none"})
+    try:
+        assert run.wait(30) == 1, run.text()
+        text = run.text()
+        assert "ERROR" in text and "subject.txt" in text and "titel" in text and "Traceback" not in text
+        assert not (tmp_path / "ledger.db").exists()
+    finally:
+        run.kill()
