@@ -983,3 +983,14 @@ async def test_event_page_matches_answers_by_address_key(tmp_path: Path) -> None
     coming, _, rest = page.partition("has not answered")
     assert "celine.mertens@example.be" in coming.lower()
     assert "jan@example.be" in rest and "celine" not in rest.lower().split("not reached")[0]
+
+
+def test_summary_names_every_status() -> None:
+    """The summary's columns cover the whole vocabulary (a status missing there is invisible to
+    staff): each final and open status is counted (sending with pending)."""
+    from mailer.dashboard import build_metadata
+    from mailer.vocab import Status
+
+    sql = build_metadata("UTC")["databases"]["ledger"]["queries"]["summary"]["sql"]
+    for status in Status:
+        assert f"'{status.value}'" in sql, status
