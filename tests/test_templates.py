@@ -108,15 +108,15 @@ def test_times_are_formatted_in_the_campaign_time_zone(tmp_path: Path, campaign:
 # -- language fallback -------------------------------------------------------------------
 
 
-def test_fallback_to_the_campaign_language_when_there_is_no_french(
+def test_fallback_to_the_campaign_language_when_there_is_no_german(
     shipped: Templates, campaign: Campaign
 ) -> None:
-    fr = replace(JAN, language="fr")
-    c = ctx(campaign, "uitnodiging-aan-de-slag", fr)
-    r = shipped.render("uitnodiging-aan-de-slag", "fr", c)
+    de = replace(JAN, language="de")
+    c = ctx(campaign, "uitnodiging-aan-de-slag", de)
+    r = shipped.render("uitnodiging-aan-de-slag", "de", c)
     assert r.language == "nl"
-    assert "maandag 22 januari 2018" in r.text  # Dutch mail, Dutch dates
-    assert shipped.languages("uitnodiging-aan-de-slag") == ["nl"]
+    assert "maandag 22 januari" in r.text  # Dutch mail, Dutch dates
+    assert "de" not in shipped.languages("uitnodiging-aan-de-slag")
 
 
 def test_exact_then_base_then_default(tmp_path: Path, campaign: Campaign) -> None:
@@ -268,7 +268,8 @@ def test_every_shipped_mail_renders(
     for body in (r.text, r.html):
         assert "{{" not in body and "{%" not in body
         if contact is JAN:
-            assert "Beste Jan Peeters," in body and "vzw Samen Sterk" in body
+            assert "Beste Jan Peeters," in body.replace("<bdi>", "").replace("</bdi>", "")
+            assert "vzw Samen Sterk" in body
         else:
             assert "Beste," in body and "Beste ," not in body
     assert r.html.lstrip().startswith("<!DOCTYPE html>") and 'lang="nl"' in r.html
@@ -278,7 +279,7 @@ def test_every_shipped_mail_renders(
 @pytest.mark.parametrize("step_id", [s for s in STEPS if "infosessie" in s])
 def test_info_session_invents_no_hour_or_place(shipped: Templates, campaign: Campaign, step_id: str) -> None:
     r = shipped.render(campaign.step(step_id).template, "nl", ctx(campaign, step_id))
-    assert "dinsdag 16 januari 2018" in r.subject
+    assert r.subject.startswith(campaign.event("infosessie").title) and "dinsdag 16 januari" in r.subject
     for part in (r.subject, r.text, r.html):
         assert "09:" not in part and "u30" not in part and "00:00" not in part
     for part in (r.text, r.html):
@@ -291,13 +292,13 @@ def test_info_session_invitation(shipped: Templates, campaign: Campaign) -> None
     for part in (r.text, r.html):
         assert "Departement Werk en Sociale Economie – Afdeling ESF" in part
         assert "projectoproep 426" in part
-        assert "Uur en plaats" in part and "nog niet bekend" in part
+        assert "Uur en plaats zijn nog niet bekend" in part
         assert "hele dag" in part  # why the calendar entry is all-day
 
 
 def test_aan_de_slag_invitation(shipped: Templates, campaign: Campaign) -> None:
     r = shipped.render("uitnodiging-aan-de-slag", "nl", ctx(campaign, "uitnodiging-aan-de-slag"))
-    assert r.subject == "Uitnodiging: Aan de slag INTEGRATIEPACT – maandag 22 januari 2018"
+    assert r.subject == "Aan de slag INTEGRATIEPACT – uitnodiging voor maandag 22 januari"
     facts = [
         "maandag 22 januari 2018",
         "09:30",
@@ -314,7 +315,7 @@ def test_aan_de_slag_invitation(shipped: Templates, campaign: Campaign) -> None:
         "Mechelen",
         "Sint-Niklaas",
         "najaar van 2017",
-        "16 januari 2018",
+        "administratief-technische infosessie",  # no typed date: it is another event's
     ]
     for part in (r.text, r.html):  # text and HTML say the same things
         for fact in facts:
@@ -323,7 +324,7 @@ def test_aan_de_slag_invitation(shipped: Templates, campaign: Campaign) -> None:
 
 def test_reminder_for_a_timed_event(shipped: Templates, campaign: Campaign) -> None:
     r = shipped.render("herinnering", "nl", ctx(campaign, "herinnering-aan-de-slag-dag"))
-    assert r.subject == "Herinnering: Aan de slag INTEGRATIEPACT – maandag 22 januari 2018"
+    assert r.subject == "Aan de slag INTEGRATIEPACT – herinnering: maandag 22 januari"
     for part in (r.text, r.html):
         assert "maandag 22 januari 2018, van 09:30 tot 16:30" in part
         assert "Arduinkaai 7" in part
@@ -344,7 +345,7 @@ def test_reminder_for_multi_day_and_cancelled_events(shipped: Templates, campaig
     assert "van dinsdag 16 januari 2018 tot en met woensdag 17 januari 2018" in r.text
     cancelled = replace(campaign.event("aan-de-slag"), status=EventStatus.CANCELLED)
     r = shipped.render("herinnering", "nl", context(campaign, cancelled, step, JAN))
-    assert r.subject.startswith("Gaat niet door: Aan de slag INTEGRATIEPACT")
+    assert r.subject.startswith("Aan de slag INTEGRATIEPACT – gaat niet door")
     assert "gaat niet door" in r.text and "gaat niet door" in r.html
 
 
