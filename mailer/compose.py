@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Literal
 
 from . import ics, message, unsubscribe
+from .addresses import address_key
 from .config import Campaign, Event, Step
 from .contacts import Contact
 from .errors import ConfigError, MailerError, Problem
@@ -39,9 +40,12 @@ class Composer:
         snapshots: Mapping[tuple[str, int], str] | None = None,
         *,
         unsubscribe_secret: str | None = None,
+        answers: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         """:param revisions: the ledger's latest revision per event (for SEQUENCE).
         :param snapshots: every revision's snapshot (for the ``changes`` of an update).
+        :param answers: the ledger's answers, ``{(event, address_key): PARTSTAT}``
+            (``Ledger.answers``): :meth:`answer` reads them when a delivery is claimed.
         :param unsubscribe_secret: signs one-click unsubscribe links when ``unsubscribe.url``
             is set (from MAILER_UNSUBSCRIBE_SECRET).
         :raises ConfigError: ``unsubscribe.url`` is set but there is no secret."""
@@ -62,27 +66,45 @@ class Composer:
         self.templates = templates
         self._seq = {ev: rev[0] for ev, rev in (revisions or {}).items()}
         self._snapshots = dict(snapshots or {})
-        self._protos: dict[tuple[str, str, int, datetime], ics.Prototype] = {}
+        self._answers = answers or {}
+        self._protos: dict[tuple[str, str, int, datetime, str | None], ics.Prototype] = {}
 
     def sequence(self, event_id: str) -> int:
         """The SEQUENCE every calendar object for this event carries now."""
         return self._seq.get(event_id, 0)
+
+    def answer(self, event_id: str, email: str) -> str | None:
+        """The answer the ledger knows from ``email`` for the event as it is now (``ACCEPTED``,
+        ``TENTATIVE``, ``DECLINED``), or None: what a REQUEST to them carries (issue 13). An
+        answer to an earlier SEQUENCE does not count (``Ledger.answers``): after an update the
+        attendee is asked again. Read when the delivery is claimed and kept with the claim."""
+        partstat = self._answers.get((event_id, address_key(email)))
+        return partstat if partstat in ("ACCEPTED", "TENTATIVE", "DECLINED") else None
 
     @staticmethod
     def has_ics(step: Step) -> bool:
         return step.attach_ics or step.kind.revises
 
     def compose_due(
-        self, step: Step, event: Event, contact: Contact, *, when: datetime, sequence: int
+        self,
+        step: Step,
+        event: Event,
+        contact: Contact,
+        *,
+        when: datetime,
+        sequence: int,
+        partstat: str | None = None,
     ) -> Composed:
         """Compose a planned delivery: invitations and reminders as configured, updates with
-        the list of changes, cancellations with METHOD:CANCEL (RFC 5546 3.2.5)."""
+        the list of changes, cancellations with METHOD:CANCEL (RFC 5546 3.2.5). ``when``,
+        ``sequence`` and ``partstat`` are the claim's (:class:`~mailer.store.Claimed`)."""
         return self.compose(
             step,
             event,
             contact,
             when=when,
             sequence=sequence,
+            partstat=partstat,
             method="CANCEL" if step.kind is StepKind.CANCEL else "REQUEST",
             extra=self._revision_extra(step, event, sequence),
         )
@@ -110,14 +132,23 @@ class Composer:
         return message.message_id(self.campaign.id, step.id, email, self.campaign.sender.domain)
 
     def prototype(
-        self, event: Event, method: Literal["REQUEST", "CANCEL"], sequence: int, dtstamp: datetime
+        self,
+        event: Event,
+        method: Literal["REQUEST", "CANCEL"],
+        sequence: int,
+        dtstamp: datetime,
+        language: str | None = None,
     ) -> ics.Prototype:
-        key = (event.id, method, sequence, dtstamp)
+        """The calendar object of ``event`` minus the attendee: one per (event, method,
+        sequence, dtstamp, reader's language), never one per recipient (issue 13)."""
+        key = (event.id, method, sequence, dtstamp, language)
         proto = self._protos.get(key)
         if proto is None:
             if len(self._protos) > 256:  # dtstamps change per claim batch; keep this bounded
                 self._protos.clear()
-            proto = ics.prototype(self.campaign, event, method=method, sequence=sequence, dtstamp=dtstamp)
+            proto = ics.prototype(
+                self.campaign, event, method=method, sequence=sequence, dtstamp=dtstamp, language=language
+            )
             self._protos[key] = proto
         return proto
 
@@ -132,9 +163,11 @@ class Composer:
         method: Literal["REQUEST", "CANCEL"] = "REQUEST",
         template: str | None = None,
         extra: dict[str, object] | None = None,
+        partstat: str | None = None,
     ) -> Composed:
         """The complete message for ``contact``. ``when`` is the Date header and DTSTAMP: the
         time the delivery was claimed, so that a re-send after a crash is byte-identical.
+        ``partstat``: the recipient's answer, which a REQUEST carries (see :meth:`answer`).
 
         :raises TemplateError: the template fails for this contact.
         """
@@ -142,7 +175,8 @@ class Composer:
         rendered = self.render(step, event, contact, template=template, extra=extra, unsub_url=unsub_url)
         payload = None
         if self.has_ics(step):
-            payload = self.prototype(event, method, sequence, when).for_attendee(contact.email, contact.name)
+            proto = self.prototype(event, method, sequence, when, contact.language)
+            payload = proto.for_attendee(contact.email, contact.name, partstat)
         mid = self.message_id(step, contact.email)
         data = message.build(
             campaign=self.campaign,
@@ -199,8 +233,9 @@ class Composer:
 
 _WORKER: Composer | None = None
 
-#: ``(step, event, contact, claimed_at, sequence)``: one mail to compose.
-Job = tuple[Step, Event, Contact, datetime, int]
+#: ``(step, event, contact, claimed_at, sequence, partstat)``: one mail to compose, with what
+#: its claim fixed (:class:`~mailer.store.Claimed`).
+Job = tuple[Step, Event, Contact, datetime, int, str | None]
 
 
 def init_worker(
@@ -275,9 +310,9 @@ def compose_batch(jobs: list[Job], composer: Composer | None = None) -> list[tup
     comp = composer or _WORKER
     assert comp is not None, "init_worker() was not called"
     out: list[tuple[bytes, int] | str] = []
-    for step, event, contact, when, seq in jobs:
+    for step, event, contact, when, seq, partstat in jobs:
         try:
-            composed = comp.compose_due(step, event, contact, when=when, sequence=seq)
+            composed = comp.compose_due(step, event, contact, when=when, sequence=seq, partstat=partstat)
             out.append(message.data_payload(composed.data))
         except MailerError as exc:
             out.append(str(exc))

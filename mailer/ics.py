@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
+from .addresses import spelling
 from .config import Campaign, Event
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "fold",
     "param_value",
     "prototype",
+    "transparent",
     "tzid",
     "vtimezone",
 ]
@@ -289,6 +291,31 @@ def _when(name: str, dt: datetime, tz: ZoneInfo) -> str:
     return f"{name};TZID={tzid(tz)}:{local:%Y%m%dT%H%M%S}"
 
 
+def _texts(event: Event, language: str | None) -> list[str]:
+    """SUMMARY, DESCRIPTION (with the URL after it) and LOCATION for a reader of ``language``.
+
+    A text given per language (``title: {nl: ..., fr: ...}``) is the reader's, else the campaign
+    language's, and says which with ``LANGUAGE=`` (RFC 5545 3.2.10, a BCP 47 tag: ``nl-BE``). A
+    plain text carries no LANGUAGE: it is one text for every reader (often a name or an address)
+    and mailer does not know its language. UID and SEQUENCE never depend on the language."""
+
+    def text(name: str) -> tuple[str | None, str]:
+        value, lang = event.text(name, language)
+        tagged = bool(value) and bool(event.per_language(name))
+        return value, f";LANGUAGE={lang.replace('_', '-')}" if tagged else ""
+
+    title, title_lang = text("title")
+    lines = [f"SUMMARY{title_lang}:{escape_text(title or event.title)}"]
+    about, about_lang = text("description")
+    description = "\n\n".join(x for x in (about, event.url) if x)
+    if description:
+        lines.append(f"DESCRIPTION{about_lang}:{escape_text(description)}")
+    location, location_lang = text("location")
+    if location:
+        lines.append(f"LOCATION{location_lang}:{escape_text(location)}")
+    return lines
+
+
 class Prototype:
     """One event's calendar object minus its ATTENDEE line, ready to be stamped per recipient.
 
@@ -303,16 +330,43 @@ class Prototype:
         self._tail = tail
         self.method = method
 
-    def for_attendee(self, email: str, name: str = "") -> bytes:
+    def for_attendee(self, email: str, name: str = "", partstat: str | None = None) -> bytes:
         """The complete calendar object (bytes, CRLF, folded) for one recipient.
 
-        The recipient is an ATTENDEE with ``RSVP=TRUE;PARTSTAT=NEEDS-ACTION`` (RFC 5545
-        3.8.4.1) and never the ORGANIZER. If ``email`` is the organizer's own address it is
-        still written as an ATTENDEE; the organizer's client will treat it as its own event.
+        The recipient is an ATTENDEE (RFC 5545 3.8.4.1), never the ORGANIZER, written as
+        :func:`mailer.addresses.spelling` spells it (the mail's ``To:`` and envelope spell it
+        so too). ``partstat`` is the answer the ledger knows (``ACCEPTED``, ``TENTATIVE``,
+        ``DECLINED``): a REQUEST re-sent to someone who answered carries it with
+        ``RSVP=FALSE``, so no client asks again or resets the answer (issue 13); without one
+        (or ``NEEDS-ACTION``) it is ``PARTSTAT=NEEDS-ACTION;RSVP=TRUE``. A CANCEL keeps that
+        plain form (there is nothing left to answer). The planner leaves the organiser's own address out of
+        calendar steps (it is never an ATTENDEE of its own meeting).
         """
         cn = f";CN={param_value(name)}" if name and name.strip() else ""
-        line = f"ATTENDEE{cn};ROLE=REQ-PARTICIPANT;PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:{_uri(email)}"
+        answer = (partstat or "").strip().upper()
+        if answer in _ANSWERED and self.method == "REQUEST":
+            role = f"ROLE=REQ-PARTICIPANT;PARTSTAT={answer};RSVP=FALSE"
+        else:
+            role = "ROLE=REQ-PARTICIPANT;PARTSTAT=NEEDS-ACTION;RSVP=TRUE"
+        line = f"ATTENDEE{cn};{role}:mailto:{_uri(spelling(email))}"
         return self._head + fold(line) + self._tail
+
+
+#: Answers a REQUEST carries back to the attendee (RFC 5545 3.2.12).
+_ANSWERED = frozenset({"ACCEPTED", "TENTATIVE", "DECLINED"})
+
+
+def transparent(event: Event) -> bool:
+    """Whether the event leaves its attendees free (``TRANSP:TRANSPARENT``, RFC 5545 3.8.2.7).
+
+    All-day events and events of 24 hours or more are TRANSPARENT, as Google and Outlook
+    create all-day entries (a three-day conference does not block three days of meetings);
+    ``busy: true`` on the event makes them OPAQUE, ``busy: false`` makes a timed event
+    TRANSPARENT. Timed events are OPAQUE by default (an overnight event too).
+    """
+    if event.busy is not None:
+        return not event.busy
+    return event.all_day or event.end - event.start >= timedelta(hours=24)
 
 
 def prototype(
@@ -322,6 +376,7 @@ def prototype(
     method: Method = "REQUEST",
     sequence: int = 0,
     dtstamp: datetime,
+    language: str | None = None,
 ) -> Prototype:
     """Do the per-event work once; :meth:`Prototype.for_attendee` adds the recipient.
 
@@ -329,6 +384,9 @@ def prototype(
     :param sequence: RFC 5545 3.8.7.4: 0 at first, raised at every significant change and
         for a CANCEL.
     :param dtstamp: when the object was created (aware); written in UTC.
+    :param language: the reader's language: SUMMARY, LOCATION and DESCRIPTION given per
+        language in schedules.yaml are written in it (see :func:`_texts`); one prototype per
+        language, so the work stays per event, not per recipient.
     :raises ValueError: for an unknown method, a negative sequence, naive datetimes or an
         event without UID.
 
@@ -369,13 +427,8 @@ def prototype(
         f"DTSTAMP:{_utc(dtstamp)}",  # RFC 5545 3.8.7.2: UTC
         f"SEQUENCE:{sequence}",
         *when,  # DTEND, never DURATION (RFC 5545 3.6.1 allows only one of them)
-        f"SUMMARY:{escape_text(event.title)}",
     ]
-    description = "\n\n".join(x for x in (event.description, event.url) if x)
-    if description:
-        head.append(f"DESCRIPTION:{escape_text(description)}")
-    if event.location:
-        head.append(f"LOCATION:{escape_text(event.location)}")
+    head += _texts(event, language)
     if event.url:
         head.append(f"URL:{_uri(event.url)}")
     sender = campaign.sender
@@ -383,9 +436,9 @@ def prototype(
     head += [
         # RFC 5546 3.2.5: a CANCEL sets STATUS:CANCELLED; no VALARM is ever written.
         f"STATUS:{'CANCELLED' if method == 'CANCEL' else 'CONFIRMED'}",
-        "TRANSP:OPAQUE",
+        f"TRANSP:{'TRANSPARENT' if transparent(event) else 'OPAQUE'}",
         # RFC 6047 3: iMIP replies go to the ORGANIZER address; that mailbox must exist.
-        f"ORGANIZER{cn}:mailto:{_uri(sender.organizer)}",
+        f"ORGANIZER{cn}:mailto:{_uri(spelling(sender.organizer))}",
     ]
     tail = b"END:VEVENT\r\nEND:VCALENDAR\r\n"
     return Prototype(b"".join(fold(line) for line in head), tail, method)
@@ -400,7 +453,8 @@ def build_event(
     method: Method = "REQUEST",
     sequence: int = 0,
     dtstamp: datetime,
+    language: str | None = None,
 ) -> bytes:
     """One recipient's calendar object: ``prototype(...).for_attendee(email, name)``."""
-    proto = prototype(campaign, event, method=method, sequence=sequence, dtstamp=dtstamp)
+    proto = prototype(campaign, event, method=method, sequence=sequence, dtstamp=dtstamp, language=language)
     return proto.for_attendee(attendee_email, attendee_name)

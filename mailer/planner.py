@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from .addresses import address_key
 from .config import Audience, Campaign, Delivery, Event, Step
 from .contacts import Contact, InvalidContact
 from .store import RecordedRevision, Row
+from .times import resolve_wall, zone
 from .vocab import FINAL, Answer, EventStatus, RevisionKind, Status, StepKind
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "plan_step",
     "retry_at",
     "revisions",
+    "send_times",
     "snapshot",
 ]
 
@@ -94,13 +97,17 @@ def retry_at(policy: Delivery, attempts: int, key: str, now: datetime) -> dateti
 
 
 def snapshot(event: Event) -> dict[str, object]:
-    """The significant fields of an event, as plain JSON values."""
+    """The significant fields of an event, as plain JSON values.
+
+    A text given per language is its ``{language: text}`` mapping, so a change of any language's
+    text is a change (issue 13); a plain text stays a string, so the fingerprints recorded before
+    per-language texts existed still match (no update goes out for nothing)."""
     return {
-        "title": event.title,
+        "title": event.per_language("title") or event.title,
         "start": event.start.isoformat(),
         "end": event.end.isoformat(),
         "all_day": event.all_day,
-        "location": event.location,
+        "location": event.per_language("location") or event.location,
         "status": event.status,
     }
 
@@ -157,8 +164,9 @@ def revisions(
 
 
 def changes(before: Mapping[str, object], after: Mapping[str, object]) -> list[dict[str, object]]:
-    """What changed between two snapshots: ``[{"field", "before", "after"}]`` for templates
-    (``start``/``end`` as aware datetimes, so the date filters work on them)."""
+    """What changed between two snapshots: ``[{"field", "before", "after"}]`` (``start``/``end``
+    as aware datetimes; a per-language text as its ``{language: text}`` mapping). Templates get
+    them in words, in the reader's language: :func:`mailer.templates.describe_changes`."""
 
     def value(k: str, v: object) -> object:
         return datetime.fromisoformat(v) if k in ("start", "end") and isinstance(v, str) else v
@@ -185,6 +193,43 @@ def dynamic_step(campaign: Campaign, event: str, kind: str, sequence: int, at: d
         attach_ics=True,
         kind=step_kind,
     )
+
+
+def zone_of(campaign: Campaign, contact: Contact) -> ZoneInfo:
+    """The contact's time zone: their ``timezone`` column, else the campaign's."""
+    return (zone(contact.timezone) if contact.timezone else None) or campaign.timezone
+
+
+@dataclass(frozen=True)
+class SendTime:
+    """When a step goes to the recipients in one zone (one line of ``check``'s schedule)."""
+
+    at: datetime  # aware, in ``zone``
+    zone: ZoneInfo
+    count: int
+    problem: str | None = None  # the wall time does not exist or happens twice there
+
+
+def send_times(campaign: Campaign, step: Step, contacts: Iterable[Contact]) -> list[SendTime]:
+    """When ``step`` goes to ``contacts`` (its audience): one entry per recipients' zone for a
+    ``local`` step (earliest first), else one at ``step.at``."""
+    contacts = list(contacts)
+    if not step.local:
+        return [SendTime(step.at, campaign.timezone, len(contacts))]
+    counts: dict[str, tuple[ZoneInfo, int]] = {}
+    for c in contacts:
+        tz = zone_of(campaign, c)
+        counts[tz.key] = (tz, counts.get(tz.key, (tz, 0))[1] + 1)
+    out = []
+    for tz, n in counts.values():
+        assert step.wall is not None
+        at, problem = resolve_wall(step.wall, tz)
+        out.append(SendTime(at, tz, n, problem))
+    return sorted(out, key=lambda t: (t.at, t.zone.key))
+
+
+#: Why the organiser's own address gets no mail with a calendar (issue 13).
+ORGANISER_REASON = "the organiser does not get an invitation to its own meeting"
 
 
 def _answer(replies: Mapping[tuple[str, str], str], event: str, email: str) -> Answer:
@@ -225,13 +270,30 @@ def plan_step(
     replies = replies or {}
     out.steps_due.append(step)
     in_audience: set[str] = set()
-    reminder_late = step.kind is StepKind.REMINDER and now > step.at + policy.late_after
+    # A local step's copies for each zone carry their own time; step.at is the campaign zone's.
+    reminder_late = step.kind is StepKind.REMINDER and not step.local and now > step.at + policy.late_after
     started = now >= event.start
     first_pass = started_at is None or started_at >= now
     dynamic = step.kind.revises
+    # Issue 13: the organiser is never an ATTENDEE of its own meeting (`check` warns too).
+    calendar = step.attach_ics or dynamic
+    organiser = address_key(campaign.sender.organizer)
 
-    def skip(email: str, name: str, status: Status, why: str) -> None:
-        out.skips.append(Skip(step, event, email, name, status, why))
+    def skip(email: str, name: str, status: Status, why: str, st: Step = step) -> None:
+        out.skips.append(Skip(st, event, email, name, status, why))
+
+    # A ``local`` step is due per recipient (issue 13): each gets a copy of the step whose ``at``
+    # is their own send time, so the ledger's due_at and the template's step.at are theirs.
+    per_zone: dict[str, Step] = {}
+
+    def step_for(c: Contact) -> Step:
+        if not step.local:
+            return step
+        tz = zone_of(campaign, c)
+        st = per_zone.get(tz.key)
+        if st is None:
+            st = per_zone[tz.key] = replace(step, at=step.at_in(tz))
+        return st
 
     if dynamic:
         # Updates and cancellations go to the people recorded for them (everyone who has the
@@ -243,17 +305,27 @@ def plan_step(
     else:
         audience = (c for c in contacts if step.audience.matches(c.lists, c.tags))
 
+    latest = step.at
     for c in audience:
         in_audience.add(c.email)
         row = rows.get(c.email)
         if row is not None and row.status in FINAL:
             continue
+        st = step_for(c)
+        if st is not step:
+            latest = max(latest, st.at)
+            if row is None and st.at > now:  # not yet their hour: look again then
+                if event.status is not EventStatus.CANCELLED:
+                    out._wake(st.at)
+                continue
         if c.email.lower() in suppressed:
-            skip(c.email, c.name, Status.SUPPRESSED, f"address suppressed: {suppressed[c.email.lower()]}")
+            skip(c.email, c.name, Status.SUPPRESSED, f"address suppressed: {suppressed[c.email.lower()]}", st)
+        elif calendar and address_key(c.email) == organiser:
+            skip(c.email, c.name, Status.SKIPPED, ORGANISER_REASON, st)
         elif superseded_by is not None:
-            skip(c.email, c.name, Status.SKIPPED, f"superseded by {superseded_by}")
+            skip(c.email, c.name, Status.SKIPPED, f"superseded by {superseded_by}", st)
         elif event.status is EventStatus.CANCELLED and step.kind is not StepKind.CANCEL:
-            skip(c.email, c.name, Status.SKIPPED, "the event is cancelled")
+            skip(c.email, c.name, Status.SKIPPED, "the event is cancelled", st)
         elif started:
             if row is not None and row.attempts:
                 skip(
@@ -261,16 +333,17 @@ def plan_step(
                     c.name,
                     Status.FAILED,
                     f"gave up after {row.attempts} attempt(s): the event has started",
+                    st,
                 )
             else:
-                skip(c.email, c.name, Status.SKIPPED, "the event had started before this could be sent")
+                skip(c.email, c.name, Status.SKIPPED, "the event had started before this could be sent", st)
         elif row is not None and row.status in (Status.DEFERRED, Status.SENDING):
             # deferred: a 4xx; sending: left by a crash (no next_attempt: due now) or an
             # attempt whose outcome is unknown (due again, identical, at next_attempt).
             if row.next_attempt is not None and row.next_attempt > now:
                 out._wake(min(row.next_attempt, event.start))
             else:
-                out.due.append(Due(step, event, c, row))
+                out.due.append(Due(st, event, c, row))
         elif step.audience.rsvp and _answer(replies, event.id, c.email) not in step.audience.rsvp:
             skip(
                 c.email,
@@ -278,24 +351,29 @@ def plan_step(
                 Status.SKIPPED,
                 f"answered {_answer(replies, event.id, c.email)}; this step is for "
                 f"{', '.join(sorted(step.audience.rsvp))}",
+                st,
             )
-        elif reminder_late:
+        elif reminder_late or (
+            st is not step and step.kind is StepKind.REMINDER and now > st.at + policy.late_after
+        ):
             skip(
                 c.email,
                 c.name,
                 Status.SKIPPED,
-                f"reminder due {step.at:%Y-%m-%d %H:%M} is more than late_after "
+                f"reminder due {st.at:%Y-%m-%d %H:%M} is more than late_after "
                 f"({_fmt(policy.late_after)}) in the past",
+                st,
             )
-        elif row is None and not first_pass and not policy.late_contacts:
+        elif row is None and not first_pass and not policy.late_contacts and not _later_zone(st, started_at):
             skip(
                 c.email,
                 c.name,
                 Status.SKIPPED,
                 "added to the contacts after the step went out (delivery.late_contacts is off)",
+                st,
             )
         else:
-            out.due.append(Due(step, event, c, row))
+            out.due.append(Due(st, event, c, row))
 
     for bad in () if dynamic else invalid:
         if not step.audience.matches(bad.lists, bad.tags) or bad.email in in_audience:
@@ -311,7 +389,7 @@ def plan_step(
     # good). Until then the row keeps its open status; the planner looks again at the close.
     closes = event.start
     if step.kind is StepKind.REMINDER:
-        closes = min(closes, step.at + policy.late_after)
+        closes = min(closes, latest + policy.late_after)
     window_open = now < closes and superseded_by is None and event.status is not EventStatus.CANCELLED
     for email, row in rows.items():
         if email not in in_audience and row.status not in FINAL:
@@ -323,6 +401,12 @@ def plan_step(
                 why += "; the outcome of its last attempt is unknown"
             skip(email, row.name, Status.SKIPPED, why)
     return out
+
+
+def _later_zone(st: Step, started_at: datetime | None) -> bool:
+    """A local step's recipient whose own time came after the step's first pass: not "added
+    after the step went out", their mail had not gone yet (delivery.late_contacts)."""
+    return st.local and started_at is not None and started_at < st.at
 
 
 def plan(
@@ -349,9 +433,14 @@ def plan(
     for step in campaign.steps:
         if wanted is not None and step.id not in wanted:
             continue
-        if step.at > now:
+        first = step.at
+        if step.local:  # due once its earliest recipient's hour has come
+            audience = [c for c in contacts if step.audience.matches(c.lists, c.tags)]
+            zones = {zone_of(campaign, c) for c in audience}
+            first = min((step.at_in(tz) for tz in zones), default=step.at)
+        if first > now:
             if campaign.event(step.event).status is not EventStatus.CANCELLED:
-                out._wake(step.at)
+                out._wake(first)
             continue
         plan_step(
             campaign,

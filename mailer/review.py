@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
-from .config import Campaign, Step
+from .config import TEXT_FIELDS, Campaign, Step, language_key, pick
 from .contacts import Contact
 from .errors import ConfigError, Problem, display_path
 from .vocab import Answer, StepKind
@@ -33,6 +33,7 @@ def review(ws: Workspace) -> list[Problem]:
         *_overlapping_invitations(c, audiences, at),
         *_languages_without_template(ws, audiences),
         *_organiser_among_contacts(c, audiences),
+        *_languages_without_event_text(c, audiences, at),
     ]
 
 
@@ -211,4 +212,36 @@ def _organiser_among_contacts(c: Campaign, audiences: dict[str, list[Contact]]) 
                     "warning",
                     row=x.row,
                     step=s.id,
+                )
+
+
+def _languages_without_event_text(
+    c: Campaign, audiences: dict[str, list[Contact]], at: _Places
+) -> Iterator[Problem]:
+    """An event text given per language (``title: {nl: ..., fr: ...}``) with no text in the
+    language of some of the event's recipients: they read the campaign language's (issue 13).
+    A language whose fallback is the same language (``nl_NL`` reading ``nl_BE``) is fine."""
+    for i, event in enumerate(c.events):
+        fields = [(f, own) for f in TEXT_FIELDS if (own := event.per_language(f))]
+        if not fields:
+            continue
+        who: dict[str, set[str]] = defaultdict(set)
+        for s in c.steps:
+            if s.event == event.id:
+                for x in audiences[s.id]:
+                    if x.language:
+                        who[language_key(x.language)].add(x.email)
+        for field, own in fields:
+            for lang, emails in sorted(who.items()):
+                found = pick(own, lang, event.language)
+                if found is None or found[1].partition("_")[0] == lang.partition("_")[0]:
+                    continue
+                loc: YamlPath = ("events", i, field)
+                yield Problem(
+                    at.file,
+                    f"no {lang} text for event {event.id!r}; {len(emails)} contact(s) in {lang} "
+                    f"({_some(emails)}) read the {found[1]} text; add {lang}: under {field}:",
+                    fmt_path(loc),
+                    "warning",
+                    line=line_for(at.lines, loc),
                 )

@@ -9,6 +9,7 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .times import parse_duration
+from .urls import http_url
 from .vocab import Answer, EventStatus, StepKind
 
 __all__ = ["CampaignModel", "EventModel", "StepModel"]
@@ -43,18 +44,43 @@ class _SenderModel(_Model):
         return v
 
 
+#: A language key of a per-language text: ``nl``, ``fr``, ``nl_BE`` (``nl-BE`` is accepted).
+_LANGUAGE_KEY = r"^[A-Za-z]{2,3}(?:[_-][A-Za-z]{2})?$"
+
+
+def _texts(value: str | dict[str, str] | None) -> str | dict[str, str] | None:
+    """A plain text, or one text per language (issue 13): keys are languages, values not empty."""
+    if not isinstance(value, dict):
+        return value
+    if not value:
+        raise ValueError("give a text, or one per language ({nl: ..., fr: ...}), not an empty mapping")
+    for key, text in value.items():
+        if not re.fullmatch(_LANGUAGE_KEY, key):
+            raise ValueError(f"{key!r} is not a language; write e.g. nl, fr, en or nl_BE")
+        if not text:
+            raise ValueError(f"the {key} text is empty")
+    return value
+
+
 class EventModel(_Model):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
-    title: str = Field(min_length=1)
+    #: title, location and description: one text for everyone, or one per language (issue 13).
+    title: str | dict[str, str] = Field(min_length=1)
     start: str | None = None
     end: str | None = None
     date: str | None = None
     end_date: str | None = None
-    location: str | None = None
-    description: str | None = None
+    location: str | dict[str, str] | None = None
+    description: str | dict[str, str] | None = None
     url: str | None = None
     status: EventStatus = EventStatus.CONFIRMED
     uid: str | None = None
+    #: TRANSP (issue 13): all-day and multi-day events show as free unless ``busy: true``.
+    busy: bool | None = None
+
+    _check_url = field_validator("url")(lambda cls, v: None if v is None else http_url(v))
+
+    _check_texts = field_validator("title", "location", "description")(lambda cls, v: _texts(v))
 
 
 class _AudienceModel(_Model):
