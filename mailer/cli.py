@@ -23,7 +23,7 @@ from .clikit import (
     table,
     when,
 )
-from .errors import MailerError, Problem
+from .errors import MailerError, Problem, display_path
 from .records import dashboard, export, inbox, log, retry, status, suppress
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ def check(config_path: Path, strict: bool) -> None:
     warnings), 0 with warnings only.
     """
     from .gate import check_workspace
+    from .planner import send_times
     from .review import review
     from .workspace import survey
 
@@ -134,15 +135,29 @@ def check(config_path: Path, strict: bool) -> None:
     out.print(events)
     steps = table("Steps", ("step", "event", "kind", "sends at", "rule", "recipients", "ics"))
     for s in c.steps:
-        steps.add_row(
-            s.id,
-            s.event,
-            s.kind,
-            when(s.at),
-            s.at_text,
-            str(counts[s.id]),
-            "yes" if s.attach_ics else "no",
-        )
+        # A local step (at: ... local) goes at its hour in each recipient's zone: one line per
+        # zone with its count, earliest first (issue 13).
+        times = send_times(c, s, ws.audience(s)) if s.local else []
+        for i, t in enumerate(times or [None]):
+            steps.add_row(
+                s.id if i == 0 else "",
+                s.event if i == 0 else "",
+                s.kind if i == 0 else "",
+                when(s.at) if t is None else f"{when(t.at)} {t.zone.key}",
+                s.at_text if i == 0 else "",
+                str(counts[s.id] if t is None else t.count),
+                ("yes" if s.attach_ics else "no") if i == 0 else "",
+            )
+            if t is not None and t.problem:
+                problems.append(
+                    Problem(
+                        display_path(c.config_path),
+                        f"{t.problem.removesuffix('; pick another time')} for {t.count} contact(s) "
+                        f"of this local step; pick another time",
+                        field="at",
+                        step=s.id,
+                    )
+                )
     out.print(steps)
     lists: dict[str, int] = {}
     for ct in ws.contacts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import csv
 import re
+import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -15,6 +16,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from .csvcells import unprotect_row
 from .errors import ContactsError, HasProblems, Problem, display_path
+from .times import zone
 
 __all__ = ["Contact", "ContactList", "InvalidContact", "load_contacts", "normalise_address"]
 
@@ -32,6 +34,11 @@ class Contact:
     fields: Mapping[str, str] = field(default_factory=dict)
     file: str = ""  # "contacts/partners.csv", as problems name it
     row: int | None = None  # the physical line the record starts on (the header is line 1)
+    #: The contact's IANA time zone (``timezone`` column), None for the campaign's.
+    timezone: str | None = None
+    #: Every zone the contact files name (shared by all contacts): a mail names the event's
+    #: zone when some contacts live elsewhere (see templates' ``when`` filter).
+    zones: frozenset[str] = frozenset()
 
     @property
     def source(self) -> str:
@@ -69,6 +76,7 @@ _ROLES: dict[str, str] = {
     **dict.fromkeys(_EMAIL_NAMES, "email"),
     **dict.fromkeys(("name", "naam", "nom", "full name"), "name"),
     **dict.fromkeys(("language", "lang", "taal", "langue"), "language"),
+    **dict.fromkeys(("timezone", "time zone", "tz", "tijdzone", "fuseau horaire"), "timezone"),
     "lists": "lists",
     "tags": "tags",
 }
@@ -144,7 +152,11 @@ def load_contacts(paths: Iterable[Path], *, display_root: Path | None = None) ->
                 by_email.update(kept[0])
                 invalid.clear()
                 invalid.update(kept[1])
-    return ContactList(sorted(by_email.values(), key=lambda c: c.email), problems, list(invalid.values()))
+    contacts = sorted(by_email.values(), key=lambda c: c.email)
+    zones = frozenset(c.timezone for c in contacts if c.timezone)
+    if zones:  # only with a timezone column: the other files stay as fast as before
+        contacts = [replace(c, zones=zones) for c in contacts]
+    return ContactList(contacts, problems, list(invalid.values()))
 
 
 def _read_text(path: Path, where: str, problems: list[Problem]) -> str | None:
@@ -228,7 +240,7 @@ def _parse(
             return
         ncols, count = len(header), 0
         i_email, i_name, i_lang = roles["email"], roles.get("name"), roles.get("language")
-        i_lists, i_tags = roles.get("lists"), roles.get("tags")
+        i_lists, i_tags, i_tz = roles.get("lists"), roles.get("tags"), roles.get("timezone")
         one_line = frozenset(roles.values())  # email, name, language, lists, tags
         for row in reader:
             row_no, line = line + 1, reader.line_num
@@ -292,7 +304,17 @@ def _parse(
             lists = _labels(row[i_lists]) if i_lists is not None else frozenset()
             tags = _labels(row[i_tags]) if i_tags is not None else frozenset()
             values = {key: _clean(row[i]) for i, key in fields}
-            contact = Contact(email, name, language, lists, tags, values, where, row_no)
+            tz_name = None
+            if i_tz is not None and (tz_raw := row[i_tz].strip()):
+                tz_name = _timezone(tz_raw)
+                if tz_name is None:
+                    report(
+                        row_no,
+                        f"{tz_raw!r} is not a time zone; write an IANA name such as "
+                        "America/New_York; the campaign time zone is used",
+                        "timezone",
+                    )
+            contact = Contact(email, name, language, lists, tags, values, where, row_no, tz_name)
             count += 1
             # Mailbox providers treat the local part case-insensitively in practice, so
             # Jan@example.be and jan@example.be are one person and must get one mail.
@@ -449,6 +471,18 @@ def _language(raw: str) -> str | None:
     return f"{m[1].lower()}_{m[2].upper()}" if m[2] else m[1].lower()
 
 
+@lru_cache(maxsize=1024)
+def _timezone(raw: str) -> str | None:
+    """``America/New_York`` (any case) -> its IANA key; None if no such zone."""
+    tz = zone(raw) or zone(_zone_keys().get(raw.lower(), ""))
+    return tz.key if tz is not None else None
+
+
+@lru_cache(maxsize=1)
+def _zone_keys() -> dict[str, str]:
+    return {key.lower(): key for key in zoneinfo.available_timezones()}
+
+
 @lru_cache(maxsize=4096)
 def _labels(cell: str) -> frozenset[str]:
     """List or tag names from one cell: split on ; , or |, trimmed, lower-cased, empty dropped."""
@@ -474,6 +508,7 @@ def _merge(first: Contact, later: Contact) -> Contact:
         first,
         name=first.name or later.name,
         language=first.language or later.language,
+        timezone=first.timezone or later.timezone,
         lists=first.lists | later.lists,
         tags=first.tags | later.tags,
         fields=fields,

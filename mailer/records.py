@@ -75,9 +75,12 @@ def status(config_path: Path, db_path: Path | None) -> None:
             d["next"] = min(filter(None, (d["next"], parse_iso(r["next_attempt"]))))
     if campaign:
         now = datetime.now(UTC)
+        local = _local_send_times(campaign, now)
         for s in campaign.steps:
             d = per.setdefault((campaign.id, s.id), {c: 0 for c in cols} | {"next": None})
-            if s.at > now:
+            if s.id in local:  # at: ... local: the earliest recipient's time not yet reached
+                d["next"] = local[s.id]
+            elif s.at > now:
                 d["next"] = s.at
     from rich.table import Table
 
@@ -101,6 +104,24 @@ def status(config_path: Path, db_path: Path | None) -> None:
         out.print(t2)
     if unmatched:
         _print_unmatched(unmatched, recent, tz)
+
+
+def _local_send_times(campaign: Campaign, now: datetime) -> dict[str, datetime | None]:
+    """For each ``local`` step, the earliest send time of its recipients still ahead of ``now``
+    (None when every zone's has come); reads the contact files only when there is one."""
+    steps = [s for s in campaign.steps if s.local]
+    if not steps:
+        return {}
+    from .contacts import load_contacts
+    from .planner import send_times
+
+    contacts = load_contacts(campaign.contact_paths()).contacts
+    out: dict[str, datetime | None] = {}
+    for s in steps:
+        audience = [c for c in contacts if s.audience.matches(c.lists, c.tags)]
+        ahead = [t.at for t in send_times(campaign, s, audience) if t.at > now]
+        out[s.id] = min(ahead, default=None)
+    return out
 
 
 #: `mailer status` lists this many of the newest unmatched replies; the dashboard has them all.

@@ -234,3 +234,123 @@ def test_retry_backoff_grows_and_is_capped() -> None:
     # jitter differs per recipient, stays the same for one recipient
     assert planner.retry_at(pol, 2, "a", now) != planner.retry_at(pol, 2, "b", now)
     assert planner.retry_at(pol, 2, "a", now) == planner.retry_at(pol, 2, "a", now)
+
+
+# --------------------------------------------------------------------------------------
+# A step sent at a local hour in each recipient's zone (issue 13 item 11): no clock, a table.
+# --------------------------------------------------------------------------------------
+
+ZONED = """\
+campaign: t
+timezone: Europe/Brussels
+sender: {from: org@example.org}
+contacts: [c.csv]
+events:
+  - {id: ev, title: Event, start: 2018-01-22 09:30, end: 2018-01-22 16:30}
+  - {id: spring, title: Spring, start: 2018-03-20 10:00, end: 2018-03-20 12:00}
+steps:
+  - {id: remind, event: ev, template: t, at: -1d 09:00 local}
+  - {id: march, event: spring, template: t, at: -1d 09:00 local}
+"""
+BXL = Contact("bxl@example.org", "Brussels (no zone column)")
+NYC = Contact("nyc@example.org", "New York", timezone="America/New_York")
+TYO = Contact("tyo@example.org", "Tokyo", timezone="Asia/Tokyo")
+
+
+def U(month: int, day: int, hour: int, minute: int = 0) -> datetime:
+    return datetime(2018, month, day, hour, minute, tzinfo=UTC)
+
+
+def zoned(
+    tmp_path: Path, now: datetime, rows: list[Row] = (), started: dict[str, datetime] | None = None
+) -> planner.Plan:  # type: ignore[assignment]
+    c = config.loads(ZONED, tmp_path / "s.yaml")
+    by_step: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by_step.setdefault(r.step, {})[r.email] = r
+    return planner.plan(
+        c, [BXL, NYC, TYO], lambda s: by_step.get(s, {}), {}, started or {}, now, only_steps=["remind"]
+    )
+
+
+# 09:00 on Sunday 21 January: Tokyo 00:00 UTC, Brussels 08:00 UTC, New York 14:00 UTC.
+LOCAL_TABLE = [
+    ("before anyone", U(1, 20, 23, 59), [], set(), U(1, 21, 0)),
+    ("Tokyo's hour", U(1, 21, 0), [], {"tyo"}, U(1, 21, 8)),
+    ("Tokyo sent, Brussels' hour", U(1, 21, 8), [row("remind", TYO.email, "sent")], {"bxl"}, U(1, 21, 14)),
+    ("all three unsent at New York's", U(1, 21, 14), [], {"tyo", "bxl", "nyc"}, None),
+    ("one minute before New York's", U(1, 21, 13, 59), [], {"tyo", "bxl"}, U(1, 21, 14)),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "now", "rows", "expect", "wake"), LOCAL_TABLE, ids=[t[0] for t in LOCAL_TABLE]
+)
+def test_local_step_is_due_per_recipient(
+    tmp_path: Path, label: str, now: datetime, rows: list[Row], expect: set[str], wake: datetime | None
+) -> None:
+    p = zoned(tmp_path, now, rows, {"remind": U(1, 21, 0)} if now >= U(1, 21, 0) else None)
+    assert {d.contact.email.split("@")[0] for d in p.due} == expect
+    assert p.next_wake == wake
+    assert not p.skips
+    # The ledger's due_at (Due.step.at) is the recipient's own 09:00.
+    for d in p.due:
+        tz = ZoneInfo(d.contact.timezone or "Europe/Brussels")
+        assert d.step.at.astimezone(tz).replace(tzinfo=None) == datetime(2018, 1, 21, 9)
+        assert d.step.id == "remind"
+
+
+def test_local_step_late_contacts_off_keeps_later_zones(tmp_path: Path) -> None:
+    """The step started at Tokyo's hour; Brussels' and New York's recipients, whose own hours
+    came later, were not added after it went out."""
+    c = config.loads(ZONED + "delivery: {late_contacts: false}\n", tmp_path / "s.yaml")
+    p = planner.plan(
+        c, [BXL, NYC, TYO], lambda s: {}, {}, {"remind": U(1, 21, 0)}, U(1, 21, 15), only_steps=["remind"]
+    )
+    assert {d.contact.email for d in p.due} == {BXL.email, NYC.email}
+    # Tokyo's hour is when the step started: no row for them means they were added since.
+    assert [(sk.email, sk.status) for sk in p.skips] == [(TYO.email, Status.SKIPPED)]
+
+
+def test_local_step_times_across_dst(tmp_path: Path) -> None:
+    """20 March 2018: New York is on summer time (since 11 March), Brussels not yet (25 March):
+    the two are 5 hours apart, not 6; each still gets the mail at 09:00 on their own clock."""
+    c = config.loads(ZONED, tmp_path / "s.yaml")
+    times = planner.send_times(c, c.step("march"), [BXL, NYC, TYO, NYC])
+    assert [(t.zone.key, t.at.astimezone(UTC), t.count) for t in times] == [
+        ("Asia/Tokyo", U(3, 19, 0), 1),
+        ("Europe/Brussels", U(3, 19, 8), 1),
+        ("America/New_York", U(3, 19, 13), 2),
+    ]
+    p = planner.plan(c, [BXL, NYC, TYO], lambda s: {}, {}, {}, U(3, 19, 12), only_steps=["march"])
+    assert {d.contact.email for d in p.due} == {BXL.email, TYO.email}
+    assert p.next_wake == U(3, 19, 13)
+
+
+@pytest.mark.parametrize(
+    ("at", "zone", "utc", "problem"),
+    [
+        # 02:30 on 11 March does not exist in New York (02:00 -> 03:00): at 03:30 EDT.
+        ("-1d 02:30 local", "America/New_York", U(3, 11, 7, 30), "does not exist in America/New_York"),
+        # 01:30 on 4 November happens twice in New York: the first time (EDT).
+        ("-1d 01:30 local", "America/New_York", U(11, 4, 5, 30), "happens twice in America/New_York"),
+        ("-1d 02:30 local", "Europe/Brussels", None, None),
+    ],
+)
+def test_local_step_in_a_dst_gap_or_overlap(
+    tmp_path: Path, at: str, zone: str, utc: datetime | None, problem: str | None
+) -> None:
+    day = "2018-03-12" if "02:30" in at else "2018-11-05"
+    c = config.loads(
+        ZONED.replace("2018-01-22 09:30, end: 2018-01-22 16:30", f"{day} 10:00, end: {day} 12:00").replace(
+            "-1d 09:00 local}\n  - {id: march", f"{at}}}\n  - {{id: march"
+        ),
+        tmp_path / "s.yaml",
+    )
+    who = NYC if zone == "America/New_York" else BXL
+    (t,) = planner.send_times(c, c.step("remind"), [who])
+    if utc is not None:
+        assert t.at.astimezone(UTC) == utc
+    assert (problem in t.problem) if problem else t.problem is None  # type: ignore[operator]
+    p = planner.plan(c, [who], lambda s: {}, {}, {}, t.at, only_steps=["remind"])
+    assert [d.step.at for d in p.due] == [t.at]
