@@ -30,6 +30,7 @@ from .vocab import Answer, EventStatus, StepKind
 from .yamlsource import YamlPath, fmt_path, line_for, load_yaml, read_yaml
 
 __all__ = [
+    "TEXT_FIELDS",
     "Audience",
     "Campaign",
     "Delivery",
@@ -40,7 +41,10 @@ __all__ = [
     "Unsubscribe",
     "contact_files",
     "contact_links_outside",
+    "language_chain",
+    "language_key",
     "load",
+    "pick",
     "loads",
 ]
 
@@ -82,10 +86,40 @@ class Event:
     url: str | None = None
     status: EventStatus = EventStatus.CONFIRMED
     uid: str = ""
+    #: ``busy:`` (TRANSP, see :func:`mailer.ics.transparent`); None: all-day and multi-day
+    #: events are free, timed ones busy.
+    busy: bool | None = None
+    #: The campaign language: ``title``, ``location`` and ``description`` above are in it.
+    language: str = ""
+    #: ``(field, language, text)`` for each text given per language in schedules.yaml
+    #: (``title: {nl: ..., fr: ...}``), languages normalised (``nl``, ``nl_BE``); see :meth:`text`.
+    texts: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def start_date(self) -> date:
         return self.start.date()
+
+    def per_language(self, field: str) -> dict[str, str]:
+        """The texts of ``field`` by language, or ``{}`` when it is one text for everyone."""
+        return {lang: text for f, lang, text in self.texts if f == field}
+
+    def text(self, field: str, language: str | None) -> tuple[str | None, str]:
+        """``field`` (title, location, description) for a reader of ``language``, and the
+        language the text is in: theirs (``nl_BE``, else ``nl``), else the campaign language's
+        text. A plain text is in the campaign language."""
+        plain: str | None = getattr(self, field)
+        own = self.per_language(field)
+        if not own:
+            return plain, self.language
+        found = pick(own, language, self.language)
+        return found if found is not None else (plain, self.language)
+
+    def in_language(self, language: str | None) -> Event:
+        """This event with its texts in ``language`` (see :meth:`text`)."""
+        if not self.texts:
+            return self
+        title, location, description = (self.text(f, language)[0] for f in TEXT_FIELDS)
+        return replace(self, title=title or self.title, location=location, description=description)
 
     @property
     def last_date(self) -> date:
@@ -94,6 +128,43 @@ class Event:
 
 
 RSVP_STATES = tuple(a.value for a in Answer)
+#: The event fields schedules.yaml may give per language (issue 13).
+TEXT_FIELDS = ("title", "location", "description")
+
+
+def language_key(language: str) -> str:
+    """A language as mailer compares them: ``nl-be`` / ``NL_BE`` -> ``nl_BE``; ``NL`` -> ``nl``.
+
+    >>> language_key("fr-be"), language_key("EN")
+    ('fr_BE', 'en')
+    """
+    base, _, region = language.strip().replace("-", "_").partition("_")
+    return f"{base.lower()}_{region.upper()}" if region else base.lower()
+
+
+def language_chain(language: str | None, default: str) -> list[str]:
+    """The languages to try for a reader of ``language``: theirs, its base, the campaign's.
+
+    >>> language_chain("nl_BE", "fr")
+    ['nl_BE', 'nl', 'fr']
+    """
+    wanted = [language_key(language)] if language else []
+    wanted += [wanted[0].partition("_")[0]] if wanted else []
+    wanted += [language_key(default), language_key(default).partition("_")[0]] if default else []
+    return list(dict.fromkeys(wanted))
+
+
+def pick(texts: Mapping[str, str], language: str | None, default: str) -> tuple[str, str] | None:
+    """``(text, its language)`` from per-language ``texts`` (keys normalised) for a reader of
+    ``language``, falling back to the campaign language ``default``; None if neither is there.
+
+    >>> pick({"nl": "Dag", "fr": "Jour"}, "fr_BE", "nl"), pick({"nl": "Dag"}, "en", "nl")
+    (('Jour', 'fr'), ('Dag', 'nl'))
+    """
+    for lang in language_chain(language, default):
+        if lang in texts:
+            return texts[lang], lang
+    return None
 
 
 @dataclass(frozen=True)
@@ -453,7 +524,7 @@ def _build(
             continue
         seen[e.id] = i
         try:
-            events.append(_event(e, tz, sender.domain, m.campaign))
+            events.append(_event(e, tz, sender.domain, m.campaign, m.language))
         except _FieldError as fe:
             bad((*loc, fe.key), str(fe))
 
@@ -564,16 +635,43 @@ class _FieldError(ValueError):
         self.key = key
 
 
-def _event(e: EventModel, tz: ZoneInfo, domain: str, campaign_id: str) -> Event:
+def _event(e: EventModel, tz: ZoneInfo, domain: str, campaign_id: str, language: str) -> Event:
     uid = e.uid or f"{e.id}.{campaign_id}@{domain}"
+    language = language_key(language)
+    plain: dict[str, str | None] = {}
+    texts: list[tuple[str, str, str]] = []
+    for name in TEXT_FIELDS:
+        value = getattr(e, name)
+        if not isinstance(value, dict):
+            plain[name] = value or None
+            continue
+        own: dict[str, str] = {}
+        for key, text in value.items():
+            lang = language_key(key)
+            if lang in own:
+                raise _FieldError(name, f"{key!r} is given twice (as {lang})")
+            own[lang] = text
+        found = pick(own, language, language)
+        if found is None:
+            # The campaign language's text is what everyone else reads (issue 13).
+            raise _FieldError(
+                name,
+                f"no {language} text (given: {', '.join(own)}); the campaign language's text is "
+                "the one every other language falls back to",
+            )
+        plain[name] = found[0]
+        texts += [(name, lang, text) for lang, text in sorted(own.items())]
     common = dict(
         id=e.id,
-        title=e.title,
-        location=e.location or None,
-        description=e.description or None,
+        title=plain["title"],
+        location=plain["location"],
+        description=plain["description"],
         url=e.url or None,
         status=e.status,
+        busy=e.busy,
         uid=uid,
+        language=language,
+        texts=tuple(texts),
     )
     if e.date is not None:
         if e.start is not None or e.end is not None:

@@ -97,13 +97,17 @@ def retry_at(policy: Delivery, attempts: int, key: str, now: datetime) -> dateti
 
 
 def snapshot(event: Event) -> dict[str, object]:
-    """The significant fields of an event, as plain JSON values."""
+    """The significant fields of an event, as plain JSON values.
+
+    A text given per language is its ``{language: text}`` mapping, so a change of any language's
+    text is a change (issue 13); a plain text stays a string, so the fingerprints recorded before
+    per-language texts existed still match (no update goes out for nothing)."""
     return {
-        "title": event.title,
+        "title": event.per_language("title") or event.title,
         "start": event.start.isoformat(),
         "end": event.end.isoformat(),
         "all_day": event.all_day,
-        "location": event.location,
+        "location": event.per_language("location") or event.location,
         "status": event.status,
     }
 
@@ -160,8 +164,9 @@ def revisions(
 
 
 def changes(before: Mapping[str, object], after: Mapping[str, object]) -> list[dict[str, object]]:
-    """What changed between two snapshots: ``[{"field", "before", "after"}]`` for templates
-    (``start``/``end`` as aware datetimes, so the date filters work on them)."""
+    """What changed between two snapshots: ``[{"field", "before", "after"}]`` (``start``/``end``
+    as aware datetimes; a per-language text as its ``{language: text}`` mapping). Templates get
+    them in words, in the reader's language: :func:`mailer.templates.describe_changes`."""
 
     def value(k: str, v: object) -> object:
         return datetime.fromisoformat(v) if k in ("start", "end") and isinstance(v, str) else v

@@ -43,7 +43,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import babel
-from babel.dates import format_date, format_datetime, format_time, get_timezone_location
+from babel.dates import format_date, format_datetime, format_skeleton, format_time, get_timezone_location
 from jinja2 import (
     FileSystemLoader,
     StrictUndefined,
@@ -58,11 +58,11 @@ from jinja2 import (
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
-from .config import Campaign, Event, Step
+from .config import TEXT_FIELDS, Campaign, Event, Step, pick
 from .contacts import Contact
 from .errors import Problem, TemplateError, display_path
 
-__all__ = ["Rendered", "Templates", "context", "locale_for"]
+__all__ = ["Rendered", "Templates", "context", "describe_changes", "locale_for"]
 
 PARTS = ("subject.txt", "body.txt", "body.html")
 # Bare languages get the region the campaign lives in (Belgium); English gets British usage.
@@ -477,6 +477,10 @@ class Templates:
         except ValueError:
             loc = self._default_locale()
         ctx = {**context, "_locale": loc, "_language": lang}
+        if isinstance(changes := ctx.get("changes"), list):
+            ctx["changes"] = describe_changes(
+                changes, ctx, language=lang, reader=language, default=self.default_language
+            )
         out = []
         for part, tmpl in zip(PARTS, self._compiled[key], strict=True):
             try:
@@ -536,6 +540,8 @@ class Templates:
 def context(campaign: Campaign, event: Event, step: Step, contact: Contact) -> dict[str, Any]:
     """The template variables for one recipient of one step (see the module docstring)."""
     sender, unsub = campaign.sender, campaign.unsubscribe
+    # Texts given per language in schedules.yaml: the reader's, else the campaign language's.
+    title, location, description = (event.text(f, contact.language)[0] for f in TEXT_FIELDS)
     return {
         # Extra CSV columns first, so the validated core fields win on a name clash.
         "contact": {
@@ -550,14 +556,14 @@ def context(campaign: Campaign, event: Event, step: Step, contact: Contact) -> d
         },
         "event": {
             "id": event.id,
-            "title": event.title,
+            "title": title or event.title,
             "start": event.start,
             "end": event.end,
             "all_day": event.all_day,
             "start_date": event.start_date,
             "last_date": event.last_date,
-            "location": event.location,
-            "description": event.description,
+            "location": location,
+            "description": description,
             "url": event.url,
             "status": event.status,
         },
@@ -576,3 +582,207 @@ def context(campaign: Campaign, event: Event, step: Step, contact: Contact) -> d
         },
         "step": {"id": step.id, "kind": step.kind, "at": step.at, "attach_ics": step.attach_ics},
     }
+
+
+# --------------------------------------------------------------------------------------
+# What changed, in words (issue 13 item 9): update and cancel templates get ``changes`` ready
+# to show, in the mail's language: never ``True``, ``cancelled → confirmed`` or ``00:00``.
+# --------------------------------------------------------------------------------------
+
+#: Labels and words by language (the base of the template's language); others get English.
+_WORDS: dict[str, dict[str, str]] = {
+    "nl": {
+        "when": "Wanneer",
+        "title": "Titel",
+        "location": "Plaats",
+        "description": "Beschrijving",
+        "status": "Status",
+        "confirmed": "gaat door",
+        "cancelled": "afgelast",
+        "none": "niet opgegeven",
+    },
+    "fr": {
+        "when": "Quand",
+        "title": "Titre",
+        "location": "Lieu",
+        "description": "Description",
+        "status": "Statut",
+        "confirmed": "a lieu",
+        "cancelled": "annulé",
+        "none": "non précisé",
+    },
+    "en": {
+        "when": "When",
+        "title": "Title",
+        "location": "Where",
+        "description": "Description",
+        "status": "Status",
+        "confirmed": "going ahead",
+        "cancelled": "cancelled",
+        "none": "not given",
+    },
+    "de": {
+        "when": "Wann",
+        "title": "Titel",
+        "location": "Ort",
+        "description": "Beschreibung",
+        "status": "Status",
+        "confirmed": "findet statt",
+        "cancelled": "abgesagt",
+        "none": "nicht angegeben",
+    },
+}
+_WHEN_FIELDS = ("start", "end", "all_day")
+_ORDER = ("title", "when", "location", "description", "status")
+
+
+def describe_changes(
+    changes: list[Any], ctx: Mapping[str, Any], *, language: str, reader: str | None, default: str
+) -> list[dict[str, Any]]:
+    """``changes`` (``[{field, before, after}]`` as :func:`mailer.planner.changes` gives them)
+    in words, in ``language`` (the template's), for a reader of language ``reader`` (texts
+    given per language fall back to ``default``, the campaign language). ``ctx`` holds the
+    template variables (``event`` as it is now, ``campaign.timezone``, ``contact.timezone``).
+
+    Each change is ``{field, label, before_text, after_text, text, before, after}``:
+
+    * ``start``, ``end`` and ``all_day`` become one ``when`` change showing the whole span
+      before and after: dates for an all-day event ("di 23 juni → wo 24 juni", a multi-day one
+      "ma 22 juni – wo 24 juni"), day and hours for a timed one ("di 23 juni 09:30–16:30", an
+      overnight one with both days); the year only when the spans are in different years. When
+      the reader has a ``timezone`` column naming another zone, the times are followed by the
+      event's city and the reader's own times ("… 15:00–16:00 (Brussel) / 09:00–10:00 New
+      York"). ``before``/``after`` of ``when`` are the start datetimes.
+    * a text given per language (title, location) is the reader's (else the campaign
+      language's); an empty one reads "niet opgegeven" / "non précisé" / "not given";
+    * ``status`` reads "gaat door" / "afgelast" (fr: "a lieu" / "annulé", en: "going ahead" /
+      "cancelled").
+
+    ``text`` is ``"<label>: <before_text> → <after_text>"``. Fields unchanged are not listed,
+    except the other parts of the span when one of them changed (taken from ``event``, the
+    event as it is now). Changes already described (with a ``label``) are returned as given.
+    """
+    if not changes or not all(isinstance(c, Mapping) for c in changes) or "label" in changes[0]:
+        return list(changes)
+    try:
+        loc = locale_for(language)
+    except ValueError:
+        loc = locale_for("en")
+    words = _WORDS.get(loc.language, _WORDS["en"])
+    campaign, contact, now = (_mapping(ctx.get(k)) for k in ("campaign", "contact", "event"))
+    event_zone, reader_zone = _tz(campaign.get("timezone")), _reader_zone(contact)
+    zones = tuple(campaign.get("zones") or ())
+    by_field = {str(c.get("field")): c for c in changes}
+    out: dict[str, dict[str, Any]] = {}
+    if any(f in by_field for f in _WHEN_FIELDS):
+        spans: list[tuple[dt.datetime, dt.datetime, bool]] = []
+        for side in ("before", "after"):
+            start, end, all_day = (by_field[f][side] if f in by_field else now.get(f) for f in _WHEN_FIELDS)
+            if isinstance(start, dt.datetime) and isinstance(end, dt.datetime):
+                spans.append((start, end, bool(all_day)))
+        if len(spans) == 2:
+            years = {x.year for span in spans for x in (span[0], _last_day(*span))}
+            before, after = (
+                _span(*span, loc, event_zone, reader_zone, zones, len(years) > 1) for span in spans
+            )
+            out["when"] = {
+                "field": "when",
+                "before": spans[0][0],
+                "after": spans[1][0],
+                "words": (before, after),
+            }
+    for field, c in by_field.items():
+        if field in _WHEN_FIELDS:
+            continue
+        before, after = c.get("before"), c.get("after")
+        pair = tuple(_words(field, v, words, reader, default) for v in (before, after))
+        out[field] = {"field": field, "before": before, "after": after, "words": pair}
+    described = []
+    for field in sorted(out, key=lambda f: (_ORDER.index(f) if f in _ORDER else len(_ORDER), f)):
+        entry = out[field]
+        before_text, after_text = entry.pop("words")
+        label = words.get(field, field)
+        described.append(
+            {
+                **entry,
+                "label": label,
+                "before_text": before_text,
+                "after_text": after_text,
+                "text": f"{label}: {before_text} → {after_text}",
+            }
+        )
+    return described
+
+
+def _words(field: str, value: Any, words: Mapping[str, str], reader: str | None, default: str) -> str:
+    """One side of a change of ``field`` in words."""
+    if isinstance(value, Mapping):  # a text given per language
+        found = pick({str(k): str(v) for k, v in value.items()}, reader, default)
+        value = found[0] if found is not None else next(iter(value.values()), None)
+    if field == "status" and isinstance(value, str) and value in ("confirmed", "cancelled"):
+        return words[value]
+    if value is None or value == "":
+        return words["none"]
+    if isinstance(value, bool):  # never "True": a flag outside the span has no words of its own
+        return words["confirmed"] if value else words["none"]
+    return str(value)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _last_day(start: dt.datetime, end: dt.datetime, all_day: bool) -> dt.date:
+    """The last day a span covers (the end of an all-day event is midnight after it)."""
+    return (end - dt.timedelta(days=1)).date() if all_day else end.date()
+
+
+@lru_cache(maxsize=1024)
+def _span(
+    start: dt.datetime,
+    end: dt.datetime,
+    all_day: bool,
+    loc: babel.Locale,
+    event_zone: ZoneInfo | None,
+    reader_zone: ZoneInfo | None,
+    zones: tuple[str, ...],
+    year: bool,
+) -> str:
+    """An event's whole span in words (see :func:`describe_changes`)."""
+    skeleton = "yMMMMEd" if year else "MMMMEd"
+
+    def day(d: dt.date) -> str:
+        return format_skeleton(skeleton, d, locale=loc)
+
+    if all_day:
+        first, last = start.date(), _last_day(start, end, all_day)
+        return day(first) if first == last else f"{day(first)} – {day(last)}"
+
+    def hours(tz: ZoneInfo | None) -> str:
+        s, e = (start.astimezone(tz), end.astimezone(tz)) if tz is not None else (start, end)
+        t1, t2 = (format_time(x.time(), "short", locale=loc) for x in (s, e))
+        return (
+            f"{day(s.date())} {t1}–{t2}"
+            if s.date() == e.date()
+            else f"{day(s.date())} {t1} – {day(e.date())} {t2}"
+        )
+
+    text = hours(event_zone)
+    if event_zone is None:
+        return text
+    # As the ``when`` filter does (item 10): the event's city when the reader is elsewhere or
+    # the campaign has contacts in other zones, then the reader's own times.
+    elsewhere = reader_zone is not None and reader_zone.key != event_zone.key
+    if not (elsewhere or any(z != event_zone.key for z in zones)):
+        return text
+    text += f" ({_city(event_zone, loc)})"
+    if reader_zone is not None and elsewhere:
+        days = [(x.astimezone(z).date() for x in (start, end)) for z in (event_zone, reader_zone)]
+        if list(days[0]) == list(days[1]):  # the same days there: only the hours
+            there = "–".join(
+                format_time(x.astimezone(reader_zone).time(), "short", locale=loc) for x in (start, end)
+            )
+        else:
+            there = hours(reader_zone)
+        text += f" / {there} {_city(reader_zone, loc)}"
+    return text
