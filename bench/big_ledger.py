@@ -180,6 +180,7 @@ def build(path: Path, n: int) -> float:
     conn.execute("DROP TABLE delivery_counts")
     conn.execute("ALTER TABLE replies DROP COLUMN sequence")  # schema 3 adds it back
     conn.execute("DROP TABLE unmatched_replies")  # schema 4 adds it
+    conn.execute("ALTER TABLE deliveries DROP COLUMN partstat")  # schema 5 adds it back
     conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     first = next(_rows(1))[0]
     use = [c for c in cols if c in first]

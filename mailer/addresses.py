@@ -8,7 +8,7 @@ from urllib.parse import unquote
 
 import idna
 
-__all__ = ["address_key"]
+__all__ = ["address_key", "spelling"]
 
 
 def address_key(addr: str) -> str:
@@ -43,3 +43,36 @@ def _key(text: str) -> str:
     except (idna.IDNAError, UnicodeError, ValueError):
         domain = domain.lower()
     return f"{unicodedata.normalize('NFC', local).lower()}@{unicodedata.normalize('NFC', domain)}"
+
+
+@lru_cache(maxsize=4096)
+def spelling(addr: str) -> str:
+    """The one spelling of an address in a mail: the ``To:`` header, the calendar's ATTENDEE
+    and the SMTP envelope all use it (issue 13). The domain is its A-label (``xn--mnchen-3ya.de``,
+    RFC 5890) and the local part is kept as it is, so an address whose only non-ASCII part is
+    the domain is plain ASCII and goes through any relay (no SMTPUTF8 needed). An address
+    whose local part is not ASCII needs SMTPUTF8 (RFC 6531) anyway: it keeps its Unicode
+    (U-label, NFC) domain, so that it too is spelled one way. A domain that is no valid IDNA
+    name is only lower-cased (the relay will refuse it, as it would have before).
+
+    >>> spelling("Jan@MÜNCHEN.de")
+    'Jan@xn--mnchen-3ya.de'
+    >>> spelling("jösé@xn--mnchen-3ya.de")
+    'jösé@münchen.de'
+    >>> spelling("ann@Example.ORG")
+    'ann@example.org'
+    """
+    local, at, domain = addr.strip().rpartition("@")
+    if not at:
+        return addr.strip()
+    domain = domain.rstrip(".")
+    if domain.isascii() and "xn--" not in domain.lower():
+        return f"{local}@{domain.lower()}"
+    try:
+        if local.isascii():
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        else:
+            domain = unicodedata.normalize("NFC", idna.decode(domain, uts46=True))
+    except (idna.IDNAError, UnicodeError, ValueError):
+        domain = domain.lower()
+    return f"{local}@{domain}"

@@ -454,7 +454,8 @@ def build_event(
     sequence: int = 0,
     dtstamp: datetime,
     language: str | None = None,
+    partstat: str | None = None,
 ) -> bytes:
-    """One recipient's calendar object: ``prototype(...).for_attendee(email, name)``."""
+    """One recipient's calendar object: ``prototype(...).for_attendee(email, name, partstat)``."""
     proto = prototype(campaign, event, method=method, sequence=sequence, dtstamp=dtstamp, language=language)
-    return proto.for_attendee(attendee_email, attendee_name)
+    return proto.for_attendee(attendee_email, attendee_name, partstat)

@@ -593,8 +593,11 @@ class Ledger:
         """Mark deliveries ``sending`` in one commit, before any of their DATA is sent.
 
         A row already ``sending`` or ``deferred`` keeps its first ``claimed_at`` and SEQUENCE,
-        so a re-send is byte-identical (same Date, DTSTAMP, SEQUENCE and Message-ID). A row
-        that is final is not claimed (None in its place): nothing may send it again.
+        so a re-send is byte-identical (same Date, DTSTAMP, SEQUENCE and Message-ID). The
+        answer (``partstat``) is kept only by a row left ``sending`` (its mail may have
+        reached the server: it goes again identical); a pending or deferred row never reached
+        one and takes the answer known now. A row that is final is not claimed (None in its
+        place): nothing may send it again.
         """
         ts = iso(at)
         out: list[Claimed | None] = []
@@ -602,12 +605,14 @@ class Ledger:
             for it in items:
                 c.execute(
                     "INSERT INTO deliveries (campaign, step, event, email, name, status, due_at,"
-                    " message_id, sequence, ics, claimed_at, created, updated)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " message_id, sequence, ics, claimed_at, created, updated, partstat)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT (campaign, step, email) DO UPDATE SET status=excluded.status,"
                     " message_id=excluded.message_id, ics=excluded.ics,"
                     " sequence=CASE WHEN deliveries.claimed_at IS NULL THEN excluded.sequence"
                     " ELSE deliveries.sequence END,"
+                    f" partstat=CASE WHEN deliveries.status='{Status.SENDING}' THEN deliveries.partstat"
+                    " ELSE excluded.partstat END,"
                     " claimed_at=coalesce(deliveries.claimed_at, excluded.claimed_at),"
                     f" updated=excluded.updated WHERE {NOT_FINAL}",
                     (
@@ -624,14 +629,17 @@ class Ledger:
                         ts,
                         ts,
                         ts,
+                        it.partstat,
                     ),
                 )
-                rid, status, claimed, seq_used = c.execute(
-                    "SELECT id, status, claimed_at, sequence FROM deliveries"
+                rid, status, claimed, seq_used, partstat = c.execute(
+                    "SELECT id, status, claimed_at, sequence, partstat FROM deliveries"
                     " WHERE campaign=? AND step=? AND email=?",
                     (campaign, it.step, it.email),
                 ).fetchone()
-                out.append(Claimed(rid, parse_iso(claimed), seq_used) if status == Status.SENDING else None)
+                out.append(
+                    Claimed(rid, parse_iso(claimed), seq_used, partstat) if status == Status.SENDING else None
+                )
         return out
 
     def record_outcomes(self, items: Sequence[Outcome]) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime
 from email.utils import format_datetime
 from urllib.parse import quote
 
+from .addresses import spelling
 from .config import Campaign
 
 __all__ = ["build", "data_payload", "encoded_words", "message_id"]
@@ -132,14 +133,19 @@ def _subject(subject: str) -> str:
 
 
 def _addr_spec(addr: str) -> str:
-    """``local@domain`` with an A-label domain. The local part stays as is (UTF-8 there
-    needs SMTPUTF8, RFC 6531); an address with spaces or line breaks inside is refused
-    rather than mended, since a mended address would reach someone else."""
+    """``local@domain`` as :func:`mailer.addresses.spelling` spells it, the spelling of the
+    calendar's ATTENDEE and of the SMTP envelope too: an A-label domain, unless the local part
+    is not ASCII (it needs SMTPUTF8, RFC 6531, and keeps its Unicode domain). An address with
+    spaces or line breaks inside is refused rather than mended, since a mended address would
+    reach someone else."""
     spec = addr.strip().strip("<>")
     local, at, domain = spec.rpartition("@")
     if not (local and at and domain and spec.isprintable()) or " " in spec:
         raise ValueError(f"{addr!r} is not an email address")
-    return f"{local}@{_ascii_domain(domain)}"
+    spelled = spelling(spec)
+    if local.isascii() and not spelled.isascii():
+        raise ValueError(f"{domain!r} is not a valid domain")
+    return spelled
 
 
 def _mailbox(header: str, name: str, addr: str) -> str:

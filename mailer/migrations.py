@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "statements"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Version 1: the tables and indexes. ``IF NOT EXISTS`` as in the releases before migrations,
 #: which ran it on every open.
@@ -183,8 +183,15 @@ DROP TABLE replies;
 ALTER TABLE replies_v4 RENAME TO replies;
 """
 
+#: Version 5: the answer (PARTSTAT) a delivery's calendar was built with (issue 13: a REQUEST
+#: to someone who answered carries their answer). Kept with the claim, like ``sequence`` and
+#: ``claimed_at``, so a mail whose outcome is unknown goes again byte-identical. NULL: none.
+_SCHEMA_V5 = """
+ALTER TABLE deliveries ADD COLUMN partstat TEXT;
+"""
+
 #: ``{version: the SQL that brings version - 1 to it}``: a new file runs them all, in order.
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
 
 
 def statements(script: str) -> Iterator[str]:

@@ -270,8 +270,15 @@ class _Delivery:
         latest = store.latest_revisions(cid)
         self.revisions = {e: (r.sequence, r.fingerprint, r.snapshot) for e, r in latest.items()}
         self.snapshots = store.revision_snapshots(cid)
+        # The answers as this pass starts (issue 13): each claim records the one its mail
+        # carries, so a mail left in doubt goes again with the same answer (byte-identical).
         self.composer = Composer(
-            sp.campaign, sp.ws.templates, self.revisions, self.snapshots, unsubscribe_secret=sp.secret
+            sp.campaign,
+            sp.ws.templates,
+            self.revisions,
+            self.snapshots,
+            unsubscribe_secret=sp.secret,
+            answers=store.answers(cid),
         )
         self.transport = Transport(settings, log=sp.say)
         self.queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=settings.connections * 4)
@@ -331,6 +338,7 @@ class _Delivery:
                 message_id=comp.message_id(d.step, d.contact.email),
                 sequence=comp.sequence(d.event.id),
                 has_ics=comp.has_ics(d.step),
+                partstat=comp.answer(d.event.id, d.contact.email) if comp.has_ics(d.step) else None,
             )
             for d in batch
         ]
@@ -343,10 +351,22 @@ class _Delivery:
         return out
 
     async def _compose(self, claimed: list[tuple[Due, Claimed]]) -> list[tuple[bytes, int] | str]:
-        jobs = [(d.step, d.event, d.contact, c.claimed_at, c.sequence) for d, c in claimed]
+        jobs = [
+            (d.step, d.event, d.contact, c.claimed_at, self._sequence(d, c), c.partstat) for d, c in claimed
+        ]
         if self.pool is not None:
             return await asyncio.get_running_loop().run_in_executor(self.pool, compose_batch, jobs)
         return compose_batch(jobs, self.composer)
+
+    def _sequence(self, d: Due, c: Claimed) -> int:
+        """The SEQUENCE a claimed mail carries: its claim's, so a re-send is identical. An
+        invitation or reminder never carries less than the event's current SEQUENCE: one
+        claimed before an update and sent after it (a 4xx, then a retry) would otherwise show
+        its attendee the SEQUENCE going back (issue 13); its text is the new one anyway. An
+        update or cancellation carries its own revision's."""
+        if d.step.kind.revises:
+            return c.sequence
+        return max(c.sequence, self.composer.sequence(d.event.id))
 
     async def _produce(self) -> None:
         """Claim and compose batch after batch (one composing ahead, so the connections never

@@ -64,16 +64,20 @@ class Claim(NewRow):
     message_id: str = ""
     sequence: int = 0
     has_ics: bool = False
+    #: The answer the ledger knows (ACCEPTED, TENTATIVE, DECLINED) or None (issue 13).
+    partstat: str | None = None
 
 
 @dataclass(frozen=True)
 class Claimed:
-    """A claimed row: its id, and the claim time and SEQUENCE the mail must be built with
-    (those of the first claim, so that a re-send is byte-identical)."""
+    """A claimed row: its id, and the claim time, SEQUENCE and answer the mail must be built
+    with (those of the first claim, so that a re-send is byte-identical; the answer is taken
+    afresh unless the row was left ``sending``, see :meth:`LedgerStore.claim`)."""
 
     id: int
     claimed_at: datetime
     sequence: int
+    partstat: str | None = None
 
 
 @dataclass(frozen=True)

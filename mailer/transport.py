@@ -17,6 +17,7 @@ from typing import Literal
 import aiosmtplib
 from aiosmtplib import errors as smtp_errors
 
+from .addresses import spelling
 from .config import SmtpSettings
 from .errors import TransportFatalError
 from .message import data_payload
@@ -572,11 +573,14 @@ async def _transaction(
     :raises SMTPServerDisconnected / SMTPTimeoutError / OSError: the connection broke before
         any byte of the payload was written.
     """
-    addresses = job.sender + job.recipient
+    # The envelope spells each address as the mail's To: and ATTENDEE do (issue 13): an
+    # A-label domain, so an address whose only non-ASCII part is the domain needs no SMTPUTF8.
+    sender, recipient = spelling(job.sender), spelling(job.recipient)
+    addresses = sender + recipient
     if not addresses.isprintable() or " " in addresses or "<" in addresses or ">" in addresses:
         raise _Unsendable(f"{job.recipient!r}: an address with a control character, space or <> in it")
     payload, size = data_payload(job.data) if job.size is None else (job.data, job.size)
-    mail = [b"MAIL", b"FROM:<" + job.sender.encode() + b">"]
+    mail = [b"MAIL", b"FROM:<" + sender.encode() + b">"]
     if client.supports_extension("size"):
         mail.append(b"SIZE=%d" % size)
     if not addresses.isascii():
@@ -588,7 +592,7 @@ async def _transaction(
     if wire is not None and wire.buffer:
         raise _InDoubt(None, f"out of step: unread reply {bytes(wire.buffer[:80])!r} before MAIL")
     await _command(client, wire, (250,), *mail)
-    await _command(client, wire, (250, 251, 252), b"RCPT", b"TO:<" + job.recipient.encode() + b">")
+    await _command(client, wire, (250, 251, 252), b"RCPT", b"TO:<" + recipient.encode() + b">")
     if wire is None:
         return await _public_data(client, payload)
     await _command(client, wire, (354,), b"DATA")

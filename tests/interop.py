@@ -7,7 +7,7 @@ import email.policy
 import hashlib
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
@@ -37,6 +37,9 @@ _LOCAL_DT = re.compile(r"\d{8}T\d{6}")
 _UTC_DT = re.compile(r"\d{8}T\d{6}Z")
 _OFFSET = re.compile(r"[+-]\d{4}(\d{2})?")
 _RRULE = re.compile(r"FREQ=YEARLY;BYMONTH=(1[0-2]|[1-9]);BYDAY=(-1|[1-4])(SU|MO|TU|WE|TH|FR|SA)")
+# RFC 3986 characters only, every "%" starting an escape: what a URI (URL property) may hold.
+_URI = re.compile(r"https?://(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
+_ANSWERS = ("NEEDS-ACTION", "ACCEPTED", "TENTATIVE", "DECLINED")
 
 
 # --------------------------------------------------------------------------------------
@@ -144,6 +147,11 @@ class CalendarSummary:
     sequence: int
     organizer: str
     attendees: tuple[str, ...]
+    #: The recipient's PARTSTAT and RSVP as every reader reads them (issue 13).
+    partstat: str = "NEEDS-ACTION"
+    rsvp: bool = True
+    transp: str = "OPAQUE"
+    url: str | None = None
 
 
 def _instant(value: Any) -> datetime | date:
@@ -168,20 +176,38 @@ def _rename_tzids(lines: list[str], vtz: dict[str, str]) -> bytes:
     return ("\r\n".join(out) + "\r\n").encode()
 
 
-def _read(ics: bytes, reader: str) -> tuple[str, str, str | None, Any, Any]:
+def _read(ics: bytes, reader: str) -> tuple[str, str, str | None, Any, Any, tuple[Any, ...]]:
+    """UID, SUMMARY, LOCATION, start, end and (ATTENDEE, PARTSTAT, RSVP, TRANSP, URL)."""
     if reader == "icalendar":
         ev: Any = icalendar.Calendar.from_ical(ics).walk("VEVENT")[0]
         loc = ev.get("LOCATION")
+        att = ev["ATTENDEE"]
+        url = ev.get("URL")
         return (
             str(ev["UID"]),
             str(ev["SUMMARY"]),
             None if loc is None else str(loc),
             ev["DTSTART"].dt,
             ev["DTEND"].dt,
+            (
+                str(att),
+                str(att.params.get("PARTSTAT")),
+                str(att.params.get("RSVP")),
+                str(ev.get("TRANSP")),
+                None if url is None else str(url),
+            ),
         )
     vev = vobject.readOne(ics.decode("utf-8")).vevent
     loc = vev.location.value if hasattr(vev, "location") else None
-    return vev.uid.value, vev.summary.value, loc, vev.dtstart.value, vev.dtend.value
+    params = vev.attendee.params
+    extra = (
+        vev.attendee.value,
+        params.get("PARTSTAT", [None])[0],
+        params.get("RSVP", [None])[0],
+        vev.transp.value if hasattr(vev, "transp") else "None",
+        vev.url.value if hasattr(vev, "url") else None,
+    )
+    return vev.uid.value, vev.summary.value, loc, vev.dtstart.value, vev.dtend.value, extra
 
 
 def check_calendar(
@@ -190,8 +216,15 @@ def check_calendar(
     *,
     attendee: str | None = None,
     allow_organizer_attendee: bool = False,
+    partstat: str | None = None,
+    busy: bool | None = None,
 ) -> CalendarSummary:
     """Assert checklist items 1-11 on raw calendar bytes and that icalendar and vobject agree.
+
+    Issue 13: the recipient's PARTSTAT is NEEDS-ACTION with RSVP=TRUE, or an answer
+    (ACCEPTED, TENTATIVE, DECLINED) with RSVP=FALSE (``partstat``: the one expected); TRANSP is
+    TRANSPARENT for all-day events and those of 24 hours or more, OPAQUE for others, unless
+    ``busy`` says otherwise; a URL is an absolute http(s) URI in RFC 3986 characters.
 
     Readers: icalendar on the bytes as sent (it maps IANA TZIDs to zoneinfo), then icalendar
     and vobject on a copy whose TZIDs are renamed to a name unique to the VTIMEZONE's text,
@@ -277,11 +310,20 @@ def check_calendar(
     atts = ev.all("ATTENDEE")
     assert atts, "[7] at least one ATTENDEE"
     addresses = []
+    assert len(atts) == 1, f"[9] one ATTENDEE per mail (the recipient), found {len(atts)}"
     for _, ap, av in atts:
         addr = _mailto(av, "ATTENDEE")
         addresses.append(addr)
-        assert ap.get("RSVP") == ["TRUE"], f"[9] ATTENDEE {addr} needs RSVP=TRUE"
-        assert ap.get("PARTSTAT") == ["NEEDS-ACTION"], f"[9] ATTENDEE {addr} needs PARTSTAT=NEEDS-ACTION"
+        got = (ap.get("PARTSTAT") or [""])[0]
+        assert got in _ANSWERS, f"[9] ATTENDEE {addr} PARTSTAT={got}"
+        if method == "CANCEL":
+            assert got == "NEEDS-ACTION", f"[9] ATTENDEE {addr} in a CANCEL: PARTSTAT={got}"
+        if got == "NEEDS-ACTION":
+            assert ap.get("RSVP") == ["TRUE"], f"[9] ATTENDEE {addr} needs RSVP=TRUE"
+        else:  # issue 13: someone who answered is not asked again
+            assert ap.get("RSVP") == ["FALSE"], f"[9] ATTENDEE {addr} answered {got}: RSVP=FALSE"
+        if partstat is not None:
+            assert got == partstat, f"[9] ATTENDEE {addr} PARTSTAT={got}, the ledger knows {partstat}"
         if not allow_organizer_attendee:
             assert addr.lower() != organizer.lower(), f"[9] the recipient {addr} is the ORGANIZER"
         for pp in (ap, op):
@@ -290,6 +332,14 @@ def check_calendar(
         assert attendee.lower() in (a.lower() for a in addresses), (
             f"[9] recipient {attendee} is not an ATTENDEE ({addresses})"
         )
+
+    # TRANSP (issue 13): all-day and multi-day events leave the attendee free unless busy.
+    transp = ev.one("TRANSP", "[13.4]")[2]
+    # URL (issue 13): absolute http(s), percent-encoded.
+    urls = [p[2] for p in ev.all("URL")]
+    assert len(urls) <= 1, "[13.5] at most one URL"
+    for u in urls:
+        assert _URI.fullmatch(u), f"[13.5] URL {u!r} is not an absolute http(s) URI in RFC 3986 characters"
 
     # [11] VALARM; [6] CANCEL rules.
     alarms = ev.sub("VALARM")
@@ -319,22 +369,45 @@ def check_calendar(
     readings = []
     for reader, data in variants:
         try:
-            got = _read(data, reader)
+            read = _read(data, reader)
         except Exception as exc:  # noqa: BLE001 - report which reader failed
             raise AssertionError(f"{reader} cannot read the calendar: {exc!r}") from exc
-        readings.append((reader, got[:3], _instant(got[3]), _instant(got[4])))
+        readings.append((reader, read[:3], _instant(read[3]), _instant(read[4]), read[5]))
     first = readings[0]
     raw = (uid, summary, location)
     assert first[1] == raw, f"icalendar reads UID/SUMMARY/LOCATION {first[1]}, raw {raw}"
-    for who, texts, start, end in readings[1:]:
+    rsvp_raw = atts[0][1].get("RSVP", [""])[0]
+    want = (atts[0][2], atts[0][1]["PARTSTAT"][0], rsvp_raw, transp, urls[0] if urls else None)
+    for who, *_, extra in readings:
+        assert tuple(str(x).upper() if i == 2 else x for i, x in enumerate(extra)) == want, (
+            f"{who} reads ATTENDEE/PARTSTAT/RSVP/TRANSP/URL {extra}, raw {want}"
+        )
+    for who, texts, start, end, _ in readings[1:]:
         assert texts == first[1], f"{who} reads UID/SUMMARY/LOCATION {texts}, icalendar {first[1]}"
         assert (start, end) == (first[2], first[3]), (
             f"{who} (via our VTIMEZONE) reads {start} - {end}, icalendar (zoneinfo) {first[2]} - {first[3]}"
         )
         assert type(start) is type(first[2]), f"{who}: all-day vs timed disagreement"
     assert first[3] > first[2], "[7] DTEND must be after DTSTART"
+    long = isinstance(first[2], datetime) and first[3] - first[2] >= timedelta(hours=24)
+    free = (all_day or long) if busy is None else not busy
+    assert transp == ("TRANSPARENT" if free else "OPAQUE"), (
+        f"[13.4] TRANSP:{transp} for an event {'all-day' if all_day else first[3] - first[2]} long (busy: {busy})"
+    )
     return CalendarSummary(
-        uid, summary, location, first[2], first[3], method, sequence, organizer, tuple(addresses)
+        uid,
+        summary,
+        location,
+        first[2],
+        first[3],
+        method,
+        sequence,
+        organizer,
+        tuple(addresses),
+        atts[0][1]["PARTSTAT"][0],
+        rsvp_raw == "TRUE",
+        transp,
+        urls[0] if urls else None,
     )
 
 
@@ -365,6 +438,9 @@ def check_message(
     allow_headers: tuple[str, ...] = (),
     allow_organizer_attendee: bool = False,
     from_domain: str | None = None,
+    partstat: str | None = None,
+    busy: bool | None = None,
+    title_subject: bool = False,
 ) -> EmailMessage:
     """Assert every checklist item on a complete message as sent (bytes, CRLF).
 
@@ -373,6 +449,12 @@ def check_message(
     :param allow_headers: extra top-level header names a caller adds (e.g. DKIM-Signature).
     :param allow_organizer_attendee: see :func:`check_calendar`.
     :param from_domain: if given, From must be on this domain (SPF/DKIM, item 15).
+    :param partstat, busy: see :func:`check_calendar`.
+    :param title_subject: the Subject must start with the event's title (SUMMARY), as
+        Outlook/Exchange title the calendar entry after the Subject (issue 13).
+
+    Issue 13, always: the recipient is spelled one way in ``To:`` and ATTENDEE, with an
+    A-label domain unless the local part is not ASCII.
     :returns: the message parsed with ``policy.default``.
     """
     assert isinstance(raw, bytes), "message must be bytes"
@@ -461,6 +543,20 @@ def check_message(
     assert isinstance(ics, bytes)
     assert att.get_payload(decode=True) == ics, "[13] the two calendar copies differ"
     to = msg["To"].addresses[0].addr_spec
+    # A raw UTF-8 address (RFC 6532, SMTPUTF8) comes out of the parser surrogate-escaped.
+    to = to.encode("utf-8", "surrogateescape").decode("utf-8")
     org_self = allow_organizer_attendee
-    check_calendar(ics, expect_method, attendee=to, allow_organizer_attendee=org_self)
+    cal = check_calendar(
+        ics, expect_method, attendee=to, allow_organizer_attendee=org_self, partstat=partstat, busy=busy
+    )
+    # Issue 13: one spelling of the recipient in the whole mail and its calendar.
+    local, _, domain = to.rpartition("@")
+    assert cal.attendees == (to,), f"[13.2] To: <{to}> but ATTENDEE {cal.attendees}"
+    if local.isascii():
+        assert domain.isascii(), f"[13.2] To: <{to}>: an ASCII local part goes with the A-label domain"
+    if title_subject:
+        subject = str(msg["Subject"])
+        assert subject.startswith(cal.summary), (
+            f"[13.6] Subject {subject!r} does not start with {cal.summary!r}"
+        )
     return msg

@@ -367,6 +367,7 @@ def make_v1(path: Path, seed: int = 6, n: int = 150) -> dict[tuple[str, str, str
         for (name,) in c.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
             c.execute(f"DROP TRIGGER {name}")
         c.execute("DROP TABLE delivery_counts")
+        c.execute("ALTER TABLE deliveries DROP COLUMN partstat")  # version 5
         c.execute("DROP TABLE unmatched_replies")  # version 4
         c.execute("ALTER TABLE replies DROP COLUMN sequence")  # version 3
         c.execute("DROP INDEX deliveries_by_message_id")
@@ -387,6 +388,7 @@ def test_version_2_ledger_gets_reply_sequences(tmp_path: Path) -> None:
         random_operations(led, random.Random(3), 80, lambda: None)
         led.record_reply("c", "ev", "ann@example.org", "ACCEPTED", when, "<a@x>", 4)
         c = led.conn
+        c.execute("ALTER TABLE deliveries DROP COLUMN partstat")  # version 5
         c.execute("DROP TABLE unmatched_replies")  # version 4
         c.execute("ALTER TABLE replies DROP COLUMN sequence")
         c.execute("CREATE INDEX deliveries_by_status ON deliveries (campaign, step, status)")
@@ -599,6 +601,7 @@ def test_only_create_makes_a_file(tmp_path: Path) -> None:
 def _v2_file(path: Path) -> None:
     """A ledger as schema 2 left it (the version-3 step not applied)."""
     with Ledger.create(path) as led:
+        led.conn.execute("ALTER TABLE deliveries DROP COLUMN partstat")  # version 5
         led.conn.execute("DROP TABLE unmatched_replies")  # version 4
         led.conn.execute("ALTER TABLE replies DROP COLUMN sequence")
         led.conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")

@@ -21,7 +21,7 @@ from mailer.cli import cli
 from mailer.config import Campaign, load
 from mailer.inbox import run_inbox
 from mailer.ledger import Ledger
-from mailer.migrations import MIGRATIONS, statements
+from mailer.migrations import MIGRATIONS, SCHEMA_VERSION, statements
 from mailer.smtpd import SmtpServer
 from mailer.store import Claim, Outcome
 from mailer.vocab import Attempt
@@ -238,7 +238,7 @@ def test_a_version_3_ledger_gets_its_answers_keyed_and_merged(tmp_path: Path) ->
     with pytest.raises(Exception, match="schema 3"):
         Ledger.read(db)  # a reader never migrates
     with Ledger.open(db) as ledger:
-        assert ledger.schema_version == 4
+        assert ledger.schema_version == SCHEMA_VERSION
         got = {
             r[0:2]: r[2:]
             for r in ledger.conn.execute("SELECT event, email, partstat, message_id, sequence FROM replies")
