@@ -3,6 +3,7 @@
 # make test-aiosmtplib-range: the transport tests with the lowest and highest aiosmtplib allowed.
 # make lint: ruff check, ruff format --check and mypy --strict over mailer/, tests/ and bench/.
 # make screenshot: regenerate the README's dashboard picture (needs chromium + chromium-driver).
+# make mail-screenshots: regenerate tests/screenshots/mail-*.png, the shipped mails in Chromium.
 # All create .venv and install what they need.
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 LINTED := mailer tests bench
 
-.PHONY: demo test test-fast test-aiosmtplib-range screenshot check preview bench lint clean
+.PHONY: demo test test-fast test-aiosmtplib-range screenshot mail-screenshots check preview bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +56,13 @@ test-aiosmtplib-range: $(STAMP)
 screenshot: $(STAMP)
 	CI=1 MAILER_SCREENSHOT=$(CURDIR)/tests/screenshots/dashboard.png \
 	  $(BIN)/python -m pytest -q tests/test_dashboard.py -k test_event_page_answers_the_four_questions
+
+# The shipped mails (invitation, reminder, update, cancel) at 375 and 1024 px in headless
+# Chromium, into tests/screenshots/mail-<kind>-<width>.png (the README links them); the normal
+# test run writes them under tmp_path instead.
+mail-screenshots: $(STAMP)
+	CI=1 MAILER_MAIL_SCREENSHOTS=$(CURDIR)/tests/screenshots \
+	  $(BIN)/python -m pytest -q tests/test_mail_screenshots.py
 
 check: $(STAMP)
 	$(BIN)/mailer check

@@ -47,7 +47,7 @@ def test_check_shipped_campaign(shipped: Path) -> None:
     ):
         assert line in text
     # The shipped call is in Dutch only: its three French and English readers get Dutch (issue 12).
-    assert "OK: 2 warning(s)" in text
+    assert "OK: 0 warning(s)" in text
 
 
 def test_preview_shipped_campaign_golden(shipped: Path, tmp_path: Path) -> None:
@@ -68,11 +68,13 @@ def test_preview_shipped_campaign_golden(shipped: Path, tmp_path: Path) -> None:
             msg = check_message(raw, expect_method=None)
         assert msg["To"].addresses[0].addr_spec == f.stem
         body = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        lang = msg["Content-Language"]  # every contact reads their own language (issue 13)
+        jan = {"nl": "januari", "fr": "janvier", "en": "January"}[lang]
         if "infosessie" in step:
-            assert "16 januari 2018" in body
+            assert f"16 {jan} 2018" in body
             assert "09:30" not in body  # no invented hour for the info session
         else:
-            assert "22 januari 2018" in body and "09:30" in body and "Arduinkaai 7" in body
+            assert f"22 {jan} 2018" in body and "09:30" in body and "Arduinkaai 7" in body
     assert invitations == 8 + 14
 
 
@@ -198,7 +200,7 @@ BAD_INPUTS = [
         "\ufeffemail;name;language;lists\nsemi@example.org;Zoë;nl;indieners\n".encode(),
         None,
         0,
-        ["OK: 2 warning(s)"],
+        ["OK: 0 warning(s)"],
     ),
     (
         "cp1252 file",
@@ -230,7 +232,7 @@ BAD_INPUTS = [
         HDR + b"html@example.org,<b>Bold</b>,nl,indieners\n",
         None,
         0,
-        ["OK: 2 warning(s)"],
+        ["OK: 0 warning(s)"],
     ),
     (
         "comma in name",
@@ -238,7 +240,7 @@ BAD_INPUTS = [
         HDR + b'comma@example.org,"Peeters, Jan",nl,indieners\n',
         None,
         0,
-        ["OK: 2 warning(s)"],
+        ["OK: 0 warning(s)"],
     ),
     (
         "step after event",
