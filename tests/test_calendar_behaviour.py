@@ -278,6 +278,7 @@ def test_all_day_and_multi_day_events_leave_the_attendee_free(
     with SmtpServer(handler) as server:
         send(cfg, "2018-01-04T10:00", server)
     busy = {"busy": True, "free": False}.get(event)
+    assert len(handler.received) == 2
     for item in handler.received:
         cal = check_calendar(calendar_of(check_message(item.data, busy=busy)), busy=busy)
         assert cal.transp == transp
@@ -360,3 +361,16 @@ def test_ics_transp_and_partstat_on_the_bytes() -> None:
         ics = build_event(c, ev, attendee_email="b@example.org", dtstamp=DTSTAMP, partstat="TENTATIVE")
         cal = check_calendar(ics, partstat="TENTATIVE", busy=ev.busy)
         assert (cal.partstat, cal.rsvp) == ("TENTATIVE", False)
+
+
+def test_every_calendar_mail_of_the_shipped_campaign_reads_right(shipped: Path) -> None:
+    """The shipped campaign's invitations, as sent: every rule above on every mail (one spelling,
+    NEEDS-ACTION for the first copy, TRANSP by the event's shape) and a Subject that starts with
+    the event's title as the recipient's calendar shows it (SUMMARY)."""
+    handler = MaildirHandler()
+    with SmtpServer(handler) as server:
+        send(shipped / "schedules.yaml", "2018-01-04T10:00", server)
+    assert len(handler.received) >= 4
+    for item in handler.received:
+        msg = check_message(item.data, title_subject=True, partstat="NEEDS-ACTION")
+        assert str(msg["Subject"]).startswith(check_calendar(calendar_of(msg)).summary + " – ")
