@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -262,8 +263,8 @@ def U(month: int, day: int, hour: int, minute: int = 0) -> datetime:
 
 
 def zoned(
-    tmp_path: Path, now: datetime, rows: list[Row] = (), started: dict[str, datetime] | None = None
-) -> planner.Plan:  # type: ignore[assignment]
+    tmp_path: Path, now: datetime, rows: Sequence[Row] = (), started: dict[str, datetime] | None = None
+) -> planner.Plan:
     c = config.loads(ZONED, tmp_path / "s.yaml")
     by_step: dict[str, dict[str, Row]] = {}
     for r in rows:

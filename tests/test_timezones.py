@@ -10,17 +10,18 @@ import sys
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import icalendar
 import pytest
 import vobject
+from conftest import write_campaign
 
 from mailer import config
 from mailer.compose import Composer
 from mailer.contacts import load_contacts
 from mailer.errors import ConfigError
 from mailer.templates import Templates
-from tests.conftest import write_campaign
 
 EVENT = "- {id: day, title: Partner day, start: 2018-01-22 15:00, end: 2018-01-22 17:00, location: Gent}\n"
 STEPS = "- {id: invite, event: day, template: invite, at: 2018-01-08 09:00}\n"
@@ -109,7 +110,8 @@ def test_new_york_contact_reads_new_york_time_calendar_keeps_brussels(tmp_path: 
     ev = icalendar.Calendar.from_ical(ics).walk("VEVENT")[0]
     vev = vobject.readOne(ics.decode()).vevent
     start = datetime(2018, 1, 22, 14, tzinfo=UTC)
-    assert ev["DTSTART"].dt.astimezone(UTC) == vev.dtstart.value.astimezone(UTC) == start
+    dtstart: Any = ev["DTSTART"]
+    assert dtstart.dt.astimezone(UTC) == vev.dtstart.value.astimezone(UTC) == start
 
 
 def test_one_zone_campaign_names_no_zone(tmp_path: Path) -> None:
