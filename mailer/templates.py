@@ -242,6 +242,73 @@ def _when_filter(fallback: Callable[[], babel.Locale]) -> Callable[..., str]:
     return when
 
 
+def zone_note_text(
+    start: dt.datetime,
+    end: dt.datetime,
+    loc: babel.Locale,
+    *,
+    reader: ZoneInfo,
+    campaign: ZoneInfo,
+    zones: Iterable[str] = (),
+) -> str:
+    """What follows an event's hours written in its own zone ("van 09:30 tot 16:30"): nothing
+    when everyone is in that zone; else the event's city, and the reader's own hours when they
+    are elsewhere (issue 13 item 10: the calendar keeps the event's TZID, the body speaks the
+    reader's time).
+
+    >>> from babel import Locale
+    >>> bxl, ny = ZoneInfo("Europe/Brussels"), ZoneInfo("America/New_York")
+    >>> s, e = dt.datetime(2018, 1, 22, 9, 30, tzinfo=bxl), dt.datetime(2018, 1, 22, 16, 30, tzinfo=bxl)
+    >>> zone_note_text(s, e, Locale.parse("nl_BE"), reader=ny, campaign=bxl)
+    ' (Brussel) / 03:30–10:30 New York'
+    >>> zone_note_text(s, e, Locale.parse("nl_BE"), reader=bxl, campaign=bxl)
+    ''
+    >>> zone_note_text(s, e, Locale.parse("en_GB"), reader=ZoneInfo("Asia/Tokyo"), campaign=bxl)
+    ' (Brussels) / Mon 22 Jan 17:30 – Tue 23 Jan 00:30 Tokyo'
+    """
+    event = start.tzinfo if isinstance(start.tzinfo, ZoneInfo) else campaign
+    elsewhere = reader.key != event.key
+    if not (elsewhere or event.key != campaign.key or any(z != event.key for z in zones)):
+        return ""
+    text = f" ({_city(event, loc)})"
+    if not elsewhere:
+        return text
+    here = start.astimezone(event).date()
+    s, e = start.astimezone(reader), end.astimezone(reader)
+    t1, t2 = (format_time(x.time(), "short", locale=loc) for x in (s, e))
+    if s.date() == e.date():
+        hours = f"{t1}–{t2}"
+        if s.date() != here:
+            hours = f"{format_date(s, 'EEE d MMM', locale=loc)} {hours}"
+    else:
+        hours = (
+            f"{format_date(s, 'EEE d MMM', locale=loc)} {t1} – {format_date(e, 'EEE d MMM', locale=loc)} {t2}"
+        )
+    return f"{text} / {hours} {_city(reader, loc)}"
+
+
+def _zone_note_filter(fallback: Callable[[], babel.Locale]) -> Callable[..., str]:
+    @pass_context
+    def zone_note(ctx: Context, event: Any, contact: Any = None) -> str:
+        start, end = event.get("start"), event.get("end")
+        if not isinstance(start, dt.datetime) or not isinstance(end, dt.datetime) or event.get("all_day"):
+            return ""  # a day is the same day everywhere
+        campaign = ctx.get("campaign")
+        camp = _tz(campaign.get("timezone")) if isinstance(campaign, Mapping) else None
+        camp = camp or (start.tzinfo if isinstance(start.tzinfo, ZoneInfo) else ZoneInfo("UTC"))
+        zones = campaign.get("zones") or () if isinstance(campaign, Mapping) else ()
+        return zone_note_text(
+            start,
+            end,
+            ctx.get("_locale") or fallback(),
+            reader=_reader_zone(contact) or camp,
+            campaign=camp,
+            zones=zones,
+        )
+
+    return zone_note
+
+
 def _filter(kind: str, fallback: Callable[[], babel.Locale]) -> Callable[..., str]:
     @pass_context
     def f(ctx: Context, value: Any, format: str | None = None) -> str:
@@ -290,6 +357,7 @@ class Templates:
         for kind in ("date", "time", "datetime"):
             self._env.filters[kind] = _filter(kind, self._default_locale)
         self._env.filters["when"] = _when_filter(self._default_locale)
+        self._env.filters["zone_note"] = _zone_note_filter(self._default_locale)
         self._env.filters["in_zone"] = _in_zone
         self._env.filters["zone_name"] = _zone_name_filter(self._default_locale)
         self._compiled: dict[tuple[str, str], tuple[Template, ...]] = {}

@@ -13,10 +13,12 @@ import email
 import email.policy
 import json
 import shutil
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
+import icalendar
 import pytest
 from babel.dates import format_date
 from click.testing import CliRunner
@@ -302,3 +304,39 @@ def test_a_right_to_left_version_sets_dir_rtl(tmp_path: Path, shapes: tuple[Camp
     _, html = bodies(parse(raw.data))
     assert '<html lang="ar" dir="rtl">' in html and '<div lang="ar" dir="rtl">' in html
     assert "<bdi>ليلى</bdi>" in html
+
+
+@pytest.mark.parametrize("kind", ["invitation", "reminder", "update", "cancel"])
+def test_a_reader_in_another_zone_reads_their_own_hours(
+    shapes: tuple[Campaign, Templates], kind: str
+) -> None:
+    """Issue 13 item 10 in the shipped templates: the body names the event's city and gives a
+    New York reader their own hours; the calendar keeps the event's TZID."""
+    campaign, templates = shapes
+    who = Contact(
+        "ny@example.org",
+        "Ann Avery",
+        "en",
+        frozenset({"a"}),
+        fields={"first_name": ""},
+        timezone="America/New_York",
+    )
+    msg = parse(compose(campaign, templates, kind, "timed", who))
+    text, html = bodies(msg)
+    # 09:30-16:30 in Brussels in June (UTC+2) is 03:30-10:30 in New York (UTC-4)
+    assert "(Brussels) / 03:30–10:30 New York" in text, text
+    assert "TZID" not in text
+    assert "03:30–10:30 New York" in plain(html)
+    for part in msg.walk():
+        if part.get_content_type() == "text/calendar":
+            ics = part.get_payload(decode=True)
+            assert isinstance(ics, bytes)
+            start: Any = icalendar.Calendar.from_ical(ics).walk("VEVENT")[0]["DTSTART"]
+            day = 25 if kind == "update" else 24  # the update moves the event a day (moved())
+            assert start.dt.astimezone(UTC) == datetime(2030, 6, day, 7, 30, tzinfo=UTC)
+
+
+def test_a_reader_in_the_event_zone_reads_no_zone_names(shapes: tuple[Campaign, Templates]) -> None:
+    campaign, templates = shapes
+    text, _ = bodies(parse(compose(campaign, templates, "invitation", "timed", contact("nl"))))
+    assert "Brussel)" not in text and "New York" not in text
