@@ -231,6 +231,7 @@ def _pending_changes(c: Campaign) -> None:
 
     from . import planner
     from .ledger import Ledger
+    from .templates import describe_changes
 
     with Ledger.read(c.ledger) as ledger:
         recorded = ledger.latest_revisions(c.id)
@@ -239,7 +240,13 @@ def _pending_changes(c: Campaign) -> None:
                 continue
             n = len(ledger.calendar_holders(c.id, rev.event))
             diff = planner.changes(json.loads(recorded[rev.event].snapshot), json.loads(rev.snapshot))
-            what = "; ".join(f"{d['field']}: {d['before']} -> {d['after']}" for d in diff)
+            # In words, as the update's reader in the campaign language gets them (a text given
+            # per language, a span, a status: never a raw dict or datetime).
+            ctx = {"event": {}, "campaign": {"timezone": c.timezone.key}, "contact": {}}
+            words = describe_changes(diff, ctx, language=c.language, reader=c.language, default=c.language)
+            what = "; ".join(
+                str(d.get("text") or f"{d['field']}: {d['before']} -> {d['after']}") for d in words
+            )
             out.print(
                 f"Event {rev.event} changed since its invitations went out ({what}): the next "
                 f"pass sends {'a cancellation' if rev.kind == 'cancel' else 'an update'} "
