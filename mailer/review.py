@@ -195,8 +195,9 @@ def _languages_without_template(ws: Workspace, audiences: dict[str, list[Contact
 
 
 def _organiser_among_contacts(c: Campaign, audiences: dict[str, list[Contact]]) -> Iterator[Problem]:
-    """The organiser's (or sender's) own address in a step's audience: it would be invited to
-    its own meeting, and its calendar would take the invitation for an answer."""
+    """The organiser's (or sender's) own address in a step's audience: the planner leaves it out
+    of every step with a calendar (it must never be an ATTENDEE of its own meeting); say so, so
+    the organiser knows why that row is skipped."""
     own = {c.sender.address.lower(): "sender.from", c.sender.organizer.lower(): "sender.organizer"}
     seen: set[str] = set()
     for s in c.steps:
@@ -207,7 +208,8 @@ def _organiser_among_contacts(c: Campaign, audiences: dict[str, list[Contact]]) 
                 yield Problem(
                     x.file,
                     f"{x.email} is the organiser's own address ({own[key]} in schedules.yaml): it "
-                    "would be invited to its own meeting; remove the row",
+                    "gets no calendar invitation to its own meeting (recorded as skipped); remove "
+                    "the row if it should get none of the mails",
                     "email",
                     "warning",
                     row=x.row,
