@@ -39,6 +39,7 @@ __all__ = [
     "SmtpSettings",
     "Step",
     "Unsubscribe",
+    "Web",
     "contact_files",
     "contact_links_outside",
     "language_chain",
@@ -248,6 +249,18 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True)
+class Web:
+    """``web:``: the public address of `mailer web` (RSVP, unsubscribe and calendar links)."""
+
+    url: str
+
+    @property
+    def base(self) -> str:
+        """:attr:`url` without a trailing slash, ready for ``base + "/r/" + token``."""
+        return self.url.rstrip("/")
+
+
+@dataclass(frozen=True)
 class Campaign:
     """A validated campaign; paths are absolute."""
 
@@ -268,6 +281,7 @@ class Campaign:
     unsubscribe: Unsubscribe | None = None
     update_template: str = "update"
     cancel_template: str = "cancel"
+    web: Web | None = None
 
     # Not a field: ``dataclasses.replace(campaign, events=...)`` used to hand the original's
     # index dict to the copy, which then rewrote it (issue 11 item 6). Built per instance, on
@@ -626,6 +640,7 @@ def _build(
         unsubscribe=Unsubscribe(m.unsubscribe.mailto, m.unsubscribe.url) if m.unsubscribe else None,
         update_template=m.update_template,
         cancel_template=m.cancel_template,
+        web=Web(m.web.url) if m.web else None,
     )
 
 

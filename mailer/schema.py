@@ -161,6 +161,20 @@ class _UnsubscribeModel(_Model):
     _check_mailto = field_validator("mailto")(lambda cls, v: None if v is None else _email(v))
 
 
+class _WebModel(_Model):
+    #: Where `mailer web` is reached (behind an HTTPS reverse proxy); links in mails start here.
+    #: http:// is for a test or a local try; recipients' links go through HTTPS.
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        url = http_url(v)
+        if "?" in url or "#" in url:
+            raise ValueError("the web service's address takes no ?query or #fragment; give https://host/path")
+        return url
+
+
 class CampaignModel(_Model):
     campaign: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
     name: str | None = None
@@ -175,6 +189,7 @@ class CampaignModel(_Model):
     smtp: _SmtpModel = _SmtpModel()
     delivery: _DeliveryModel = _DeliveryModel()
     unsubscribe: _UnsubscribeModel | None = None
+    web: _WebModel | None = None
     update_template: str = Field(default="update", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     cancel_template: str = Field(default="cancel", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
