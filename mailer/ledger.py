@@ -32,7 +32,14 @@ from .store import Claim, Claimed, Decided, NewRow, Outcome, RecordedRevision, R
 from .times import iso, parse_iso
 from .vocab import FINAL, MAY_HAVE_ARRIVED, Attempt, Status, sql_list
 
-__all__ = ["CURRENT_REPLY", "Ledger", "OpenMode", "SCHEMA_VERSION", "dicts"]
+__all__ = ["CURRENT_REPLY", "Ledger", "OpenMode", "ReplySource", "SCHEMA_VERSION", "dicts"]
+
+
+class ReplySource(StrEnum):
+    """Where an answer came from (``replies.source``, schema 6)."""
+
+    IMIP = "imip"  #: a calendar client's iMIP REPLY, read from the organiser's inbox
+    WEB = "web"  #: a button of `mailer web` (issue 14)
 
 
 class OpenMode(StrEnum):
@@ -783,20 +790,47 @@ class Ledger:
         at: datetime,
         message_id: str | None,
         sequence: int | None = None,
-    ) -> None:
+        source: ReplySource = ReplySource.IMIP,
+    ) -> bool:
         """Store an attendee's answer (ACCEPTED, DECLINED, TENTATIVE) to revision ``sequence``
         of the event (None: the reply carried no SEQUENCE), under the address's
-        :func:`~mailer.addresses.address_key`. The latest one wins, unless it answers an older
-        revision than the one stored (a late mail about an earlier version)."""
-        self.conn.execute(
-            "INSERT INTO replies (campaign, event, email, partstat, at, message_id, sequence)"
-            " VALUES (?,?,?,?,?,?,?)"
+        :func:`~mailer.addresses.address_key`, with where it came from (``source``: a calendar
+        client's REPLY or a button of `mailer web`; both count alike). The latest one wins,
+        unless it answers an older revision than the one stored (a late mail about an earlier
+        version). True when it was stored, False when an answer to a newer revision is kept."""
+        cur = self.conn.execute(
+            "INSERT INTO replies (campaign, event, email, partstat, at, message_id, sequence, source)"
+            " VALUES (?,?,?,?,?,?,?,?)"
             " ON CONFLICT (campaign, event, email) DO UPDATE SET partstat=excluded.partstat,"
-            " at=excluded.at, message_id=excluded.message_id, sequence=excluded.sequence"
+            " at=excluded.at, message_id=excluded.message_id, sequence=excluded.sequence,"
+            " source=excluded.source"
             " WHERE excluded.sequence IS NULL OR replies.sequence IS NULL"
             " OR excluded.sequence >= replies.sequence",
-            (campaign, event, address_key(email), partstat.upper(), iso(at), message_id, sequence),
+            (campaign, event, address_key(email), partstat.upper(), iso(at), message_id, sequence, source),
         )
+        return cur.rowcount > 0
+
+    def reply(self, campaign: str, event: str, email: str) -> dict[str, Any] | None:
+        """The answer stored for ``email`` (by its key) to ``event``: ``partstat``, ``at``,
+        ``sequence``, ``source`` and ``current`` (whether it counts for the event as it is now,
+        see :data:`CURRENT_REPLY`); None when there is none."""
+        cur = self.conn.execute(
+            f"SELECT partstat, at, sequence, source, {CURRENT_REPLY} AS current FROM replies AS r"
+            " WHERE campaign=? AND event=? AND email=?",
+            (campaign, event, address_key(email)),
+        )
+        found = next(dicts(cur), None)
+        if found is not None:
+            found["current"] = bool(found["current"])
+        return found
+
+    def event_sequence(self, campaign: str, event: str) -> int:
+        """The SEQUENCE of the event's newest revision mailed (0 before any change): what an
+        answer given now answers."""
+        row = self.conn.execute(
+            "SELECT max(sequence) FROM revisions WHERE campaign=? AND event=?", (campaign, event)
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     def is_invitee(self, campaign: str, event: str, email: str) -> bool:
         """Whether ``email``, compared by :func:`~mailer.addresses.address_key`, was sent (or

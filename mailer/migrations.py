@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "statements"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: Version 1: the tables and indexes. ``IF NOT EXISTS`` as in the releases before migrations,
 #: which ran it on every open.
@@ -190,8 +190,23 @@ _SCHEMA_V5 = """
 ALTER TABLE deliveries ADD COLUMN partstat TEXT;
 """
 
+#: Version 6: where an answer came from (issue 14): ``imip`` (a calendar client's REPLY read
+#: from the organiser's inbox) or ``web`` (a button of `mailer web`). Both count alike; the
+#: newest answer wins unless it answers an older SEQUENCE (see Ledger.record_reply). Answers
+#: recorded before version 6 all came by mail.
+_SCHEMA_V6 = """
+ALTER TABLE replies ADD COLUMN source TEXT NOT NULL DEFAULT 'imip';
+"""
+
 #: ``{version: the SQL that brings version - 1 to it}``: a new file runs them all, in order.
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
+MIGRATIONS: dict[int, str] = {
+    1: _SCHEMA_V1,
+    2: _SCHEMA_V2,
+    3: _SCHEMA_V3,
+    4: _SCHEMA_V4,
+    5: _SCHEMA_V5,
+    6: _SCHEMA_V6,
+}
 
 
 def statements(script: str) -> Iterator[str]:
