@@ -13,6 +13,7 @@ from .addresses import address_key
 from .config import Campaign, Event, Step
 from .contacts import Contact
 from .errors import ConfigError, MailerError, Problem
+from .links import Links, links_for
 from .planner import changes as planner_changes
 from .templates import Rendered, Templates, context
 from .vocab import StepKind
@@ -171,8 +172,11 @@ class Composer:
 
         :raises TemplateError: the template fails for this contact.
         """
-        unsub_url = self._unsubscribe_url(contact)
-        rendered = self.render(step, event, contact, template=template, extra=extra, unsub_url=unsub_url)
+        found = self.links_for(event, contact)
+        unsub_url = found.unsubscribe if found else self._unsubscribe_url(contact)
+        rendered = self.render(
+            step, event, contact, template=template, extra=extra, unsub_url=unsub_url, found=found
+        )
         payload = None
         if self.has_ics(step):
             proto = self.prototype(event, method, sequence, when, contact.language)
@@ -203,6 +207,7 @@ class Composer:
         template: str | None = None,
         extra: Mapping[str, object] | None = None,
         unsub_url: str | None = None,
+        found: Links | None = None,
     ) -> Rendered:
         """The subject and bodies of :meth:`compose` for ``contact``: the one place the
         template variables are put together, so the render gate checks what is sent.
@@ -210,13 +215,22 @@ class Composer:
         :raises TemplateError: the template fails for this contact.
         """
         ctx = context(self.campaign, event, step, contact)
+        if found is None:
+            found = self.links_for(event, contact)
+        if found is not None:
+            ctx["links"] = found.as_dict()
         if unsub_url is None:
-            unsub_url = self._unsubscribe_url(contact)
+            unsub_url = found.unsubscribe if found else self._unsubscribe_url(contact)
         if unsub_url is not None:
             ctx["campaign"] = {**ctx["campaign"], "unsubscribe_url": unsub_url}
         if extra:
             ctx.update(extra)
         return self.templates.render(template or step.template, contact.language, ctx)
+
+    def links_for(self, event: Event, contact: Contact) -> Links | None:
+        """The recipient's links to `mailer web` and the calendars (None without ``web.url`` or
+        without a secret): the ``/u/<token>`` link then replaces ``unsubscribe.url``'s."""
+        return links_for(self.campaign, self._secret, event, contact)
 
     def _unsubscribe_url(self, contact: Contact) -> str | None:
         """The signed one-click link for ``contact`` (None without ``unsubscribe.url``)."""

@@ -228,7 +228,9 @@ def build(
     always give the same bytes (boundaries derive from ``message_id``).
 
     :param ics: a calendar object from :mod:`mailer.ics` whose METHOD is ``method``.
-    :param unsubscribe_url: an https one-click link (RFC 8058) for this recipient.
+    :param unsubscribe_url: an https one-click link (RFC 8058) for this recipient: the
+        ``/u/<token>`` link of `mailer web` (:mod:`mailer.links`) when the campaign has
+        ``web.url``, else ``unsubscribe.url`` with a signed ``t=``.
     :raises ValueError: for a bad address, an unknown method or a METHOD mismatch.
     """
     sender = campaign.sender
@@ -257,12 +259,14 @@ def build(
     if lang:
         head.append(f"Content-Language: {lang}\r\n")  # RFC 3282
     # RFC 2369 List-Unsubscribe; RFC 8058 one-click POST needs an https link.
+    # The https link first: a client uses the first method it supports (RFC 2369 3.2), and
+    # the big mailbox providers' one-click button needs it (issue 14).
     links = []
+    if unsubscribe_url:
+        links.append(f"<{_uri(unsubscribe_url)}>")
     if campaign.unsubscribe and campaign.unsubscribe.mailto:
         addr = quote(_addr_spec(campaign.unsubscribe.mailto), safe="@!$'*+=-._~")
         links.append(f"<mailto:{addr}?subject=unsubscribe>")
-    if unsubscribe_url:
-        links.append(f"<{_uri(unsubscribe_url)}>")
     if links:
         head.append(_field("List-Unsubscribe", [w + "," for w in links[:-1]] + links[-1:]))
     if unsubscribe_url:

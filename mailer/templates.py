@@ -24,6 +24,10 @@ Template variables (Jinja's ``a.b`` syntax works on these dicts):
   ``unsubscribe_mailto``, ``unsubscribe_url`` (may be None).
 * ``step``: ``id``, ``kind`` (``invitation`` or ``reminder``), ``at`` (send time, aware),
   ``attach_ics`` (whether a calendar invite is attached).
+* ``links``: None, or (with ``web.url`` and a secret) the recipient's signed links:
+  ``accept``, ``maybe``, ``decline`` (RSVP), ``unsubscribe``, ``ics`` (download), ``feed``
+  (``webcal://``), ``page`` (event page), ``google``, ``outlook``, ``office``, ``yahoo``
+  (add to calendar); see :mod:`mailer.links`.
 
 Filters, formatted in the locale of the language the mail is rendered in (see
 :func:`locale_for`): ``date`` (default ``full``: "maandag 22 januari 2018"), ``time``
@@ -649,6 +653,9 @@ def context(campaign: Campaign, event: Event, step: Step, contact: Contact) -> d
             "unsubscribe_url": unsub.url if unsub else None,
         },
         "step": {"id": step.id, "kind": step.kind, "at": step.at, "attach_ics": step.attach_ics},
+        # The recipient's links to `mailer web` (mailer.links.Links as a dict), set by the
+        # Composer; None without web.url or a secret.
+        "links": None,
     }
 
 

@@ -258,7 +258,8 @@ def test_list_unsubscribe_mailto_only(shipped: Campaign) -> None:
 def test_list_unsubscribe_with_one_click(shipped: Campaign) -> None:
     url = "https://example.be/afmelden?t=abc123&c=integratiepact-2018#x"
     msg = check_message(mail(shipped, unsubscribe_url=url))
-    assert msg["List-Unsubscribe"] == f"<mailto:afmelden@example.be?subject=unsubscribe>, <{url}>"
+    # The https link first (RFC 2369 3.2: a client uses the first method it supports; issue 14).
+    assert msg["List-Unsubscribe"] == f"<{url}>, <mailto:afmelden@example.be?subject=unsubscribe>"
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     only_url = dataclasses.replace(shipped, unsubscribe=Unsubscribe(url="https://example.be/u"))
     msg = check_message(mail(only_url, unsubscribe_url="https://example.be/u?t=1 2>"))
