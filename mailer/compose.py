@@ -47,8 +47,9 @@ class Composer:
         :param snapshots: every revision's snapshot (for the ``changes`` of an update).
         :param answers: the ledger's answers, ``{(event, address_key): PARTSTAT}``
             (``Ledger.answers``): :meth:`answer` reads them when a delivery is claimed.
-        :param unsubscribe_secret: signs one-click unsubscribe links when ``unsubscribe.url``
-            is set (from MAILER_UNSUBSCRIBE_SECRET).
+        :param unsubscribe_secret: signs the recipients' links (:mod:`mailer.links`) when the
+            campaign has ``web.url``, else the one-click link of ``unsubscribe.url``
+            (:func:`mailer.tokens.secret_from`: MAILER_WEB_SECRET, else MAILER_UNSUBSCRIBE_SECRET).
         :raises ConfigError: ``unsubscribe.url`` is set but there is no secret."""
         unsub = campaign.unsubscribe
         if unsub is not None and unsub.url and not unsubscribe_secret:
