@@ -1,9 +1,11 @@
-"""iCalendar (RFC 5545) invitations and cancellations (RFC 5546 iTIP), written by hand."""
+"""iCalendar (RFC 5545) invitations and cancellations (RFC 5546 iTIP) and published calendars
+(a download, a feed), written by hand."""
 
 from __future__ import annotations
 
 import calendar
 import re
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Literal, NamedTuple
@@ -14,6 +16,7 @@ from .config import Campaign, Event
 
 __all__ = [
     "PRODID",
+    "Entry",
     "Prototype",
     "build_event",
     "escape_text",
@@ -21,6 +24,7 @@ __all__ = [
     "fold",
     "param_value",
     "prototype",
+    "publish",
     "transparent",
     "tzid",
     "vtimezone",
@@ -369,6 +373,72 @@ def transparent(event: Event) -> bool:
     return event.all_day or event.end - event.start >= timedelta(hours=24)
 
 
+def _check(event: Event, sequence: int) -> None:
+    if not event.uid.strip():
+        raise ValueError(f"event {event.id!r} has no UID")
+    if not isinstance(sequence, int) or sequence < 0:
+        raise ValueError(f"sequence must be an integer >= 0, not {sequence!r}")
+
+
+def _calendar_head(method: str) -> list[str]:
+    return [
+        "BEGIN:VCALENDAR",
+        f"PRODID:{PRODID}",
+        "VERSION:2.0",
+        "CALSCALE:GREGORIAN",
+        # RFC 6047 2.4: METHOD must equal the method= parameter of the text/calendar part.
+        f"METHOD:{method}",
+    ]
+
+
+def _when_lines(campaign: Campaign, event: Event) -> tuple[bool, list[str]]:
+    """DTSTART and DTEND of ``event``, and whether they refer to the campaign's VTIMEZONE."""
+    tz = campaign.timezone
+    if event.all_day:
+        # RFC 5545 3.6.1: all-day events are DATE values; DTEND is the day after the last.
+        first, after = event.start.astimezone(tz).date(), event.end.astimezone(tz).date()
+        return False, [f"DTSTART;VALUE=DATE:{first:%Y%m%d}", f"DTEND;VALUE=DATE:{after:%Y%m%d}"]
+    if fixed_offset(tz, event.start, event.end) == timedelta(0):
+        # RFC 5545 3.3.5 form 2 (UTC) for zones that are UTC all year: vobject, and so
+        # Radicale, treat a +0000 VTIMEZONE as UTC and then cannot resolve its TZID.
+        return False, [f"DTSTART:{_utc(event.start)}", f"DTEND:{_utc(event.end)}"]
+    # RFC 5545 3.3.5 form 3: local time with TZID, and the VTIMEZONE it refers to.
+    return True, [_when("DTSTART", event.start, tz), _when("DTEND", event.end, tz)]
+
+
+def _vevent(
+    campaign: Campaign,
+    event: Event,
+    when: list[str],
+    sequence: int,
+    dtstamp: datetime,
+    language: str | None,
+    *,
+    cancelled: bool,
+) -> list[str]:
+    """The VEVENT's lines up to (not including) ATTENDEE and END:VEVENT."""
+    lines = [
+        "BEGIN:VEVENT",
+        f"UID:{escape_text(event.uid)}",  # RFC 5545 3.8.4.7: the same for every update
+        f"DTSTAMP:{_utc(dtstamp)}",  # RFC 5545 3.8.7.2: UTC
+        f"SEQUENCE:{sequence}",
+        *when,  # DTEND, never DURATION (RFC 5545 3.6.1 allows only one of them)
+    ]
+    lines += _texts(event, language)
+    if event.url:
+        lines.append(f"URL:{_uri(event.url)}")
+    sender = campaign.sender
+    cn = f";CN={param_value(sender.organizer_name)}" if sender.organizer_name.strip() else ""
+    lines += [
+        # No VALARM is ever written.
+        f"STATUS:{'CANCELLED' if cancelled else 'CONFIRMED'}",
+        f"TRANSP:{'TRANSPARENT' if transparent(event) else 'OPAQUE'}",
+        # RFC 6047 3: iMIP replies go to the ORGANIZER address; that mailbox must exist.
+        f"ORGANIZER{cn}:mailto:{_uri(spelling(sender.organizer))}",
+    ]
+    return lines
+
+
 def prototype(
     campaign: Campaign,
     event: Event,
@@ -396,50 +466,13 @@ def prototype(
     method = method.upper()  # type: ignore[assignment]
     if method not in ("REQUEST", "CANCEL"):
         raise ValueError(f"method must be REQUEST or CANCEL, not {method!r}")
-    if not event.uid.strip():
-        raise ValueError(f"event {event.id!r} has no UID")
-    if not isinstance(sequence, int) or sequence < 0:
-        raise ValueError(f"sequence must be an integer >= 0, not {sequence!r}")
-    tz = campaign.timezone
-    head = [
-        "BEGIN:VCALENDAR",
-        f"PRODID:{PRODID}",
-        "VERSION:2.0",
-        "CALSCALE:GREGORIAN",
-        # RFC 6047 2.4: METHOD must equal the method= parameter of the text/calendar part.
-        f"METHOD:{method}",
-    ]
-    if event.all_day:
-        # RFC 5545 3.6.1: all-day events are DATE values; DTEND is the day after the last.
-        first, after = event.start.astimezone(tz).date(), event.end.astimezone(tz).date()
-        when = [f"DTSTART;VALUE=DATE:{first:%Y%m%d}", f"DTEND;VALUE=DATE:{after:%Y%m%d}"]
-    elif fixed_offset(tz, event.start, event.end) == timedelta(0):
-        # RFC 5545 3.3.5 form 2 (UTC) for zones that are UTC all year: vobject, and so
-        # Radicale, treat a +0000 VTIMEZONE as UTC and then cannot resolve its TZID.
-        when = [f"DTSTART:{_utc(event.start)}", f"DTEND:{_utc(event.end)}"]
-    else:
-        # RFC 5545 3.3.5 form 3: local time with TZID, and the VTIMEZONE it refers to.
-        head += vtimezone(tz, event.start, event.end)
-        when = [_when("DTSTART", event.start, tz), _when("DTEND", event.end, tz)]
-    head += [
-        "BEGIN:VEVENT",
-        f"UID:{escape_text(event.uid)}",  # RFC 5545 3.8.4.7: the same for every update
-        f"DTSTAMP:{_utc(dtstamp)}",  # RFC 5545 3.8.7.2: UTC
-        f"SEQUENCE:{sequence}",
-        *when,  # DTEND, never DURATION (RFC 5545 3.6.1 allows only one of them)
-    ]
-    head += _texts(event, language)
-    if event.url:
-        head.append(f"URL:{_uri(event.url)}")
-    sender = campaign.sender
-    cn = f";CN={param_value(sender.organizer_name)}" if sender.organizer_name.strip() else ""
-    head += [
-        # RFC 5546 3.2.5: a CANCEL sets STATUS:CANCELLED; no VALARM is ever written.
-        f"STATUS:{'CANCELLED' if method == 'CANCEL' else 'CONFIRMED'}",
-        f"TRANSP:{'TRANSPARENT' if transparent(event) else 'OPAQUE'}",
-        # RFC 6047 3: iMIP replies go to the ORGANIZER address; that mailbox must exist.
-        f"ORGANIZER{cn}:mailto:{_uri(spelling(sender.organizer))}",
-    ]
+    _check(event, sequence)
+    zoned, when = _when_lines(campaign, event)
+    head = _calendar_head(method)
+    if zoned:
+        head += vtimezone(campaign.timezone, event.start, event.end)
+    # RFC 5546 3.2.5: a CANCEL sets STATUS:CANCELLED.
+    head += _vevent(campaign, event, when, sequence, dtstamp, language, cancelled=method == "CANCEL")
     tail = b"END:VEVENT\r\nEND:VCALENDAR\r\n"
     return Prototype(b"".join(fold(line) for line in head), tail, method)
 
@@ -459,3 +492,71 @@ def build_event(
     """One recipient's calendar object: ``prototype(...).for_attendee(email, name, partstat)``."""
     proto = prototype(campaign, event, method=method, sequence=sequence, dtstamp=dtstamp, language=language)
     return proto.for_attendee(attendee_email, attendee_name, partstat)
+
+
+# --------------------------------------------------------------------------------------
+# Published calendars: a download and a subscribed feed (issue 14).
+# --------------------------------------------------------------------------------------
+
+
+class Entry(NamedTuple):
+    """One event of a published calendar, as it is now: the SEQUENCE the mails about it carry
+    and whether it is cancelled."""
+
+    event: Event
+    sequence: int
+    cancelled: bool = False
+    #: DTSTAMP of this VEVENT (aware): when this version of the event was made.
+    dtstamp: datetime | None = None
+
+
+def publish(
+    campaign: Campaign,
+    entries: Sequence[Entry],
+    *,
+    dtstamp: datetime,
+    language: str | None = None,
+    name: str | None = None,
+    refresh: timedelta | None = None,
+) -> bytes:
+    """A ``METHOD:PUBLISH`` calendar (RFC 5546 3.2.1) of ``entries``: one VEVENT each, with the
+    UID and SEQUENCE of the mails about it, so a client that has the invitation updates that
+    entry instead of adding a second one. No ATTENDEE at all (RFC 5546 3.2.1 forbids it in a
+    PUBLISH, and a feed must never list other recipients) and no iTIP semantics: nothing is
+    asked, nothing is answered.
+
+    :param dtstamp: the DTSTAMP of an entry without its own.
+    :param language: the reader's language for texts given per language.
+    :param name: the calendar's name (RFC 7986 NAME and X-WR-CALNAME, which Apple and Google
+        read) for a feed.
+    :param refresh: how often a subscriber should fetch it again (RFC 7986 REFRESH-INTERVAL and
+        Outlook's X-PUBLISHED-TTL).
+    :raises ValueError: an event without UID, a negative sequence, naive datetimes.
+    """
+    head = _calendar_head("PUBLISH")
+    if name:
+        head += [f"NAME:{escape_text(name)}", f"X-WR-CALNAME:{escape_text(name)}"]
+    if refresh is not None:
+        seconds = int(refresh.total_seconds())
+        if seconds <= 0:
+            raise ValueError(f"refresh must be positive, not {refresh!r}")
+        period = f"PT{seconds // 3600}H" if seconds % 3600 == 0 else f"PT{seconds // 60}M"
+        head += [f"REFRESH-INTERVAL;VALUE=DURATION:{period}", f"X-PUBLISHED-TTL:{period}"]
+    events: list[str] = []
+    zoned: list[Event] = []
+    for entry in entries:
+        _check(entry.event, entry.sequence)
+        tz_form, when = _when_lines(campaign, entry.event)
+        if tz_form:
+            zoned.append(entry.event)
+        stamp = entry.dtstamp or dtstamp
+        events += _vevent(
+            campaign, entry.event, when, entry.sequence, stamp, language, cancelled=entry.cancelled
+        )
+        events.append("END:VEVENT")
+    if zoned:  # one VTIMEZONE, valid over every event that refers to it
+        first = min(e.start for e in zoned)
+        last = max(e.end for e in zoned)
+        head += vtimezone(campaign.timezone, first, last)
+    lines = [*head, *events, "END:VCALENDAR"]
+    return b"".join(fold(line) for line in lines)
