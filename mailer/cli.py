@@ -469,6 +469,35 @@ def run(config_path: Path, db_path: Path | None) -> None:
 
 
 @cli.command()
+@config_option
+@db_option
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Listen on this address (the proxy's side)."
+)
+@click.option(
+    "--port", default=8025, show_default=True, type=click.IntRange(1, 65535), help="Listen on this port."
+)
+@handle_errors
+def web(config_path: Path, db_path: Path | None, host: str, port: int) -> None:
+    """Serve the links in the mails: RSVP buttons, one-click unsubscribe, calendar files.
+
+    Runs behind an HTTPS reverse proxy at the campaign's web.url; needs MAILER_WEB_SECRET (the
+    one `mailer run` signs the links with). Writes answers and unsubscribes to the ledger the
+    daemon sends from. Stops cleanly on SIGTERM or Ctrl-C.
+    """
+    from .web import serve
+
+    serve(
+        config_path,
+        db_path,
+        host=host,
+        port=port,
+        environ=os.environ,
+        log_line=lambda s: out.print(s, markup=False),
+    )
+
+
+@cli.command()
 @click.option(
     "--out",
     "out_dir",
