@@ -305,6 +305,7 @@ def test_busy_ledger_the_answer_is_retried_and_kept(cfg: Path) -> None:
     assert [x["partstat"] for x in replies(cfg)] == ["ACCEPTED"]
 
 
+@pytest.mark.slow
 def test_busy_ledger_throughout_gives_503_then_works(cfg: Path) -> None:
     started = threading.Event()
     holder = threading.Thread(target=_hold_write_lock, args=(cfg.parent / "ledger.db", 2.5, started))
@@ -404,6 +405,7 @@ def _link(raw: bytes, base: str) -> str | None:
     return found.group(0) if found else None
 
 
+@pytest.mark.slow
 def test_end_to_end_rsvp_in_chromium_then_the_reminder(
     tmp_path: Path,
     smtp_server: SmtpServer,
