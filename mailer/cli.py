@@ -25,6 +25,7 @@ from .clikit import (
 )
 from .errors import MailerError, Problem, display_path
 from .records import dashboard, export, inbox, log, retry, status, suppress
+from .tokens import secret_from
 
 if TYPE_CHECKING:
     # Each command imports what it needs when it runs: `mailer status` or `mailer log` on a
@@ -109,6 +110,16 @@ def check(config_path: Path, strict: bool) -> None:
         _verdict(problems, strict)
         return
     c = ws.campaign
+    if c.web is not None and not secret_from(os.environ):
+        problems.append(
+            Problem(
+                display_path(c.config_path),
+                "web.url is set but MAILER_WEB_SECRET is not: the answer, calendar and unsubscribe "
+                "links cannot be signed, so mails would carry none and `mailer web` would not "
+                "start; set it (a long random string) where check, send, run and web run",
+                field="web.url",
+            )
+        )
     counts = {step.id: len(ws.audience(step)) for step in c.steps}
     # Every mail of every step, and every update and cancellation (mailer.gate). Rendering a
     # large campaign takes a while: show how far it is (on a terminal).
@@ -116,7 +127,7 @@ def check(config_path: Path, strict: bool) -> None:
         task = bar.add_task("render", total=None)
         problems += check_workspace(
             ws,
-            unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"),
+            unsubscribe_secret=secret_from(os.environ),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
 
@@ -205,7 +216,7 @@ def preview(config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...
     from .compose import Composer
 
     wanted = {e.strip().lower() for e in emails}
-    composer = Composer(c, ws.templates, unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"))
+    composer = Composer(c, ws.templates, unsubscribe_secret=secret_from(os.environ))
     written = 0
     for step in c.steps:
         if step_ids and step.id not in step_ids:
@@ -383,7 +394,7 @@ def _send_with_progress(
                     progress=progress,
                     log=lambda m: err.print(m, markup=False),
                     stop=stop,
-                    unsubscribe_secret=os.environ.get("MAILER_UNSUBSCRIBE_SECRET"),
+                    unsubscribe_secret=secret_from(os.environ),
                 )
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):

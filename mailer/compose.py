@@ -57,7 +57,8 @@ class Composer:
                 [
                     Problem(
                         str(campaign.config_path.name),
-                        "unsubscribe.url is set but MAILER_UNSUBSCRIBE_SECRET is not; set it to a long "
+                        "unsubscribe.url is set but MAILER_WEB_SECRET (or MAILER_UNSUBSCRIBE_SECRET) is not; "
+                        "set it to a long "
                         "random string (the links are signed with it)",
                         field="unsubscribe.url",
                     )

@@ -19,6 +19,7 @@ from .inbox import InboxResult, process_configured
 from .ledger import Ledger
 from .mailboxes import configured_source
 from .runner import PassResult, run_pass
+from .tokens import secret_from
 from .transport import TransportSettings
 from .workspace import Workspace, load_workspace
 
@@ -152,7 +153,7 @@ class Daemon:
                     clock=self.clock,
                     log=lambda m: log.info("%s", m),
                     stop=self.stop,
-                    unsubscribe_secret=self.environ.get("MAILER_UNSUBSCRIBE_SECRET"),
+                    unsubscribe_secret=secret_from(self.environ),
                 )
             except Exception as exc:  # noqa: BLE001 - every failure stops the daemon, exit 1
                 self._fail(exc)
@@ -259,7 +260,7 @@ class Daemon:
     async def _renders(self, ws: Workspace) -> bool:
         """False (every problem logged) when a mail of ``ws`` would not render: the render gate
         (:func:`mailer.gate.check_workspace`), in a thread, since it renders every mail."""
-        secret = self.environ.get("MAILER_UNSUBSCRIBE_SECRET")
+        secret = secret_from(self.environ)
         found = await asyncio.to_thread(check_workspace, ws, unsubscribe_secret=secret)
         errors = [p for p in found if p.severity == "error"]
         if errors:
@@ -371,9 +372,7 @@ def run_daemon(config_path: Path, db_path: Path | None, *, environ: Mapping[str,
     # The same render gate a reload passes (issue 12): a daemon never starts on templates that
     # fail for some recipient; each pass would hold those steps back, quietly, for ever.
     rendered = [
-        p
-        for p in check_workspace(ws, unsubscribe_secret=environ.get("MAILER_UNSUBSCRIBE_SECRET"))
-        if p.severity == "error"
+        p for p in check_workspace(ws, unsubscribe_secret=secret_from(environ)) if p.severity == "error"
     ]
     for p in rendered:
         log.error("%s", p)

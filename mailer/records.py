@@ -446,7 +446,7 @@ def suppress() -> None:
     "links",
     multiple=True,
     help="An unsubscribe link (or its token) from a mail: verified with "
-    "MAILER_UNSUBSCRIBE_SECRET, then its address is suppressed.",
+    "MAILER_WEB_SECRET (or MAILER_UNSUBSCRIBE_SECRET), then its address is suppressed.",
 )
 @click.option(
     "--create",
@@ -469,12 +469,15 @@ def suppress_add(
 
     if not emails and not links:
         raise MailerError("give at least one address or --link")
-    secret = os.environ.get("MAILER_UNSUBSCRIBE_SECRET")
+    from .tokens import secret_from
+
+    secret = secret_from(os.environ)
     found = list(emails)
     for ln in links:
         if not secret:
             raise MailerError(
-                "--link needs MAILER_UNSUBSCRIBE_SECRET (the secret the links were signed with)"
+                "--link needs MAILER_WEB_SECRET (or the older MAILER_UNSUBSCRIBE_SECRET): "
+                "the secret the links were signed with"
             )
         checked = unsubscribe.verify(secret, ln)
         if checked is None:

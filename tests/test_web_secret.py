@@ -1,0 +1,47 @@
+"""The web secret reaches every command that signs links (issue 14): MAILER_WEB_SECRET alone is
+enough for send/preview to put the answer links in the mails, and `check` refuses a campaign
+with `web.url` but no secret."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from pathlib import Path
+
+from click.testing import CliRunner
+from conftest import SIMPLE_TEMPLATES, write_campaign
+
+from mailer import tokens
+from mailer.cli import cli
+
+EVENTS = "- {id: ev, title: Launch, start: 2018-01-22 09:30, end: 2018-01-22 16:30}\n"
+STEPS = "- {id: invite, event: ev, template: invite, at: 2018-01-04 10:00}\n"
+TEMPLATES = {
+    **SIMPLE_TEMPLATES,
+    "invite/en/body.txt": "{% if links %}Yes: {{ links.accept }}{% else %}no links{% endif %}\n",
+}
+WEB = "web: {url: 'https://rsvp.example.org/'}\n"
+
+
+def test_the_web_secret_alone_signs_the_links_in_preview(tmp_path: Path) -> None:
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, templates=TEMPLATES, extra=WEB)
+    env = {"MAILER_WEB_SECRET": "s3cret-0123456789", "MAILER_UNSUBSCRIBE_SECRET": ""}
+    r = CliRunner().invoke(cli, ["preview", "--config", str(cfg), "--out", str(tmp_path / "out")], env=env)
+    assert r.exit_code == 0, r.output
+    raw = (tmp_path / "out" / "invite" / "ann@example.org.eml").read_bytes()
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    body = msg.get_body(("plain",))
+    assert body is not None
+    text = str(body.get_content())
+    assert "Yes: https://rsvp.example.org/r/" in text, text
+    token = text.split("/r/", 1)[1].split("?", 1)[0]
+    assert tokens.verify("s3cret-0123456789", "rsvp", token) == ("test", "ev", "ann@example.org")
+    assert str(msg["List-Unsubscribe"]).startswith("<https://rsvp.example.org/u/")
+
+
+def test_check_refuses_web_url_without_a_secret(tmp_path: Path) -> None:
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, templates=TEMPLATES, extra=WEB)
+    env = {"MAILER_WEB_SECRET": "", "MAILER_UNSUBSCRIBE_SECRET": ""}
+    r = CliRunner().invoke(cli, ["check", "--config", str(cfg)], env=env)
+    assert r.exit_code == 1, r.output
+    assert "web.url is set but MAILER_WEB_SECRET is not" in r.output and "Traceback" not in r.output
