@@ -617,7 +617,8 @@ def _fill_big_ledger(db: Path, per_step: int) -> None:
     )
     conn.execute("INSERT INTO steps_started SELECT campaign, step, '2018-01-04T08:00:00Z' FROM temp.plan")
     conn.execute(
-        """INSERT INTO replies SELECT campaign, event, email,
+        """INSERT INTO replies (campaign, event, email, partstat, at, message_id, sequence)
+           SELECT campaign, event, email,
              CASE id % 3 WHEN 0 THEN 'ACCEPTED' WHEN 1 THEN 'DECLINED' ELSE 'TENTATIVE' END,
              '2018-01-06T10:00:00Z', NULL, id % 2
            FROM deliveries WHERE id % 7 = 0 AND step LIKE 'invite-%'"""
