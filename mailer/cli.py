@@ -517,13 +517,19 @@ def web(config_path: Path, db_path: Path | None, host: str, port: int) -> None:
     show_default=True,
     help="Where the Maildir, the ledger and the log go.",
 )
+@click.option(
+    "--serve",
+    is_flag=True,
+    help="Keep the demo's mailer web running after the demo, until Ctrl-C, for its links.",
+)
 @config_option
 @handle_errors
-def demo(out_dir: Path, config_path: Path) -> None:
-    """Run the whole campaign in seconds on a virtual clock against an embedded SMTP server."""
+def demo(out_dir: Path, serve: bool, config_path: Path) -> None:
+    """Run the whole campaign in seconds on a virtual clock against an embedded SMTP server;
+    mailer web answers the mails' links meanwhile (and after it, with --serve)."""
     from .demo import run_demo
 
-    raise SystemExit(run_demo(config_path, out_dir, console=out))
+    raise SystemExit(run_demo(config_path, out_dir, console=out, serve=serve))
 
 
 def main() -> None:

@@ -261,15 +261,18 @@ def build(
     # RFC 2369 List-Unsubscribe; RFC 8058 one-click POST needs an https link.
     # The https link first: a client uses the first method it supports (RFC 2369 3.2), and
     # the big mailbox providers' one-click button needs it (issue 14).
+    # RFC 8058 3.1: one-click takes an HTTPS link only; an http:// web.url (a local try, `mailer
+    # demo`) keeps its unsubscribe link in the body, not in these headers.
+    one_click = unsubscribe_url if unsubscribe_url and unsubscribe_url.startswith("https://") else None
     links = []
-    if unsubscribe_url:
-        links.append(f"<{_uri(unsubscribe_url)}>")
+    if one_click:
+        links.append(f"<{_uri(one_click)}>")
     if campaign.unsubscribe and campaign.unsubscribe.mailto:
         addr = quote(_addr_spec(campaign.unsubscribe.mailto), safe="@!$'*+=-._~")
         links.append(f"<mailto:{addr}?subject=unsubscribe>")
     if links:
         head.append(_field("List-Unsubscribe", [w + "," for w in links[:-1]] + links[-1:]))
-    if unsubscribe_url:
+    if one_click:
         head.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
 
     tag = hashlib.sha256(mid.encode("utf-8")).hexdigest()[:16]  # keeps the line <= 78

@@ -352,9 +352,11 @@ def create_app(
     body_limit: int = BODY_LIMIT,
     posts_per_minute: int = POSTS_PER_MINUTE,
     busy_wait: float = BUSY_WAIT,
+    workspace: Workspace | None = None,
 ) -> Starlette:
     """The `mailer web` app for the campaign at ``config_path``, writing to its ledger (or
-    ``db_path``).
+    ``db_path``). ``workspace``: the campaign already loaded (`mailer demo` gives its own, with a
+    ``web.url`` the shipped schedules.yaml does not have); by default loaded from ``config_path``.
 
     :raises MailerError: no secret, no ``web.url``, or no ledger yet (one line each, saying
         what to do); ConfigError when schedules.yaml is invalid.
@@ -367,7 +369,7 @@ def create_app(
             "random string (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`), "
             "the same one `mailer run` uses"
         )
-    ws = load_workspace(config_path)
+    ws = workspace if workspace is not None else load_workspace(config_path)
     c = ws.campaign
     if c.web is None:
         raise MailerError(
