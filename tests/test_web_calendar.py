@@ -1,28 +1,23 @@
 """The calendar pages of `mailer web` (issue 14): the .ics download, the feed, the event page.
 
-The routes run in Starlette's TestClient over a minimal site (real campaign files, a real SQLite
-ledger, a real `mailer send` to aiosmtpd for the mailed invitation to compare with)."""
+The routes run in the real `mailer web` app (create_app) through Starlette's TestClient: real
+campaign files, a real SQLite ledger, a real `mailer send` to aiosmtpd for the mailed invitation
+to compare with."""
 
 from __future__ import annotations
 
 import email
 import email.policy
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import icalendar
-import jinja2
 import pytest
 import vobject
 from click.testing import CliRunner
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.testclient import TestClient
 
 from mailer import config, ics, planner, tokens
@@ -31,8 +26,8 @@ from mailer.clock import ManualClock
 from mailer.ledger import Ledger
 from mailer.smtpd import SmtpServer
 from mailer.store import RecordedRevision
-from mailer.web_calendar import entries, routes
-from mailer.workspace import Workspace, load_workspace
+from mailer.web import create_app
+from mailer.web_calendar import entries
 
 SECRET = "test-secret-0123456789"
 CID = "integratiepact-2018"
@@ -43,55 +38,18 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "mailer" / "web_templates"
 MEETING_UTC = (datetime(2018, 1, 22, 8, 30, tzinfo=UTC), datetime(2018, 1, 22, 15, 30, tzinfo=UTC))
 
 
-@dataclass
-class Site:
-    """The least a `mailer web` context gives these routes (mailer.web_calendar.CalendarSite)."""
-
-    config: Path
-    db: Path
-    secret: str = SECRET
-    clock: ManualClock = field(default_factory=lambda: ManualClock(NOW))
-    env: jinja2.Environment = field(
-        default_factory=lambda: jinja2.Environment(
-            loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
-        )
-    )
-
-    def now(self) -> datetime:
-        return self.clock()
-
-    def workspace(self) -> Workspace:
-        return load_workspace(self.config)
-
-    @contextmanager
-    def ledger(self) -> Iterator[Ledger]:
-        led = Ledger.read(self.db)
-        try:
-            yield led
-        finally:
-            led.close()
-
-    def page(
-        self,
-        request: Request,
-        template: str,
-        status: int = 200,
-        *,
-        language: str | None = None,
-        **variables: Any,
-    ) -> Response:
-        return HTMLResponse(self.env.get_template(template).render(**variables), status)
-
-    def not_found(self, request: Request) -> Response:
-        return PlainTextResponse("Not found", 404)
-
-
-def client(folder: Path) -> TestClient:
+def client(folder: Path, clock: ManualClock | None = None) -> TestClient:
+    """The real `mailer web` app (mailer.web.create_app mounts these routes) on the campaign in
+    ``folder``, its ledger, and a clock that stands still."""
     db = folder / "mailer.db"
     if not db.exists():
         Ledger.create(db).close()
-    site = Site(folder / "schedules.yaml", db)
-    return TestClient(Starlette(routes=routes(site)), base_url="https://events.example.be")
+    cfg = folder / "schedules.yaml"
+    text = cfg.read_text(encoding="utf-8")
+    if "\nweb:" not in text:
+        cfg.write_text(text + "web: {url: 'https://events.example.be/'}\n", encoding="utf-8")
+    app = create_app(cfg, db, secret=SECRET, clock=clock or ManualClock(NOW))
+    return TestClient(app, base_url="https://events.example.be")
 
 
 def token(purpose: str, address: str, event: str = MEETING, campaign: str = CID) -> str:
@@ -199,10 +157,11 @@ def test_publish_two_events_one_cancelled_both_readers_agree() -> None:
 
 @pytest.mark.slow
 def test_download_and_feed_follow_the_mails(
-    shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+    shipped: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The .ics and the feed carry the mailed invitation's UID and SEQUENCE; after the meeting
     is cancelled (a CANCEL mail with SEQUENCE 1), both say STATUS:CANCELLED, SEQUENCE 1."""
+    monkeypatch.setattr("mailer.web.RELOAD_EVERY", 0.0)  # `mailer web` sees an edit within seconds
     who = "els.vandevelde@example.be"  # indieners and lerend-netwerk: both events
     send("2018-01-04T10:00", smtp_env)
     mailed = {str(e["UID"]): int(str(e["SEQUENCE"])) for e in mailed_calendars(smtp_server, who)}
@@ -302,7 +261,7 @@ def test_event_page_shows_the_event_and_no_other_recipient(shipped: Path) -> Non
     r = client(shipped).get(f"/e/{token('event', who)}")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
-    assert '<html lang="fr-BE">' in html
+    assert '<html lang="fr">' in html
     assert "Aan de slag INTEGRATIEPACT" in html
     assert "lundi 22 janvier 2018, 09:30–16:30" in html  # the reader's language, Brussels hours
     assert "https://www.openstreetmap.org/search?query=KVS%20%28Koninklijke" in html
