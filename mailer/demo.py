@@ -157,10 +157,14 @@ def run_demo(
         if answered is not None:
             _print_urls(console, ws, answered)
         if serve:
-            console.print(
-                f"mailer web is serving {web.url} for the demo ledger; press Ctrl-C to stop it.", markup=False
-            )
-            _wait(stop)
+            try:
+                console.print(
+                    f"mailer web is serving {web.url} for the demo ledger; press Ctrl-C to stop it.",
+                    markup=False,
+                )
+                _wait(stop)
+            except KeyboardInterrupt:
+                pass
             console.print("mailer web stopped.", markup=False)
         else:
             console.print(
@@ -249,11 +253,8 @@ def _web_port() -> int:
 
 def _wait(stop: threading.Event | None) -> None:
     """Until Ctrl-C, or ``stop`` is set (tests)."""
-    try:
-        while not (stop and stop.is_set()):
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
+    while not (stop and stop.is_set()):
+        time.sleep(0.2)
 
 
 class _FollowingClock:

@@ -143,3 +143,33 @@ def test_demo_serve_keeps_the_printed_urls_working(shipped: Path, tmp_path: Path
     assert codes == [0] and "mailer web stopped." in buf.getvalue()
     with socket.socket() as sock:  # the port is free again: the service really stopped
         sock.bind(("127.0.0.1", port))
+
+
+@pytest.mark.slow  # a real `mailer demo --serve` process
+def test_demo_serve_stops_cleanly_on_ctrl_c(shipped: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    mailer = Path(sys.executable).with_name("mailer")
+    proc = subprocess.Popen(
+        [str(mailer), "demo", "--out", str(tmp_path / "demo"), "--serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # a background process may inherit SIGINT ignored; Ctrl-C must reach this one
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "press Ctrl-C" in line:
+            break
+    urls = _urls("".join(seen))
+    assert httpx.get(urls["event page"]).status_code == 200  # served after the demo ended
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and rest == "mailer web stopped.\n", rest
