@@ -73,6 +73,7 @@ preview: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/micro.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/web_answers.py
 
 lint: $(DEV)
 	$(BIN)/ruff check $(LINTED)
