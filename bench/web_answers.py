@@ -112,8 +112,10 @@ async def _load(port: int, paths: list[str], rate: float, concurrency: int) -> d
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     nxt = 0
+    last = 0.0  # when the latest answer came back
 
     async def one(i: int) -> None:
+        nonlocal last
         r, w = await free.get()
         t0 = time.perf_counter()
         try:
@@ -122,7 +124,8 @@ async def _load(port: int, paths: list[str], rate: float, concurrency: int) -> d
             statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
             r, w = await asyncio.open_connection(HOST, port)
         else:
-            latencies.append(time.perf_counter() - t0)
+            last = time.perf_counter()
+            latencies.append(last - t0)
             statuses[str(status)] = statuses.get(str(status), 0) + 1
         free.put_nowait((r, w))
 
@@ -147,6 +150,7 @@ async def _load(port: int, paths: list[str], rate: float, concurrency: int) -> d
 
     cpu0, t0 = time.process_time(), time.perf_counter()
     tasks: set[asyncio.Task[None]] = set()
+    runner: asyncio.Future[Any]
     if rate > 0:
         runner = asyncio.ensure_future(open_loop(tasks))
     else:
@@ -157,6 +161,8 @@ async def _load(port: int, paths: list[str], rate: float, concurrency: int) -> d
     await runner
     if tasks:
         await asyncio.gather(*tasks)
+    if nxt >= len(paths):  # every recipient answered before the send ended: the rate is over
+        elapsed = min(elapsed, last - t0)  # the time they took, not the idle rest
     cpu = time.process_time() - cpu0
     for _, w in conns:
         w.close()
@@ -243,22 +249,18 @@ def _start_web(cfg: Path, env: dict[str, str], profile: Path | None) -> tuple[su
     if profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
     cmd += ["-m", "mailer", "web", "--config", str(cfg), "--host", HOST, "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=cfg.parent,
-        start_new_session=True,
-    )
+    # Its log goes to a file: a pipe nobody reads fills up and blocks the server's event loop.
+    errlog = cfg.parent / "web.log"
+    with errlog.open("wb") as err:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=cfg.parent, start_new_session=True
+        )
     import urllib.request
 
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"mailer web exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-            )
+            raise RuntimeError(f"mailer web exited: {errlog.read_text(errors='replace')[-2000:]}")
         try:
             with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=1) as r:
                 if r.status == 200:
@@ -269,9 +271,9 @@ def _start_web(cfg: Path, env: dict[str, str], profile: Path | None) -> tuple[su
             time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM) -> None:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -309,14 +311,16 @@ def send_with_answers(
         secs = time.perf_counter() - t0
         load.stdin.write(b"stop\n")
         load.stdin.flush()
-        out = json.loads(load.stdout.read())
+        out: dict[str, Any] = json.loads(load.stdout.read())
         load.wait()
         web_cpu = _cpu_seconds(web.pid) - web_cpu0
     finally:
         if load is not None and load.poll() is None:
             load.kill()
             load.wait()
-        _stop(web)
+        # uvicorn raises SIGTERM again after its shutdown, which ends the process before
+        # cProfile writes its file; Ctrl-C ends it through Python's own exit.
+        _stop(web, signal.SIGINT if profile is not None else signal.SIGTERM)
     with sqlite3.connect(db) as c:
         rows = c.execute("SELECT count(*) FROM replies WHERE source='web'").fetchone()[0]
     if rows < out["ok"]:
@@ -359,13 +363,15 @@ def _fmt(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> str:
         p95 = median([r["p95_ms"] for r in runs])
         srv = median([r["server_cpu_ms"] for r in runs])
         cli = median([r["client_cpu_s"] / max(r["offered"], 1) * 1000 for r in runs])
-        verdicts = [f"ratio >= {TARGET_RATIO}: {'OK' if ratio >= TARGET_RATIO else 'MISSED'}"]
-        if key == "max":
-            verdicts.append(f"answers/s >= {TARGET_RATE:.0f}: {'OK' if aps >= TARGET_RATE else 'MISSED'}")
-        else:
-            verdicts.append(
-                f"answers/s >= {TARGET_RATE * 0.98:.0f}: {'OK' if aps >= TARGET_RATE * 0.98 else 'MISSED'}"
-            )
+        if key == "rate":  # the target: 200 answers/s and the send at >= 90 % of its speed
+            verdicts = [
+                f"answers/s >= {TARGET_RATE * 0.98:.0f}: {'OK' if aps >= TARGET_RATE * 0.98 else 'MISSED'}",
+                f"ratio >= {TARGET_RATIO}: {'OK' if ratio >= TARGET_RATIO else 'MISSED'}",
+            ]
+        else:  # the capacity: how many answers/s the server records at most during the send
+            verdicts = [f"answers/s >= {TARGET_RATE:.0f}: {'OK' if aps >= TARGET_RATE else 'MISSED'}"]
+            if any(r["exhausted"] for r in runs):
+                verdicts.append("(every recipient answered before the send ended in some runs)")
         lines.append(
             f"{label:<24}{mps:>9.0f}{ratio:>7.2f}{aps:>11.0f}{p50:>8.1f}{p95:>8.1f}{srv:>11.2f}{cli:>9.2f}ms"
             f"  {'; '.join(verdicts)}"
@@ -440,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"profile in {args.profile}: {r['answers_per_s']:.0f} answers/s")
                 import pstats
 
-                pstats.Stats(str(args.profile)).sort_stats("cumulative").print_stats(40)
+                pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(45)
                 return 0
             for run in range(1, args.repeat + 1):
                 for p in passes:

@@ -14,8 +14,8 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,6 +69,8 @@ BUSY_WAIT = 1.0
 ATTEMPTS = 5
 #: How often the campaign's files are checked for edits (the daemon reloads them too).
 RELOAD_EVERY = 2.0
+#: Open ledger connections kept between requests, per kind (read, write).
+POOL_SIZE = 4
 
 _TEMPLATES = Path(__file__).with_name("web_templates")
 
@@ -113,6 +115,9 @@ class WebContext:
         self._checked = time.monotonic()
         self._by_key = {address_key(c.email): c for c in workspace.contacts}
         self._lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._pools: dict[OpenMode, list[Ledger]] = {OpenMode.READ: [], OpenMode.WRITE: []}
+        self._opened: dict[int, tuple[tuple[int, int] | None, int]] = {}
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_TEMPLATES),
             autoescape=True,
@@ -184,27 +189,96 @@ class WebContext:
             raise LedgerError(f"{self.ledger_path}: {exc}") from None
         return Ledger(conn, mode=mode)
 
+    def _file_id(self) -> tuple[int, int] | None:
+        try:
+            st = self.ledger_path.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _checkout(self, mode: OpenMode) -> Ledger:
+        """An open connection of ``mode`` from the pool, or a new one. Opening one (connect, the
+        pragmas, the schema check) costs more than the answer it stores, so a few stay open
+        between requests. A pooled one is used again only while it is still on the same file
+        (not replaced by a restore) with the same schema (not migrated by a newer `mailer send`);
+        otherwise it is closed and a new one opened, which checks the file again."""
+        pool = self._pools[mode]
+        with self._pool_lock:
+            led = pool.pop() if pool else None
+        if led is not None:
+            try:
+                fresh = self._file_id() == self._opened[id(led)][0] and (
+                    led.conn.execute("PRAGMA schema_version").fetchone()[0] == self._opened[id(led)][1]
+                )
+            except sqlite3.Error:
+                fresh = False
+            if fresh:
+                return led
+            self._discard(led)
+        file_id = self._file_id()
+        led = self._connect(mode)
+        try:
+            cookie = led.conn.execute("PRAGMA schema_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            led.close()
+            raise LedgerError(f"{self.ledger_path}: {exc}") from None
+        self._opened[id(led)] = (file_id, cookie)
+        return led
+
+    def _checkin(self, led: Ledger, mode: OpenMode) -> None:
+        if led.conn.in_transaction:  # never keep a connection with an open transaction
+            self._discard(led)
+            return
+        with self._pool_lock:
+            if len(self._pools[mode]) < POOL_SIZE:
+                self._pools[mode].append(led)
+                return
+        self._discard(led)
+
+    def _discard(self, led: Ledger) -> None:
+        self._opened.pop(id(led), None)
+        try:
+            led.close()
+        except sqlite3.Error:
+            pass
+
+    def close(self) -> None:
+        """Close the pooled connections (the app's shutdown)."""
+        with self._pool_lock:
+            leds = [led for pool in self._pools.values() for led in pool]
+            for pool in self._pools.values():
+                pool.clear()
+        for led in leds:
+            self._discard(led)
+
     @contextmanager
     def ledger(self) -> Iterator[Ledger]:
-        """A short-lived read-only connection to the ledger (never the sender's lock)."""
-        led = self._connect(OpenMode.READ)
+        """A read-only connection to the ledger (never the sender's lock), from a small pool."""
+        led = self._checkout(OpenMode.READ)
         try:
             yield led
-        finally:
-            led.close()
+        except BaseException:
+            self._discard(led)
+            raise
+        self._checkin(led, OpenMode.READ)
 
     def write(self, fn: Callable[[Ledger], T]) -> T:
-        """``fn`` on a short-lived writing connection, retried while the ledger is busy.
+        """``fn`` on a writing connection (from a small pool), retried while the ledger is busy.
+        ``fn`` commits before it returns (``with led.transaction():``): the answer is on disk
+        before the response says so.
 
         :raises Busy: still busy after every attempt (the answer was not stored; say so).
         """
         for attempt in range(1, self.attempts + 1):
             try:
-                led = self._connect(OpenMode.WRITE)
+                led = self._checkout(OpenMode.WRITE)
                 try:
-                    return fn(led)
-                finally:
-                    led.close()
+                    result = fn(led)
+                except BaseException:
+                    self._discard(led)
+                    raise
+                self._checkin(led, OpenMode.WRITE)
+                return result
             except LedgerError as exc:
                 if not _busy(exc):
                     raise
@@ -426,8 +500,15 @@ def create_app(
     else:
         routes[:0] = web_calendar.routes(ctx)
     limit = _PostLimit(posts_per_minute)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        ctx.close()  # the pooled ledger connections
+
     app = Starlette(
         routes=routes,
+        lifespan=lifespan,
         exception_handlers={HTTPException: on_http_error, Busy: on_busy, Exception: on_error},
     )
     app.add_middleware(_Guard, ctx=ctx, body_limit=body_limit, limit=limit)

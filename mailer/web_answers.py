@@ -132,7 +132,14 @@ def routes(ctx: WebContext) -> list[Route]:
         return lang, address, event
 
     def rsvp_page(
-        request: Request, lang: str, address: str, event: Event, *, chosen: Answer | None, **extra: Any
+        request: Request,
+        lang: str,
+        address: str,
+        event: Event,
+        current: dict[str, Any] | None,
+        *,
+        chosen: Answer | None,
+        **extra: Any,
     ) -> Response:
         c = ctx.workspace().campaign
         contact = ctx.contact(address)
@@ -142,8 +149,6 @@ def routes(ctx: WebContext) -> list[Route]:
                 zone = ZoneInfo(contact.timezone)
             except (ValueError, KeyError):
                 zone = None
-        with ctx.ledger() as led:
-            current = led.reply(c.id, event.id, address)
         answer = Answer.from_partstat(current["partstat"]) if current and current["current"] else None
         outdated = bool(current and not current["current"])
         return ctx.page(
@@ -165,7 +170,9 @@ def routes(ctx: WebContext) -> list[Route]:
             return ctx.not_found(request)
         lang, address, event = target
         chosen = _answer(request.query_params.get("answer"))
-        return rsvp_page(request, lang, address, event, chosen=chosen, recorded=None)
+        with ctx.ledger() as led:
+            current = led.reply(ctx.workspace().campaign.id, event.id, address)
+        return rsvp_page(request, lang, address, event, current, chosen=chosen, recorded=None)
 
     async def rsvp_post(request: Request) -> Response:
         target = rsvp_target(request)
@@ -180,18 +187,25 @@ def routes(ctx: WebContext) -> list[Route]:
             return ctx.message(request, 409, "rsvp_title", "cancelled", lang)
         cid, now = ctx.workspace().campaign.id, ctx.now()
 
-        def record(led: Ledger) -> bool:
+        def record(led: Ledger) -> tuple[bool, dict[str, Any] | None]:
             with led.transaction():
                 seq = led.event_sequence(cid, event.id)
-                return led.record_reply(
+                stored = led.record_reply(
                     cid, event.id, address, chosen.partstat, now, None, seq, source=ReplySource.WEB
                 )
+            # Committed (durable) above; the page shows what the ledger now holds, read on the
+            # same connection rather than a second one.
+            return stored, led.reply(cid, event.id, address)
 
-        stored = await run_in_threadpool(ctx.write, record)
+        def answer() -> tuple[bool, Response]:
+            stored, current = ctx.write(record)
+            page = rsvp_page(request, lang, address, event, current, chosen=None, recorded=chosen.value)
+            return stored, page
+
+        # One trip to the thread pool: the write, the read and the page (SQLite blocks).
+        stored, page = await run_in_threadpool(answer)
         log.info("answer by link: %s %s%s", event.id, chosen.value, "" if stored else " (a newer one kept)")
-        return await run_in_threadpool(
-            rsvp_page, request, lang, address, event, chosen=None, recorded=chosen.value
-        )
+        return page
 
     def unsubscribe_target(request: Request) -> tuple[str, str] | None:
         found = unsubscribe.verify(ctx.secret, str(request.path_params["token"]))
