@@ -48,8 +48,9 @@ def test_many_answers_each_durable_on_few_connections(tmp_path: Path) -> None:
         for i, who in enumerate(["ann@example.org", "bob@example.org", "cara@example.org"] * 5):
             answer = ("accepted", "tentative", "declined")[i % 3]
             assert c.post(rsvp(who), data={"answer": answer}).status_code == 200
-            with sqlite3.connect(db) as other:
-                got = other.execute("SELECT partstat FROM replies WHERE email=?", (who,)).fetchone()
+            other = sqlite3.connect(db)
+            got = other.execute("SELECT partstat FROM replies WHERE email=?", (who,)).fetchone()
+            other.close()
             assert got == (answer.upper(),)
         assert 0 < _open_files(db) <= 8
 
