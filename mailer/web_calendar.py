@@ -3,7 +3,7 @@ subscribable calendar feed and the event page. Pure builders first, the routes a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -17,7 +17,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import ics, planner, tokens
-from .addresses import address_key
 from .config import Campaign, Event, Web, language_chain
 from .contacts import Contact
 from .ledger import Ledger
@@ -68,6 +67,8 @@ class CalendarSite(Protocol):
     ) -> Response: ...
 
     def not_found(self, request: Request) -> Response: ...
+
+    def contact(self, address: str) -> Contact | None: ...
 
 
 # --------------------------------------------------------------------------------------
@@ -328,12 +329,6 @@ def event_view(
     )
 
 
-def find_contact(contacts: Iterable[Contact], key: str) -> Contact | None:
-    """The contact whose address has :func:`~mailer.addresses.address_key` ``key`` (None when
-    their row is gone from the contact files: pages then use the campaign's language and zone)."""
-    return next((c for c in contacts if address_key(c.email) == key), None)
-
-
 # --------------------------------------------------------------------------------------
 # The routes.
 # --------------------------------------------------------------------------------------
@@ -376,7 +371,7 @@ def routes(ctx: CalendarSite) -> list[Route]:
         if found is None:
             return ctx.not_found(request)
         ws, event, address = found
-        contact = find_contact(ws.contacts, address)
+        contact = ctx.contact(address)
         now = ctx.now()
         with ctx.ledger() as led:
             entry = current(ws, led, now)[event]
@@ -389,7 +384,7 @@ def routes(ctx: CalendarSite) -> list[Route]:
             return ctx.not_found(request)
         ws, _, address = found
         campaign = ws.campaign
-        contact = find_contact(ws.contacts, address)
+        contact = ctx.contact(address)
         now = ctx.now()
         with ctx.ledger() as led:
             known = current(ws, led, now)
@@ -408,7 +403,7 @@ def routes(ctx: CalendarSite) -> list[Route]:
         if found is None:
             return ctx.not_found(request)
         ws, event, address = found
-        contact = find_contact(ws.contacts, address)
+        contact = ctx.contact(address)
         base = str(request.base_url)
         reader = contact or Contact(email=address)
         view = event_view(ws.campaign, ws.campaign.event(event), reader, secret=ctx.secret, base_url=base)
