@@ -9,6 +9,9 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "FINAL",
+    "MAY_HAVE_ARRIVED",
+    "OPEN",
     "Answer",
     "Attempt",
     "EventStatus",
@@ -32,21 +35,13 @@ class Status(StrEnum):
     SUPPRESSED = "suppressed"  #: the address is on the suppression list
     INVALID = "invalid"  #: the contact's row could not be used (a bad address): never invited
 
-    @classmethod
-    def final(cls) -> frozenset[Status]:
-        """Statuses no pass changes. The documented exits: `mailer retry` (failed, skipped ->
-        pending) and a DSN (sent -> bounced)."""
-        return FINAL
 
-    @classmethod
-    def open(cls) -> frozenset[Status]:
-        """Statuses a pass may still act on."""
-        return OPEN
-
-
+#: Statuses no pass changes. The documented exits: `mailer retry` (failed, skipped -> pending)
+#: and a DSN (sent -> bounced).
 FINAL: frozenset[Status] = frozenset(
     {Status.SENT, Status.FAILED, Status.BOUNCED, Status.SKIPPED, Status.SUPPRESSED, Status.INVALID}
 )
+#: Statuses a pass may still act on.
 OPEN: frozenset[Status] = frozenset(Status) - FINAL
 #: Rows whose mail may have reached the recipient (a calendar entry may exist for them).
 MAY_HAVE_ARRIVED: frozenset[Status] = frozenset({Status.SENT, Status.SENDING})
