@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner
-from conftest import FaultyHandler, write_campaign
+from conftest import FaultyHandler, missing, start_chromium, write_campaign
 
 from mailer.cli import cli
 from mailer.dashboard import (
@@ -45,8 +45,6 @@ from mailer.store import Decided, RecordedRevision
 from mailer.vocab import Status
 
 TZ = "Europe/Brussels"
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 REJECTED = "5.1.1 <bob@example.org>: Recipient address rejected"
 GREYLISTED = "4.7.1 Greylisted, try again later"
 #: `make screenshot` sets this to tests/screenshots/dashboard.png to refresh the README picture;
@@ -54,19 +52,11 @@ GREYLISTED = "4.7.1 Greylisted, try again later"
 SCREENSHOT_ENV = "MAILER_SCREENSHOT"
 
 
-def _missing(what: str) -> None:
-    """Skip on a developer's machine; fail in CI, where .ci/run installs everything."""
-    message = f"{what} is not installed (see .ci/run)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message, allow_module_level=True)
-
-
 try:
     import datasette  # noqa: F401
     import datasette_auth_passwords  # noqa: F401
 except ImportError:
-    _missing("datasette / datasette-auth-passwords (pip install 'mailer[dashboard]')")
+    missing("datasette / datasette-auth-passwords (pip install 'mailer[dashboard]')")
 
 
 # -- a ledger filled by real sends ----------------------------------------------------------
@@ -187,30 +177,7 @@ def dashboard(ledger_path: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        _missing("chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _missing("selenium (pip install selenium)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1500,900",
-        "--hide-scrollbars",
-    ):
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"), "--window-size=1500,900")
     driver.set_page_load_timeout(20)
     try:
         yield driver

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import start_chromium
 
 from mailer.compose import Composer
 from mailer.config import Event, load
@@ -29,42 +30,15 @@ from mailer.templates import Templates
 from mailer.vocab import EventStatus
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOT_ENV = "MAILER_MAIL_SCREENSHOTS"
 PHONE = (375, 667)
 
 pytestmark = pytest.mark.slow
 
 
-def _missing(what: str) -> None:
-    message = f"{what} is not installed (see .ci/run)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        _missing("chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _missing("selenium (pip install selenium)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-    ):
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-mail')}")
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver = start_chromium(tmp_path_factory.mktemp("chromium-mail"))
     try:
         yield driver
     finally:
