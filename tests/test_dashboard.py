@@ -146,12 +146,13 @@ def dashboard(ledger_path: Path) -> Iterator[str]:
     """`serve()` in a subprocess on a free loopback port; yields its base URL."""
     port = free_port()
     code = "import sys; from mailer.dashboard import serve; serve(sys.argv[1], port=int(sys.argv[2]), timezone=sys.argv[3])"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(ledger_path), str(port), TZ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    yield from _served([sys.executable, "-c", code, str(ledger_path), str(port), TZ], port)
+
+
+def _served(command: list[str], port: int) -> Iterator[str]:
+    """Run a dashboard ``command`` listening on ``port``; yield its base URL once it answers,
+    stop it afterwards."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -162,8 +163,7 @@ def dashboard(ledger_path: Path) -> Iterator[str]:
             except (urllib.error.URLError, ConnectionError):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     proc.kill()
-                    out = proc.communicate()[0]
-                    pytest.fail(f"the dashboard did not start:\n{out}")
+                    pytest.fail(f"the dashboard did not start:\n{proc.communicate()[0]}")
                 time.sleep(0.1)
         yield base
     finally:
@@ -773,32 +773,9 @@ def gala_dashboard(gala: tuple[Path, Path]) -> Iterator[str]:
     configured steps come from schedules.yaml."""
     cfg, db = gala
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mailer", "dashboard", "--config", str(cfg), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    yield from _served(
+        [sys.executable, "-m", "mailer", "dashboard", "--config", str(cfg), "--port", str(port)], port
     )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/-/versions.json", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    pytest.fail(f"the dashboard did not start:\n{proc.communicate()[0]}")
-                time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _section(driver: Any, section: str, table: str) -> list[list[str]]:
