@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import textwrap
@@ -154,6 +155,24 @@ def smtp_env(smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch) -> dict[s
 
 
 Factory = Callable[..., Path]
+
+
+@pytest.fixture
+def logs() -> Iterator[list[logging.LogRecord]]:
+    """What the daemon logs (the "mailer" logger may not propagate once `mailer run` ran)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("mailer")
+    handler, level = Keep(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 # -- headless Chromium, for the dashboard, mailer web and mail screenshot tests ----------------

@@ -15,7 +15,6 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -50,24 +49,6 @@ REMIND_STEP = f'  - {{id: remind, event: ev, template: remind, at: "{local(REMIN
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
     return write_campaign(tmp_path, events=EVENTS, steps=INVITE_STEP)
-
-
-@pytest.fixture
-def logs() -> Iterator[list[logging.LogRecord]]:
-    """What the daemon logs (the "mailer" logger may not propagate once `mailer run` ran)."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    logger = logging.getLogger("mailer")
-    handler, level = Keep(logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def lines(records: list[logging.LogRecord], level: int = logging.INFO) -> list[str]:

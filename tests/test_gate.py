@@ -14,7 +14,6 @@ import email.policy
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -240,23 +239,6 @@ def test_check_is_clean_on_a_campaign_that_renders(tmp_path: Path, monkeypatch: 
 # --------------------------------------------------------------------------------------
 # The daemon: a reload whose templates do not render is refused
 # --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def logs() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    logger = logging.getLogger("mailer")
-    handler, level = Keep(logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def _daemon_has_the_gate() -> bool:
