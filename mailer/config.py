@@ -63,6 +63,8 @@ class Sender:
     organizer: str
     organizer_name: str
     reply_to: str | None = None
+    #: ``sender.bounces``: the VERP envelope sender (:mod:`mailer.bounces`), None: off.
+    bounces: str | None = None
 
     @property
     def domain(self) -> str:
@@ -229,6 +231,7 @@ class SmtpSettings:
     per_hour: int | None = None
     local_hostname: str | None = None
     allow_plaintext_login: bool = False  # a login over tls: none to a host other than loopback
+    relay_signs: bool = False  # the relay DKIM-signs (mailer check, issue 15)
 
 
 @dataclass(frozen=True)
@@ -527,6 +530,7 @@ def _build(
         organizer=m.sender.organizer or m.sender.from_,
         organizer_name=m.sender.organizer_name or m.sender.name,
         reply_to=m.sender.reply_to,
+        bounces=m.sender.bounces,
     )
 
     events: list[Event] = []
@@ -629,6 +633,7 @@ def _build(
             per_hour=m.smtp.per_hour,
             local_hostname=m.smtp.local_hostname,
             allow_plaintext_login=m.smtp.allow_plaintext_login,
+            relay_signs=m.smtp.relay_signs,
         ),
         delivery=Delivery(
             late_after=parse_duration(d.late_after),

@@ -32,9 +32,13 @@ class _SenderModel(_Model):
     reply_to: str | None = None
     organizer: str | None = None
     organizer_name: str | None = None
+    #: The envelope sender per delivery (VERP, issue 15): ``bounces+TOKEN@domain``; README "Bounces".
+    bounces: str | None = None
 
     _check_from = field_validator("from_")(lambda cls, v: _email(v))
-    _check_reply = field_validator("reply_to", "organizer")(lambda cls, v: None if v is None else _email(v))
+    _check_reply = field_validator("reply_to", "organizer", "bounces")(
+        lambda cls, v: None if v is None else _email(v)
+    )
 
     @field_validator("name", "organizer_name")
     @classmethod
@@ -122,6 +126,8 @@ class _SmtpModel(_Model):
     #: With ``tls: none``, a login (MAILER_SMTP_USER) to a host other than loopback is refused
     #: unless this is true: the password would cross the network in clear text.
     allow_plaintext_login: bool = False
+    #: The relay DKIM-signs for us (issue 15): `mailer check` then does not warn that DKIM is off.
+    relay_signs: bool = False
 
     @field_validator("rate")
     @classmethod
