@@ -15,14 +15,21 @@ import base64
 import hashlib
 import hmac
 import re
-from typing import Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 from . import unsubscribe
+from .errors import ConfigError, Problem
+
+if TYPE_CHECKING:
+    from .config import Campaign
 
 __all__ = [
     "TAG_CHARS",
     "delivery_of",
+    "envelope_for",
     "envelope_sender",
+    "no_secret",
     "unsubscribe_token",
     "unsubscribed_address",
 ]
@@ -100,6 +107,29 @@ def delivery_of(bounces: str, secret: str, address: str) -> int | None:
     if not hmac.compare_digest(tag, _tag(secret, delivery_id)):
         return None
     return delivery_id
+
+
+def envelope_for(campaign: Campaign, secret: str | None) -> Callable[[int], str]:
+    """The ``MAIL FROM`` of each delivery id of ``campaign``: :func:`envelope_sender` with
+    ``sender.bounces``, else the From address for all.
+
+    :raises ConfigError: ``sender.bounces`` is set but there is no secret to sign with."""
+    bounces, sender = campaign.sender.bounces, campaign.sender.address
+    if bounces is None:
+        return lambda delivery_id: sender
+    if not secret:
+        raise ConfigError([no_secret(campaign)])
+    return lambda delivery_id: envelope_sender(bounces, secret, delivery_id)
+
+
+def no_secret(campaign: Campaign) -> Problem:
+    """What is wrong when ``sender.bounces`` is set without a signing secret."""
+    return Problem(
+        campaign.config_path.name,
+        "sender.bounces is set but MAILER_WEB_SECRET (or MAILER_UNSUBSCRIBE_SECRET) is not; set it to a "
+        "long random string (the bounce addresses are signed with it), or leave sender.bounces out",
+        field="sender.bounces",
+    )
 
 
 def unsubscribe_token(secret: str, campaign: str, address: str) -> str:

@@ -6,9 +6,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from . import ics, message, unsubscribe
+from . import bounces, ics, message, unsubscribe
 from .addresses import address_key
 from .config import Campaign, Event, Step
 from .contacts import Contact
@@ -17,6 +17,9 @@ from .links import Links, links_for
 from .planner import changes as planner_changes
 from .templates import Rendered, Templates, context
 from .vocab import StepKind
+
+if TYPE_CHECKING:
+    from .dkim import Signer
 
 __all__ = ["Composed", "Composer", "compose_batch", "init_worker"]
 
@@ -42,6 +45,7 @@ class Composer:
         *,
         unsubscribe_secret: str | None = None,
         answers: Mapping[tuple[str, str], str] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         """:param revisions: the ledger's latest revision per event (for SEQUENCE).
         :param snapshots: every revision's snapshot (for the ``changes`` of an update).
@@ -50,6 +54,7 @@ class Composer:
         :param unsubscribe_secret: signs the recipients' links (:mod:`mailer.links`) when the
             campaign has ``web.url``, else the one-click link of ``unsubscribe.url``
             (:func:`mailer.tokens.secret_from`: MAILER_WEB_SECRET, else MAILER_UNSUBSCRIBE_SECRET).
+        :param signer: adds the DKIM signatures (``dkim:``, :func:`mailer.dkim.load_signer`).
         :raises ConfigError: ``unsubscribe.url`` is set but there is no secret."""
         unsub = campaign.unsubscribe
         if unsub is not None and unsub.url and not unsubscribe_secret:
@@ -65,6 +70,7 @@ class Composer:
                 ]
             )
         self._secret = unsubscribe_secret
+        self.signer = signer
         self.campaign = campaign
         self.templates = templates
         self._seq = {ev: rev[0] for ev, rev in (revisions or {}).items()}
@@ -197,7 +203,10 @@ class Composer:
             ics=payload,
             method=method,
             unsubscribe_url=unsub_url,
+            unsubscribe_token=self._mailto_token(contact),
         )
+        if self.signer is not None:
+            data = self.signer.sign(data, when)  # t= is `when`: a re-send is byte-identical
         return Composed(mid, contact.email, rendered.subject, data)
 
     def render(
@@ -234,6 +243,14 @@ class Composer:
         without a secret): the ``/u/<token>`` link then replaces ``unsubscribe.url``'s."""
         return links_for(self.campaign, self._secret, event, contact)
 
+    def _mailto_token(self, contact: Contact) -> str | None:
+        """The token of the ``mailto:`` unsubscribe for ``contact`` (None without
+        ``unsubscribe.mailto`` or a secret: the mailto then carries none, as before issue 15)."""
+        unsub = self.campaign.unsubscribe
+        if not (self._secret and unsub and unsub.mailto):
+            return None
+        return bounces.unsubscribe_token(self._secret, self.campaign.id, contact.email)
+
     def _unsubscribe_url(self, contact: Contact) -> str | None:
         """The signed one-click link for ``contact`` (None without ``unsubscribe.url``)."""
         unsub = self.campaign.unsubscribe
@@ -260,6 +277,7 @@ def init_worker(
     snapshots: Mapping[tuple[str, int], str],
     unsubscribe_secret: str | None,
     parent_pid: int | None = None,
+    signer: Signer | None = None,
 ) -> None:
     """Process-pool initializer: the worker's own Composer, templates compiled once.
 
@@ -275,6 +293,7 @@ def init_worker(
         revisions,
         snapshots,
         unsubscribe_secret=unsubscribe_secret,
+        signer=signer,
     )
 
 

@@ -212,6 +212,7 @@ def build(
     ics: bytes | None = None,
     method: str = "REQUEST",
     unsubscribe_url: str | None = None,
+    unsubscribe_token: str | None = None,
 ) -> bytes:
     """The complete message as bytes with CRLF line ends, ready for SMTP DATA.
 
@@ -231,6 +232,9 @@ def build(
     :param unsubscribe_url: an https one-click link (RFC 8058) for this recipient: the
         ``/u/<token>`` link of `mailer web` (:mod:`mailer.links`) when the campaign has
         ``web.url``, else ``unsubscribe.url`` with a signed ``t=``.
+    :param unsubscribe_token: this recipient's signed token for the ``mailto:`` unsubscribe
+        (:func:`mailer.bounces.unsubscribe_token`): its subject becomes ``unsubscribe TOKEN``, so
+        the inbox acts only on a mail that names a recipient we wrote to (issue 15).
     :raises ValueError: for a bad address, an unknown method or a METHOD mismatch.
     """
     sender = campaign.sender
@@ -269,7 +273,9 @@ def build(
         links.append(f"<{_uri(one_click)}>")
     if campaign.unsubscribe and campaign.unsubscribe.mailto:
         addr = quote(_addr_spec(campaign.unsubscribe.mailto), safe="@!$'*+=-._~")
-        links.append(f"<mailto:{addr}?subject=unsubscribe>")
+        # The token is URL-safe base64: nothing to quote but the space (RFC 6068 2).
+        word = f"unsubscribe%20{unsubscribe_token}" if unsubscribe_token else "unsubscribe"
+        links.append(f"<mailto:{addr}?subject={word}>")
     if links:
         head.append(_field("List-Unsubscribe", [w + "," for w in links[:-1]] + links[-1:]))
     if one_click:

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from . import planner
+from . import pacing, planner
+from .bounces import envelope_for
 from .clock import Clock, virtual_clock
 from .compose import Composer, compose_batch, init_worker
 from .errors import MailerError, Problem, TransportFatalError
@@ -66,6 +67,12 @@ class PassResult:
     problems: list[Problem] = field(default_factory=list)
     #: Why the SMTP server could not be reached (the rest of the pass was deferred), or None.
     unreachable: str | None = None
+    #: Pacing (issue 17): what the window, the quotas or a server's quota pause held back.
+    paced: pacing.Paced[Due] | None = field(default=None, repr=False)
+    #: A quota reply the server gave in this pass ("452 4.5.3 ..."), and the pause it caused:
+    #: nothing more goes until ``paused_until`` (the caller passes it to the next pass).
+    quota_reply: str | None = None
+    paused_until: datetime | None = None
 
     def __getitem__(self, key: str) -> int:
         return self.counts[key]
@@ -88,8 +95,12 @@ class SendPass:
         log: Callable[[str], None] | None = None,
         stop: asyncio.Event | None = None,
         unsubscribe_secret: str | None = None,
+        paused_until: datetime | None = None,
     ) -> None:
         self.ws, self.store, self.now = ws, store, now
+        self.paused_until = paused_until
+        #: Counted attempt times (pacing.COUNTED) of the last day, read by :meth:`pace`.
+        self.sent_times: list[datetime] = []
         self.campaign = ws.campaign
         self.settings = settings
         self.clock = clock or virtual_clock(now)
@@ -114,7 +125,8 @@ class SendPass:
         plan = self.gate(self.plan(changes), changes)
         self.record_changes(changes)
         self.record_plan(plan)
-        due = plan.due[: self.limit] if self.limit is not None else plan.due
+        due = self.pace(plan.due)
+        due = due[: self.limit] if self.limit is not None else due
         if due:
             if self.settings is None:
                 raise MailerError("no SMTP settings given")
@@ -125,7 +137,8 @@ class SendPass:
         """The same stages as :meth:`run` up to the gate: what it would send and hold, nothing
         written."""
         changes = self.revise()
-        self.gate(self.plan(changes), changes)
+        plan = self.gate(self.plan(changes), changes)
+        self.pace(plan.due)
         return self.result
 
     # -- stages -------------------------------------------------------------------------------
@@ -212,6 +225,29 @@ class SendPass:
         self.result.due, self.result.plan = len(kept), plan
         return plan
 
+    def pace(self, due: list[Due]) -> list[Due]:
+        """Send windows, quotas and deadline order (:func:`mailer.pacing.pace`, pure), on the
+        attempts of the last day as the ledger counts them: what may go now, in order. What
+        waits keeps its pending row (recorded by :meth:`record_plan`); the pass wakes again
+        when the first of it may go."""
+        if not due:
+            return due
+        c = self.campaign
+        if pacing.quotas(c.smtp):
+            times = self.store.attempt_times(self.now - timedelta(days=1))
+            self.sent_times = pacing.counted_since(times, self.now - timedelta(days=1))
+        paced = pacing.pace(due, c, self.now, self.sent_times, paused_until=self.paused_until)
+        self.result.paced = paced
+        if paced.wake is not None:
+            self.result.next_wake = min(filter(None, (self.result.next_wake, paced.wake)))
+        for why, (n, until, detail) in sorted(paced.reasons().items()):
+            self.say(
+                f"waiting ({why}): {n} mail(s) until {until.astimezone(c.timezone):%Y-%m-%d %H:%M}: {detail}"
+            )
+        if paced.outside:
+            self.say(f"{len(paced.outside)} mail(s) go outside the delivery window: their event comes first")
+        return paced.go
+
     def _composer(self, changes: list[Change]) -> Composer:
         """A composer that sees the ledger as it will be once ``changes`` are recorded (the
         SEQUENCE and snapshots an update is built with)."""
@@ -280,6 +316,9 @@ class _Delivery:
             unsubscribe_secret=sp.secret,
             answers=store.answers(cid),
         )
+        # The envelope sender per delivery (VERP, issue 15): a function of the row id, so a
+        # re-send after a crash goes out with the same MAIL FROM.
+        self.mail_from = envelope_for(sp.campaign, sp.secret)
         self.transport = Transport(settings, log=sp.say)
         self.queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=settings.connections * 4)
         self.in_flight: dict[int, Due] = {}  # claimed, no outcome recorded yet
@@ -401,9 +440,7 @@ class _Delivery:
                         self.sp.result.counts[Attempt.FAILED] += 1
                         continue
                     payload, size = mail
-                    await self.queue.put(
-                        Outgoing(c.id, self.sp.campaign.sender.address, d.contact.email, payload, size)
-                    )
+                    await self.queue.put(Outgoing(c.id, self.mail_from(c.id), d.contact.email, payload, size))
             if ahead is not None:
                 await asyncio.gather(ahead, return_exceptions=True)
         except Exception as exc:  # noqa: BLE001 - a claim or the composing worker failed
@@ -438,8 +475,23 @@ class _Delivery:
         policy = sp.campaign.delivery
         attempts = (d.row.attempts if d.row else 0) + 1
         outcome = Attempt(res.outcome)
+        outside = sp.result.paced.outside if sp.result.paced is not None else {}
         if outcome is Attempt.SENT:
-            o = Outcome(job.key, outcome, res.code or 250, res.text, t)
+            reason = outside.get((d.step.id, d.contact.email))
+            o = Outcome(job.key, outcome, res.code or 250, res.text, t, None, reason)
+            sp.sent_times.append(t)
+        elif outcome is Attempt.DEFERRED and res.quota:
+            # A quota reply (issue 17): this mail and the rest of the pass wait for the quota.
+            until = pacing.quota_pause(t, pacing.quotas(sp.campaign.smtp), sp.sent_times, policy.retry_max)
+            if sp.result.paused_until is None:
+                sp.say(
+                    f"pausing: the server answered {res.code} {res.text}; sending resumes at "
+                    f"{until.astimezone(sp.campaign.timezone):%Y-%m-%d %H:%M}"
+                )
+            sp.result.quota_reply = f"{res.code} {res.text}"
+            sp.result.paused_until = max(filter(None, (sp.result.paused_until, until)))
+            o = Outcome(job.key, outcome, res.code, res.text, t, until, "waiting for the server's quota")
+            sp.result.next_wake = min(filter(None, (sp.result.next_wake, until)))
         elif outcome in (Attempt.DEFERRED, Attempt.UNKNOWN) and attempts < policy.max_attempts:
             nxt = planner.retry_at(policy, attempts, self.composer.message_id(d.step, d.contact.email), t)
             reason = (
@@ -569,9 +621,11 @@ async def run_pass(
     log: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
     unsubscribe_secret: str | None = None,
+    paused_until: datetime | None = None,
 ) -> PassResult:
     """Send everything due at ``now`` (see :meth:`SendPass.run`); with ``dry_run``, only plan
-    (:meth:`SendPass.dry_run`). The caller holds the ledger lock.
+    (:meth:`SendPass.dry_run`). The caller holds the ledger lock. ``paused_until``: the
+    previous pass's :attr:`PassResult.paused_until` (a server's quota pause still running).
 
     :raises TransportFatalError: login or TLS failure; mails no connection took go back to pending.
     :raises LedgerError: the ledger cannot record (the pass stops at once, as after a crash).
@@ -588,5 +642,6 @@ async def run_pass(
         log=log,
         stop=stop,
         unsubscribe_secret=unsubscribe_secret,
+        paused_until=paused_until,
     )
     return sp.dry_run() if dry_run else await sp.run()

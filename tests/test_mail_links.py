@@ -24,6 +24,7 @@ from conftest import write_campaign
 from interop import check_message
 
 from mailer import tokens
+from mailer.bounces import unsubscribe_token
 from mailer.compose import Composer
 from mailer.config import Campaign, Event, Unsubscribe, load
 from mailer.contacts import Contact
@@ -176,7 +177,11 @@ def test_every_mail_carries_its_links(campaign: Campaign, kind: str, ev_id: str,
     # RFC 8058: the https /u/ link first, then the mailto; one-click POST announced.
     header = str(msg["List-Unsubscribe"])
     https, mailto = re.findall(r"<([^<>]*)>", header)
-    assert mailto == "mailto:afmelden@example.be?subject=unsubscribe"
+    # issue 15: the mailto's subject names the recipient with the signed unsubscribe token
+    assert (
+        mailto
+        == f"mailto:afmelden@example.be?subject=unsubscribe%20{unsubscribe_token(SECRET, campaign.id, key[2])}"
+    )
     assert tokens.verify(SECRET, "unsubscribe", path_token(https, "/u/")) == (campaign.id, "*", key[2])
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     # The same link, visible in the body of every mail (the footer), cancellations included.
@@ -236,7 +241,8 @@ def test_no_links_without_a_secret(campaign: Campaign, lang: str) -> None:
 def test_no_links_without_web_url(campaign: Campaign) -> None:
     plain = dataclasses.replace(campaign, web=None)
     msg, text, html, anchors = read(compose(plain, "reminder", "allday", who("nl")), "reminder")
-    assert msg["List-Unsubscribe"] == "<mailto:afmelden@example.be?subject=unsubscribe>"
+    token = unsubscribe_token(SECRET, campaign.id, "nl@example.be")  # issue 15: the secret signs the mailto
+    assert msg["List-Unsubscribe"] == f"<mailto:afmelden@example.be?subject=unsubscribe%20{token}>"
     assert "https://" not in text and [h for h, _, _ in anchors] == ["mailto:afmelden@example.be"]
 
 
