@@ -229,6 +229,7 @@ class SmtpSettings:
     connections: int = 2
     rate: float | None = None  # messages per second across all connections
     per_hour: int | None = None
+    per_day: int | None = None  # issue 17: a rolling 24 hours, counted from the ledger
     local_hostname: str | None = None
     allow_plaintext_login: bool = False  # a login over tls: none to a host other than loopback
     relay_signs: bool = False  # the relay DKIM-signs (mailer check, issue 15)
@@ -243,6 +244,8 @@ class Delivery:
     retry_base: timedelta = timedelta(minutes=1)
     retry_max: timedelta = timedelta(hours=1)
     max_attempts: int = 10
+    window: str | None = None  # issue 17: "08:00-20:00" (see mailer.pacing.Window)
+    days: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -631,6 +634,7 @@ def _build(
             connections=m.smtp.connections,
             rate=m.smtp.rate,  # type: ignore[arg-type]  # normalised to float by validator
             per_hour=m.smtp.per_hour,
+            per_day=m.smtp.per_day,
             local_hostname=m.smtp.local_hostname,
             allow_plaintext_login=m.smtp.allow_plaintext_login,
             relay_signs=m.smtp.relay_signs,
@@ -641,6 +645,8 @@ def _build(
             retry_base=parse_duration(d.retry_base),
             retry_max=parse_duration(d.retry_max),
             max_attempts=d.max_attempts,
+            window=d.window,
+            days=tuple(d.days) if d.days is not None else None,
         ),
         unsubscribe=Unsubscribe(m.unsubscribe.mailto, m.unsubscribe.url) if m.unsubscribe else None,
         update_template=m.update_template,

@@ -18,6 +18,7 @@ from .gate import check_workspace
 from .inbox import InboxResult, process_configured
 from .ledger import Ledger
 from .mailboxes import configured_source
+from .pacing import Wait
 from .runner import PassResult, run_pass
 from .tokens import secret_from
 from .transport import TransportSettings
@@ -106,6 +107,10 @@ class Daemon:
         self._lock = asyncio.Lock()
         #: Why the daemon stopped on its own (a failed pass, a login refused); exit status 1.
         self.fatal: str | None = None
+        #: Issue 17: a server's quota pause still running (no pass sends before it ends), and
+        #: what sending waits for now ({reason: until}), for the pause/resume log lines.
+        self.paused_until: datetime | None = None
+        self.waiting: dict[str, datetime] = {}
 
     @property
     def wake_at(self) -> datetime | None:
@@ -154,12 +159,37 @@ class Daemon:
                     log=lambda m: log.info("%s", m),
                     stop=self.stop,
                     unsubscribe_secret=secret_from(self.environ),
+                    paused_until=self.paused_until,
                 )
             except Exception as exc:  # noqa: BLE001 - every failure stops the daemon, exit 1
                 self._fail(exc)
                 return
             self._report(result)
+            self._log_pacing(result, now)
             self._schedule(result.next_wake)
+
+    def _log_pacing(self, r: PassResult, now: datetime) -> None:
+        """Log when sending pauses (for the window, a quota, a server's quota reply) and when it
+        resumes, once each, with the reason and until when (issue 17)."""
+        if r.paused_until is not None:
+            self.paused_until = r.paused_until
+        elif self.paused_until is not None and self.paused_until <= now:
+            self.paused_until = None
+        waiting: dict[str, tuple[datetime, str]] = {}
+        if r.paced is not None:
+            for wait, (n, until, detail) in r.paced.reasons().items():
+                waiting[str(wait)] = (until, f"{n} mail(s): {detail}")
+        if r.quota_reply is not None and r.paused_until is not None:
+            waiting[str(Wait.SERVER)] = (r.paused_until, f"the server answered {r.quota_reply}")
+        tz = self.ws.campaign.timezone
+        for why, (until, text) in waiting.items():
+            if self.waiting.get(why) != until:
+                log.info(
+                    "pause (%s) until %s: %s", why, until.astimezone(tz).isoformat(timespec="minutes"), text
+                )
+        for why in self.waiting.keys() - waiting.keys():
+            log.info("resume (%s): sending again", why)
+        self.waiting = {why: until for why, (until, _) in waiting.items()}
 
     def _log_steps_due(self, now: datetime) -> None:
         c = self.ws.campaign

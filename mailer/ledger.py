@@ -551,6 +551,19 @@ class Ledger:
             )
         )
 
+    def attempt_times(self, since: datetime) -> list[tuple[datetime, str]]:
+        """``(at, outcome)`` of the attempts made after ``since``, newest first (issue 17: the
+        quotas count them, so a restart does not reset a day's count). Attempts are appended
+        in time order, so this reads back from the newest row and stops at the first one older
+        than ``since`` (no index on ``at``: schema 2 dropped it)."""
+        out = []
+        cutoff = iso(since)
+        for at, outcome in self.conn.execute("SELECT at, outcome FROM attempts ORDER BY id DESC"):
+            if at <= cutoff:
+                break
+            out.append((parse_iso(at), outcome))
+        return out
+
     # -- writes: the pass, in the order it commits (see mailer/sendpass.py) -----------------
 
     def mark_steps_started(self, campaign: str, steps: Iterable[str], at: datetime) -> None:

@@ -6,7 +6,7 @@ import re
 from typing import Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .times import parse_duration
 from .urls import http_url
@@ -122,6 +122,8 @@ class _SmtpModel(_Model):
     connections: int = Field(default=2, ge=1, le=64)
     rate: str | float | None = None
     per_hour: int | None = Field(default=None, ge=1)
+    #: Issue 17: at most this many mails in any 24 hours, counted from the ledger's attempts.
+    per_day: int | None = Field(default=None, ge=1)
     local_hostname: str | None = None
     #: With ``tls: none``, a login (MAILER_SMTP_USER) to a host other than loopback is refused
     #: unless this is true: the password would cross the network in clear text.
@@ -152,12 +154,25 @@ class _DeliveryModel(_Model):
     retry_base: str = "1m"
     retry_max: str = "1h"
     max_attempts: int = Field(default=10, ge=1)
+    #: Issue 17: send hours ("08:00-20:00") and days ([mon, tue, ...]), in each recipient's zone.
+    window: str | None = None
+    days: list[str] | None = None
 
     @field_validator("late_after", "retry_base", "retry_max")
     @classmethod
     def _dur(cls, v: str) -> str:
         parse_duration(v)
         return v
+
+    @model_validator(mode="after")
+    def _window(self) -> _DeliveryModel:
+        from .pacing import Window
+
+        if self.days is not None and self.window is None:
+            raise ValueError("days needs a window too; write e.g. window: 08:00-20:00")
+        if self.window is not None:
+            Window.parse(self.window, self.days)
+        return self
 
 
 class _UnsubscribeModel(_Model):

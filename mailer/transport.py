@@ -21,6 +21,7 @@ from .addresses import spelling
 from .config import SmtpSettings
 from .errors import TransportFatalError
 from .message import data_payload
+from .pacing import is_quota_reply
 from .vocab import Attempt
 
 __all__ = [
@@ -146,6 +147,9 @@ class Result:
     code: int | None
     text: str
     slow_down: bool = False
+    #: A quota reply (:func:`mailer.pacing.is_quota_reply`): the transport stops after it and
+    #: the pass pauses until the quota frees (issue 17).
+    quota: bool = False
 
 
 def classify(code: int | None, text: str) -> Result:
@@ -161,7 +165,9 @@ def classify(code: int | None, text: str) -> Result:
     <Attempt.UNKNOWN: 'unknown'>
     """
     if code is None or 400 <= code < 500:
-        return Result(Attempt.DEFERRED, code, text, slow_down=code in SLOW_DOWN_CODES)
+        return Result(
+            Attempt.DEFERRED, code, text, slow_down=code in SLOW_DOWN_CODES, quota=is_quota_reply(code, text)
+        )
     if 200 <= code < 300:
         return Result(Attempt.SENT, code, text)
     if 500 <= code < 600:
@@ -251,6 +257,9 @@ class Transport:
         self._stopping = False
         #: Workers with a transaction under way (from MAIL until ``on_result`` returned).
         self._busy: set[asyncio.Task[None]] = set()
+        #: The server's quota reply in this run ("452 4.5.3 ..."): every connection stopped
+        #: after it (what was queued is taken out unsent), or None.
+        self.quota_reply: str | None = None
 
     def _tls_context(self) -> ssl.SSLContext:
         # Certificates are always verified; a private CA is given with ca_file.
@@ -384,6 +393,12 @@ class Transport:
                 if r is not None:
                     await r
                 self._busy.discard(asyncio.current_task())
+                if result.quota and self.quota_reply is None:
+                    # Issue 17: the provider's quota is used up; each further mail would get
+                    # the same answer. Stop every connection after its current mail.
+                    self.quota_reply = f"{result.code} {result.text}".strip()
+                    self._log(f"the server answered a quota reply ({self.quota_reply}); stopping this pass")
+                    self._stop_all(queue)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded, raised by run() once all stopped
@@ -415,9 +430,10 @@ class Transport:
                     if self.unreachable is None:
                         self._log(f"server unreachable, deferring the rest of this pass: {text}")
                     self.unreachable = text
+                code = getattr(exc, "code", None)
                 if isinstance(exc, smtp_errors.SMTPResponseException) and exc.code in SLOW_DOWN_CODES:
                     self.pacer.slow_down()
-                return Result(Attempt.DEFERRED, getattr(exc, "code", None), text), None
+                return Result(Attempt.DEFERRED, code, text, quota=is_quota_reply(code, text)), None
         await self.pacer.acquire()
         self._busy.add(asyncio.current_task())  # type: ignore[arg-type]
         wire = None if self._data_path == "public" else protocol_wire(client)
