@@ -462,3 +462,54 @@ async def test_a_reload_whose_mails_do_not_render_is_refused(
         assert d.wake_at is None
     finally:
         assert await d.close() == 0
+
+
+async def test_a_quota_reply_pauses_sending_until_the_quota_frees_and_nothing_is_lost_or_doubled(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], logs: list[logging.LogRecord]
+) -> None:
+    """Issue 17: a 452 "quota" reply stops the pass and pauses the daemon; the sweeps in the
+    pause send nothing; at its end the rest goes, each mail once."""
+    three = "email,name,lists\nann@example.org,Ann,a\nbob@example.org,Bob,a\ncid@example.org,Cid,a\n"
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=INVITE_STEP, contacts=three)
+    cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 1, per_day: 100}"))
+    handler = smtp_server.handler
+    assert isinstance(handler, FaultyHandler)
+    handler.rcpt_replies["bob@example.org"] = "452 4.5.3 Daily user sending quota exceeded"
+    clock = ManualClock(INVITE)
+    d = make_daemon(cfg, clock, smtp_env)
+    await d.start(run_jobs=False)
+    try:
+        assert [r.rcpt_tos[0] for r in handler.received] == ["ann@example.org"]
+        resume = INVITE + timedelta(days=1)  # when ann's attempt leaves the rolling day
+        assert d.wake_at == resume
+        said = lines(logs)
+        assert any(
+            m.startswith("pause (server) until 2030-03-05T10:00+01:00: the server answered 452") for m in said
+        ), said
+        handler.rcpt_replies.clear()  # the provider would take mail again: only the pause holds it
+
+        clock.set(INVITE + timedelta(hours=2))
+        await d.tick()  # the one-minute sweep during the pause
+        assert len(handler.received) == 1, "nothing goes during the pause"
+        assert d.wake_at == resume
+
+        clock.set(resume)
+        await d.tick()
+        assert sorted(r.rcpt_tos[0] for r in handler.received) == [
+            "ann@example.org",
+            "bob@example.org",
+            "cid@example.org",
+        ]
+        assert len(set(message_ids(smtp_server))) == 3
+        assert "resume (server): sending again" in lines(logs)
+        with sqlite3.connect(cfg.parent / "ledger.db") as db:
+            got = dict(db.execute("SELECT email, status FROM deliveries"))
+            tries = dict(
+                db.execute(
+                    "SELECT d.email, count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id GROUP BY 1"
+                )
+            )
+        assert got == {"ann@example.org": "sent", "bob@example.org": "sent", "cid@example.org": "sent"}
+        assert tries == {"ann@example.org": 1, "bob@example.org": 2, "cid@example.org": 1}
+    finally:
+        await d.close()
