@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     # Each command imports what it needs when it runs: `mailer status` or `mailer log` on a
     # big ledger should not pay for pydantic, asyncio, Jinja2 or the SMTP client up front.
     from .config import Campaign
+    from .dkim import Signer
     from .ledger import Ledger
     from .runner import PassResult
     from .transport import TransportSettings
@@ -91,15 +92,18 @@ def cli() -> None:
 @cli.command()
 @config_option
 @click.option("--strict", is_flag=True, help="Treat warnings as errors (exit 1 when there are any).")
+@click.option("--dns", is_flag=True, help="Also look up the DKIM key's DNS record (needs the network).")
 @handle_errors
-def check(config_path: Path, strict: bool) -> None:
+def check(config_path: Path, strict: bool, dns: bool) -> None:
     """Validate schedules.yaml, the contact lists and the templates (rendering every mail),
     warn about mistakes that would send the wrong thing, and show the events, the steps with
     their send times and recipient counts.
 
     Every problem of every stage is listed at once. Exits 1 with errors (or, with --strict,
-    warnings), 0 with warnings only.
+    warnings), 0 with warnings only. With --dns, the published DKIM key is compared with
+    the configured one.
     """
+    from .dkim import check_dkim
     from .gate import check_workspace
     from .planner import send_times
     from .review import review
@@ -120,6 +124,10 @@ def check(config_path: Path, strict: bool) -> None:
                 field="web.url",
             )
         )
+    # DKIM (issue 15): a key that cannot sign is an error (send refuses it too). dkim_lines
+    # (ok or not) are for the deliverability section; --dns also compares the DNS record.
+    dkim_lines = check_dkim(c, os.environ, dns=dns)
+    problems += [Problem(display_path(c.config_path), d.text, field="dkim") for d in dkim_lines if not d.ok]
     counts = {step.id: len(ws.audience(step)) for step in c.steps}
     # Every mail of every step, and every update and cancellation (mailer.gate). Rendering a
     # large campaign takes a while: show how far it is (on a terminal).
@@ -318,9 +326,12 @@ def send(
     with ledger:
         if not dry_run:
             ledger.lock()
-        result = _send_with_progress(ws, ledger, now, settings, limit, step_ids or None, dry_run)
+        result = _send_with_progress(ws, ledger, now, settings, limit, step_ids or None, dry_run, signer)
     _report(result, c, dry_run)
 
+    from .dkim import load_signer
+
+    signer = load_signer(c, os.environ)  # before the ledger: a key that cannot sign stops here
 
 #: How far ahead of the clock `send --now` goes without --force.
 AHEAD_LIMIT = timedelta(days=1)
@@ -367,6 +378,7 @@ def _send_with_progress(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
+    signer: Signer | None = None,
         async def main() -> PassResult:
             # The first Ctrl-C (or SIGTERM) stops the pass in order: each connection finishes
             # and records its mail, queued ones go back to pending. A second one interrupts.
@@ -408,6 +420,7 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
     if dry_run and result.plan is not None:
         title = f"Due at {when(local)} (dry run: nothing sent or recorded)"
         due = table(title, ("step", "recipient", "note"))
+                    signer=signer,
         for d in result.plan.due:
             due.add_row(d.step.id, d.contact.email, "re-send (was sending)" if d.resend else "")
         for s in result.plan.skips:
@@ -544,3 +557,56 @@ def main() -> None:
         # every object the imports made (~0.05-0.1 s with pydantic loaded; `mailer status`
         # should answer in well under half a second). atexit handlers and flushing still run.
         gc.freeze()
+@cli.group()
+def dkim() -> None:
+    """DKIM signing keys (the dkim: key of schedules.yaml; README "DKIM")."""
+
+
+@dkim.command()
+@click.option(
+    "--selector", required=True, help="The key's name in DNS (S._domainkey.DOMAIN), e.g. mailer2026."
+)
+@click.option("--domain", help="The signing domain (d=); default: the From domain of --config.")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the private key (mode 0600); default: dkim-SELECTOR.key.",
+)
+@click.option("--ed25519", is_flag=True, help="An ed25519 key (a second signature) instead of RSA 2048.")
+@click.option("--force", is_flag=True, help="Replace an existing key file.")
+@config_option
+@handle_errors
+def keygen(
+    selector: str, domain: str | None, out_path: Path | None, ed25519: bool, force: bool, config_path: Path
+) -> None:
+    """Make a signing key: writes the private key and prints the DNS TXT record to publish."""
+    from . import dkim as dk
+    from .config import load
+
+    if domain is None:
+        if not config_path.exists():
+            raise MailerError(f"give --domain (no {display_path(config_path)} to take the From domain from)")
+        domain = load(config_path).sender.domain
+    path = out_path or Path(f"dkim-{selector}.key")
+    key = dk.keygen(selector, domain, path, ed25519=ed25519, force=force)
+    kind = "ed25519" if ed25519 else f"RSA {key.bits}-bit"
+    out.print(
+        f"Wrote the {kind} private key to {display_path(path)} (mode 0600; keep it secret).", markup=False
+    )
+    out.print("Publish this DNS TXT record:", markup=False)
+    out.print(
+        f"{dk.txt_name(selector, domain)} IN TXT {dk.txt_strings(dk.txt_record(key))}",
+        markup=False,
+        soft_wrap=True,
+    )
+    keys = ("ed25519_selector", "ed25519_key_file") if ed25519 else ("selector", "key_file")
+    out.print(
+        "Then in schedules.yaml (the key path is relative to it; or set MAILER_DKIM_"
+        f"{'ED25519_' if ed25519 else ''}KEY_FILE):",
+        markup=False,
+    )
+    out.print(f"dkim:\n  {keys[0]}: {selector}\n  {keys[1]}: {path}", markup=False)
+    out.print("and check the record with `mailer check --dns` once it is published.", markup=False)
+
+

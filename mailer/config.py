@@ -34,6 +34,7 @@ __all__ = [
     "Audience",
     "Campaign",
     "Delivery",
+    "Dkim",
     "Event",
     "Sender",
     "SmtpSettings",
@@ -255,6 +256,18 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True)
+class Dkim:
+    """``dkim:``: sign every mail (:mod:`mailer.dkim`). Key files are absolute; without one the
+    key comes from MAILER_DKIM_KEY[_FILE] (MAILER_DKIM_ED25519_KEY[_FILE])."""
+
+    selector: str
+    domain: str  # d=, aligned with the From domain
+    key_file: Path | None = None
+    ed25519_selector: str | None = None
+    ed25519_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Web:
     """``web:``: the public address of `mailer web` (RSVP, unsubscribe and calendar links)."""
 
@@ -288,6 +301,7 @@ class Campaign:
     update_template: str = "update"
     cancel_template: str = "cancel"
     web: Web | None = None
+    dkim: Dkim | None = None
 
     # Not a field: ``dataclasses.replace(campaign, events=...)`` used to hand the original's
     # index dict to the copy, which then rewrote it (issue 11 item 6). Built per instance, on
@@ -606,6 +620,7 @@ def _build(
         attach = src.attach_ics if src.attach_ics is not None else kind is StepKind.INVITATION
         steps[i] = replace(st, kind=kind, attach_ics=attach)
 
+    dkim = _dkim(m, base, sender.domain, bad)
     if m.smtp.ca_file and not (base / m.smtp.ca_file).is_file():
         bad(("smtp", "ca_file"), f"{m.smtp.ca_file!r} not found")
     if problems:
@@ -652,6 +667,35 @@ def _build(
         update_template=m.update_template,
         cancel_template=m.cancel_template,
         web=Web(m.web.url) if m.web else None,
+        dkim=dkim,
+    )
+
+
+def _dkim(
+    m: CampaignModel, base: Path, from_domain: str, bad: Callable[[YamlPath, str], None]
+) -> Dkim | None:
+    """``dkim:`` with its defaults; d= must be the From domain or a parent of it (DMARC's
+    relaxed alignment, RFC 7489 3.1.1), or receivers do not count the signature for From."""
+    d = m.dkim
+    if d is None:
+        return None
+    domain = (d.domain or from_domain).lower().rstrip(".")
+    if from_domain.lower() != domain and not from_domain.lower().endswith("." + domain):
+        bad(
+            ("dkim", "domain"),
+            f"{domain!r} is not aligned with the From domain {from_domain!r}: DMARC ignores such a "
+            f"signature; use {from_domain} (the default) or a parent domain of it",
+        )
+    if d.ed25519_key_file and not d.ed25519_selector:
+        bad(("dkim", "ed25519_key_file"), "give ed25519_selector too (the DNS name of the ed25519 key)")
+    if d.ed25519_selector and d.ed25519_selector == d.selector:
+        bad(("dkim", "ed25519_selector"), "must differ from selector: each key has its own DNS record")
+    return Dkim(
+        selector=d.selector,
+        domain=domain,
+        key_file=(base / d.key_file).resolve() if d.key_file else None,
+        ed25519_selector=d.ed25519_selector,
+        ed25519_key_file=(base / d.ed25519_key_file).resolve() if d.ed25519_key_file else None,
     )
 
 

@@ -13,6 +13,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 
 from .clock import Clock, SystemClock
+from .dkim import load_signer
 from .errors import ConfigError, LockedError, MailerError, TransportFatalError
 from .gate import check_workspace
 from .inbox import InboxResult, process_configured
@@ -159,6 +160,7 @@ class Daemon:
                     log=lambda m: log.info("%s", m),
                     stop=self.stop,
                     unsubscribe_secret=secret_from(self.environ),
+                    signer=load_signer(self.ws.campaign, self.environ),  # read per pass: a new key counts
                     paused_until=self.paused_until,
                 )
             except Exception as exc:  # noqa: BLE001 - every failure stops the daemon, exit 1
@@ -412,6 +414,7 @@ def run_daemon(config_path: Path, db_path: Path | None, *, environ: Mapping[str,
             "templates and run `mailer check`"
         )
     settings = TransportSettings.from_config(ws.campaign.smtp, environ)
+    load_signer(ws.campaign, environ)  # a DKIM key that cannot be used stops the start, not a pass
     ledger = Ledger.create(db_path or ws.campaign.ledger)
     try:
         ledger.lock()

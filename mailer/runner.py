@@ -21,6 +21,7 @@ from . import pacing, planner
 from .bounces import envelope_for
 from .clock import Clock, virtual_clock
 from .compose import Composer, compose_batch, init_worker
+from .dkim import Signer
 from .errors import MailerError, Problem, TransportFatalError
 from .gate import gate_due
 from .planner import Due, Plan
@@ -96,8 +97,11 @@ class SendPass:
         stop: asyncio.Event | None = None,
         unsubscribe_secret: str | None = None,
         paused_until: datetime | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.ws, self.store, self.now = ws, store, now
+        #: DKIM (``dkim:``, :func:`mailer.dkim.load_signer`): signs each mail as it is composed.
+        self.signer = signer
         self.paused_until = paused_until
         #: Counted attempt times (pacing.COUNTED) of the last day, read by :meth:`pace`.
         self.sent_times: list[datetime] = []
@@ -130,6 +134,8 @@ class SendPass:
         if due:
             if self.settings is None:
                 raise MailerError("no SMTP settings given")
+            if self.campaign.dkim is not None and self.signer is None:
+                raise MailerError("dkim: is configured but no signer was given; nothing was sent")
             await _Delivery(self, due, self.settings).run()
         return self.result
 
@@ -315,6 +321,7 @@ class _Delivery:
             self.snapshots,
             unsubscribe_secret=sp.secret,
             answers=store.answers(cid),
+            signer=sp.signer,
         )
         # The envelope sender per delivery (VERP, issue 15): a function of the row id, so a
         # re-send after a crash goes out with the same MAIL FROM.
@@ -346,7 +353,7 @@ class _Delivery:
                 max_workers=1,
                 mp_context=multiprocessing.get_context("forkserver"),
                 initializer=init_worker,
-                initargs=(sp.campaign, self.revisions, self.snapshots, sp.secret, os.getpid()),
+                initargs=(sp.campaign, self.revisions, self.snapshots, sp.secret, os.getpid(), sp.signer),
             )
         producer = asyncio.create_task(self._produce())
         watcher = asyncio.create_task(self._drain_on_stop()) if sp.stop is not None else None
@@ -622,6 +629,7 @@ async def run_pass(
     stop: asyncio.Event | None = None,
     unsubscribe_secret: str | None = None,
     paused_until: datetime | None = None,
+    signer: Signer | None = None,
 ) -> PassResult:
     """Send everything due at ``now`` (see :meth:`SendPass.run`); with ``dry_run``, only plan
     (:meth:`SendPass.dry_run`). The caller holds the ledger lock. ``paused_until``: the
@@ -643,5 +651,6 @@ async def run_pass(
         stop=stop,
         unsubscribe_secret=unsubscribe_secret,
         paused_until=paused_until,
+        signer=signer,
     )
     return sp.dry_run() if dry_run else await sp.run()

@@ -196,6 +196,18 @@ class _WebModel(_Model):
         return url
 
 
+class _DkimModel(_Model):
+    """``dkim:``: sign every mail (README "DKIM"; mailer/dkim.py)."""
+
+    selector: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9_-]+)*$")
+    domain: str | None = None  # default: the From domain
+    key_file: str | None = None  # relative to schedules.yaml; else MAILER_DKIM_KEY[_FILE]
+    ed25519_selector: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9_-]+)*$"
+    )
+    ed25519_key_file: str | None = None
+
+
 class CampaignModel(_Model):
     campaign: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
     name: str | None = None
@@ -211,6 +223,7 @@ class CampaignModel(_Model):
     delivery: _DeliveryModel = _DeliveryModel()
     unsubscribe: _UnsubscribeModel | None = None
     web: _WebModel | None = None
+    dkim: _DkimModel | None = None
     update_template: str = Field(default="update", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     cancel_template: str = Field(default="cancel", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
