@@ -183,6 +183,15 @@ def check(config_path: Path, strict: bool, dns: bool) -> None:
         for name in ct.lists or {"(no list)"}:
             lists[name] = lists.get(name, 0) + 1
     out.print(f"{len(ws.contacts)} contacts: " + ", ".join(f"{k} {v}" for k, v in sorted(lists.items())))
+    # The bulk-sender rules (issue 15; README "Deliverability"): warnings are advice and leave
+    # the exit code alone (even with --strict); an error fails check. DKIM errors are listed above.
+    from .deliverability import gather, rules
+
+    out.print("Deliverability (Gmail, Yahoo and Microsoft bulk-sender rules):")
+    for rule in rules(c, gather(ws, os.environ, dkim=dkim_lines)):
+        out.print(f"  {rule.level:<5} {rule.name}: {rule.text}", markup=False)
+        if rule.level == "error" and rule.name != "DKIM":
+            problems.append(Problem(display_path(c.config_path), f"{rule.name}: {rule.text}"))
     _pending_changes(c)
     _verdict([*problems, *review(ws)], strict)
 
