@@ -32,7 +32,7 @@ class _SenderModel(_Model):
     reply_to: str | None = None
     organizer: str | None = None
     organizer_name: str | None = None
-    #: The envelope sender per delivery (VERP, issue 15): ``bounces+TOKEN@domain``; README "Bounces".
+    #: The envelope sender per delivery (VERP, issue 15): ``bounces+TOKEN@domain``; README "Deliverability".
     bounces: str | None = None
 
     _check_from = field_validator("from_")(lambda cls, v: _email(v))
