@@ -419,15 +419,19 @@ def pace(
     out: Paced[D] = Paced()
     win = window if window is not None else campaign_window(campaign)
     candidates: list[D] = []
+    openings: dict[str, datetime] = {}
+    details: dict[str, str] = {}
     for d in due:
         if win is None:
             candidates.append(d)
             continue
         tz = zone_of(campaign, d.contact)
-        if window_open(now, win, tz):
+        opening = openings.get(tz.key)
+        if opening is None:  # one look per zone, not per mail
+            opening = openings[tz.key] = next_opening(now, win, tz)
+        if opening == now:
             candidates.append(d)
             continue
-        opening = next_opening(now, win, tz)
         limit = min(deadline(d, campaign))
         if limit <= opening:
             why = "the event starts" if limit == d.event.start else "the reminder would be late"
@@ -437,16 +441,12 @@ def pace(
             )
             candidates.append(d)
         else:
-            out.holds.append(
-                Hold(
-                    d.step.id,
-                    d.event.id,
-                    d.contact.email,
-                    Wait.WINDOW,
-                    opening,
-                    f"outside the delivery window {win} ({tz.key}); opens {opening:%a %Y-%m-%d %H:%M}",
+            detail = details.get(tz.key)
+            if detail is None:
+                detail = details[tz.key] = (
+                    f"outside the delivery window {win} ({tz.key}); opens {opening:%a %Y-%m-%d %H:%M}"
                 )
-            )
+            out.holds.append(Hold(d.step.id, d.event.id, d.contact.email, Wait.WINDOW, opening, detail))
     n: int | None
     free: datetime | None
     if paused_until is not None and paused_until > now:
