@@ -106,7 +106,12 @@ def child_pipeline(
         done[0] = d
 
     t1, c1 = time.perf_counter(), _cpu()
-    coro = run_pass(ws, ledger, NOW, settings=settings, clock=virtual_clock(NOW), progress=progress)
+    from mailer.dkim import load_signer  # signs only with --dkim (a dkim: key in the campaign)
+
+    signer = load_signer(ws.campaign, os.environ)
+    coro = run_pass(
+        ws, ledger, NOW, settings=settings, clock=virtual_clock(NOW), progress=progress, signer=signer
+    )
     if profile_out:
         import cProfile
 
@@ -197,7 +202,9 @@ def _compose_all(folder: Path) -> tuple[str, list[tuple[str, bytes]]]:
     c = ws.campaign
     step = c.step(STEP_ID)
     event = c.event(step.event)
-    composer = Composer(c, ws.templates)
+    from mailer.dkim import load_signer
+
+    composer = Composer(c, ws.templates, signer=load_signer(c, os.environ))  # --dkim: the same bytes
     return c.sender.address, [
         (ct.email, composer.compose(step, event, ct, when=NOW).data) for ct in ws.audience(step)
     ]
@@ -409,9 +416,20 @@ def _note_load() -> None:
     LOADS.append(os.getloadavg()[0])
 
 
+def add_dkim(folder: Path) -> None:
+    """``--dkim``: a new RSA 2048 key and ``dkim:`` in the campaign, so every mail is signed."""
+    from mailer.dkim import keygen
+
+    keygen("bench", "example.be", folder / "dkim.key", force=True)
+    with (folder / "schedules.yaml").open("a", encoding="utf-8") as f:
+        f.write("\ndkim: {selector: bench, key_file: dkim.key}\n")
+
+
 def measure(n: int, args: argparse.Namespace, sink: Sink, work: Path, log: Any) -> dict[str, Any]:
     folder = work / f"n{n}"
     write_campaign(folder, n)
+    if args.dkim:
+        add_dkim(folder)
     c = str(args.connections)
     port = str(sink.port)
     naive_n = min(n, args.naive_max)
@@ -681,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead of the table: CPU time per mail of each pipeline step at the largest N",
     )
+    ap.add_argument("--dkim", action="store_true", help="sign every mail (RSA 2048, as with dkim:)")
     ap.add_argument("--keep", action="store_true", help="keep the generated campaigns and ledgers")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -134,10 +134,17 @@ class Signer:
 
         if self._loaded is None:
             self._loaded = [k.loaded() for k in self.keys]
-        headers, body = dkimpy.rfc822_parse(message)
+        end = message.find(b"\r\n\r\n")
+        if end < 0:
+            headers, body = dkimpy.rfc822_parse(message)
+        else:  # parse the header block only: the body is canonicalized below
+            headers, body = dkimpy.rfc822_parse(message[: end + 4])[0], message[end + 4 :]
         policy = dkimpy.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
         canon_headers = policy.canonicalize_headers(headers)
-        body_hash = base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
+        canon_body = _relaxed_body(body)
+        if canon_body is None:
+            canon_body = policy.canonicalize_body(body)
+        body_hash = base64.b64encode(hashlib.sha256(canon_body).digest())
         names = [h[0].lower() for h in headers]
         include = tuple(n.encode() for n in SIGNED for _ in range(names.count(n.encode()) + 1))
         stamp = str(int(when.timestamp())).encode("ascii")
@@ -163,6 +170,20 @@ class Signer:
             value = dkimpy.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=14)
             out.append(b"DKIM-Signature: " + value)
         return b"".join(out) + message
+
+
+def _relaxed_body(body: bytes) -> bytes | None:
+    """The relaxed body (RFC 6376 3.4.4) of what :func:`mailer.message.build` writes, without
+    dkimpy's regular expressions (0.7 ms a mail): CRLF lines, no tab, no double space and no
+    space at a line's end leave only the trailing empty lines to drop. None: anything else
+    (dkimpy canonicalizes it)."""
+    if not body or b"\t" in body or b"  " in body or b" \r\n" in body or body.endswith(b" "):
+        return None
+    crlf = body.count(b"\r\n")
+    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+        return None
+    stripped = body.rstrip(b"\r\n")
+    return stripped + b"\r\n" if stripped else None
 
 
 def _sign_digest(key: Key, pk: Any, digest: bytes) -> bytes:
