@@ -271,7 +271,7 @@ def gather(
 
     c = ws.campaign
     secret = secret_from(environ)
-    counts = {s.id: len(ws.audience(s)) for s in c.steps}
+    audiences = {s.id: ws.audience(s) for s in c.steps}
     sign = secret or _PLACEHOLDER_SECRET
     composer = Composer(c, ws.templates, unsubscribe_secret=sign)
     unsub = c.unsubscribe
@@ -280,7 +280,7 @@ def gather(
     seen: set[tuple[str, str]] = set()
     message_id = None
     mails: list[tuple[Step, Event, Contact, dict[str, object] | None]]
-    mails = [(s, c.event(s.event), ct, None) for s in c.steps for ct in ws.audience(s)]
+    mails = [(s, ev, ct, None) for s in c.steps for ev in (c.event(s.event),) for ct in audiences[s.id]]
     mails += [(m.step, m.event, m.contact, m.extra) for m in revision_mails(ws)]
     for step, event, contact, extra in mails:
         if message_id is None:
@@ -310,7 +310,7 @@ def gather(
         tls, host = c.smtp.tls, environ.get("MAILER_SMTP_HOST") or c.smtp.host
     return Facts(
         secret=secret is not None,
-        daily=daily_volume(c.steps, counts),
+        daily=daily_volume(c.steps, {sid: len(a) for sid, a in audiences.items()}),
         dkim=[(line.ok, line.text) for line in (check_dkim(c, environ, dns=dns) if dkim is None else dkim)],
         bodies=bodies,
         one_click=one_click,
