@@ -205,3 +205,42 @@ def test_fast_relaxed_body_is_dkimpys() -> None:
             answered += 1
             assert fast == policy.canonicalize_body(body), body
     assert answered > 100
+
+
+@pytest.mark.slow
+def test_the_composing_worker_signs_the_same_bytes(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    """From WORKER_MIN mails on a second process composes (and signs): every mail verifies and
+    equals the one an inline signer makes from the same claim."""
+    from conftest import write_campaign
+
+    from mailer import runner
+    from mailer.compose import Composer
+    from mailer.times import parse_iso
+    from mailer.workspace import load_workspace
+
+    n = runner.WORKER_MIN + 10
+    people = "email,name,lists\n" + "".join(f"p{i:04d}@example.org,Person {i},a\n" for i in range(n))
+    key = dkim.keygen("w1", "example.org", tmp_path / "dkim.key")
+    cfg = write_campaign(
+        tmp_path,
+        events="- {id: ev, title: Launch, start: 2018-01-22 09:30, end: 2018-01-22 16:30}\n",
+        steps="- {id: invite, event: ev, template: invite, at: 2018-01-04 10:00}\n",
+        contacts=people,
+        extra="dkim: {selector: w1, key_file: dkim.key}\n",
+    )
+    send(cfg, smtp_server, "2018-01-04T10:00")
+    received = {r.rcpt_tos[0]: r.data for r in smtp_server.handler.received}
+    assert len(received) == n
+    dnsfunc = dns_stub({"w1._domainkey.example.org": dkim.txt_record(key)})
+    ws = load_workspace(cfg)
+    inline = Composer(ws.campaign, ws.templates, signer=dkim.load_signer(ws.campaign, {}))
+    from mailer.ledger import Ledger
+
+    with Ledger(cfg.parent / "ledger.db") as led:
+        claimed = {r["email"]: r["claimed_at"] for r in led.log()}
+    for c in ws.contacts[:: n // 20]:
+        data = received[c.email]
+        assert dkimpy.verify(data, dnsfunc=dnsfunc)
+        step = ws.campaign.step("invite")
+        when = parse_iso(claimed[c.email])
+        assert data == inline.compose_due(step, ws.campaign.event("ev"), c, when=when, sequence=0).data
