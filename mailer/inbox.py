@@ -8,6 +8,7 @@ not ours are never flagged or marked read. :func:`process` ties the three togeth
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import hashlib
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
-from email.parser import BytesHeaderParser, HeaderParser
+from email.parser import BytesHeaderParser, BytesParser, HeaderParser
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Any, Literal
@@ -30,13 +31,15 @@ from .addresses import address_key
 from .config import Campaign, load
 from .errors import ContactsError, InboxError
 from .ledger import Ledger
-from .mailboxes import KEYWORD, Source, configured_source
+from .mailboxes import KEYWORD, MAX_BYTES, InboxMessage, Source, configured_source
 from .message import message_id as _message_id
+from .tokens import secret_from
 
 __all__ = [
     "KEYWORD",
     "Finding",
     "InboxResult",
+    "Unreadable",
     "apply",
     "classify",
     "inbox_id",
@@ -48,8 +51,42 @@ __all__ = [
 ]
 
 Kind = Literal["reply", "bounce", "delay", "unsubscribe"]
-#: What :func:`apply` did with a finding: a reply from no invitee of its event is "unmatched".
-Recorded = Literal["reply", "unmatched", "bounce", "delay", "unsubscribe"]
+#: What :func:`apply` did with a finding: a reply we cannot tie to an invitation we sent is
+#: "unmatched", one that lost to an answer to a newer revision "outdated"; a DSN or an
+#: unsubscribe mail we cannot tie to a mail we sent "unmatched-bounce"/"unmatched-unsubscribe";
+#: a message that could not be read safely "skipped". Only the first four change the ledger.
+Recorded = Literal[
+    "reply",
+    "unmatched",
+    "outdated",
+    "bounce",
+    "delay",
+    "unsubscribe",
+    "unmatched-bounce",
+    "unmatched-unsubscribe",
+    "skipped",
+]
+
+#: MIME limits (issue 15): a message past them is recorded as skipped, never classified.
+MAX_DEPTH = 10
+MAX_PARTS = 1000
+#: Recipient blocks of one DSN looked at: we send one recipient per mail.
+_MAX_RECIPIENTS = 100
+#: Headers read from every message; one that makes the header parser raise skips the message.
+_HEADERS = (
+    "Message-ID",
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "In-Reply-To",
+    "References",
+    "Delivered-To",
+    "X-Original-To",
+    "Envelope-To",
+    "Auto-Submitted",
+    "Content-Type",
+)
 
 _PARTSTATS = frozenset({"ACCEPTED", "DECLINED", "TENTATIVE"})
 _STATUS = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})")
@@ -75,6 +112,16 @@ class Finding:
     diagnostic: str = ""
     original_message_id: str | None = None
     sender: str | None = None
+    #: of a DSN: the addresses it was delivered to that look like our VERP bounce address
+    envelope: tuple[str, ...] = ()
+    #: of a reply: the Message-IDs of this campaign it quotes (In-Reply-To, References)
+    refs: tuple[str, ...] = ()
+    #: of an unsubscribe mail: its Subject, where the signed token rides
+    subject: str = ""
+
+
+class Unreadable(Exception):
+    """A message we do not classify (malformed header, over the MIME limits): the reason."""
 
 
 # --------------------------------------------------------------------------------------
@@ -86,10 +133,55 @@ def classify(raw: bytes, campaign: Campaign) -> list[Finding]:
     """What ``raw`` tells us about ``campaign``; an empty list means "not ours, leave it".
 
     Checked in this order: a delivery status notification, an iMIP REPLY, a mail to the
-    unsubscribe address. Malformed parts are skipped, never raised.
+    unsubscribe address. Malformed parts are skipped. What a finding claims is not checked
+    here: :func:`apply` ties it to a mail we sent, or records it as unmatched.
+
+    :raises Unreadable: a malformed header, or a message past the size or MIME limits.
     """
-    msg = email.message_from_bytes(raw, policy=_POLICY)
+    return _classify(read(raw), campaign)
+
+
+def _classify(msg: Message, campaign: Campaign) -> list[Finding]:
     return _dsn(msg, campaign) or _replies(msg, campaign) or _unsubscribe(msg, campaign)
+
+
+_BOUNDARY_LINE = re.compile(rb"(?m)^--")
+_RECIPIENT_LINE = re.compile(rb"(?im)^final-recipient:")
+
+
+def read(raw: bytes) -> Message:
+    """Parse ``raw`` within bounds: the MIME parts are counted in the raw bytes first (a
+    boundary line each), so a message of 200,000 parts costs a regex scan, not a parse.
+
+    :raises Unreadable: the reason, for a person to read.
+    """
+    if len(raw) > MAX_BYTES:
+        raise Unreadable(f"over {MAX_BYTES // 2**20} MB ({len(raw):,} bytes)")
+    # A delivery report's recipient blocks are parts of the parsed tree too (RFC 3464 2.1).
+    if len(_BOUNDARY_LINE.findall(raw)) + len(_RECIPIENT_LINE.findall(raw)) > 2 * MAX_PARTS + 2:
+        raise Unreadable(f"more than {MAX_PARTS:,} MIME parts")
+    try:
+        msg = BytesParser(policy=_POLICY).parsebytes(raw)
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes
+        raise Unreadable(f"cannot be parsed: {type(exc).__name__}: {exc}") from None
+    stack: list[tuple[Message, int]] = [(msg, 1)]
+    parts = 0
+    while stack:
+        part, depth = stack.pop()
+        parts += 1
+        if parts > MAX_PARTS:
+            raise Unreadable(f"more than {MAX_PARTS:,} MIME parts")
+        if depth > MAX_DEPTH:
+            raise Unreadable(f"MIME parts nested deeper than {MAX_DEPTH}")
+        if part.is_multipart():
+            payload = part.get_payload()
+            stack.extend((p, depth + 1) for p in payload if isinstance(p, Message))
+    for name in _HEADERS:
+        try:
+            [str(v) for v in msg.get_all(name, [])]
+        except Exception as exc:  # noqa: BLE001 - the header parser raises many types
+            raise Unreadable(f"malformed {name} header ({type(exc).__name__}: {exc})") from None
+    return msg
 
 
 def normalise_address(value: str) -> str | None:
@@ -121,6 +213,9 @@ def _parts(msg: Message) -> Iterator[Message]:
 def _replies(msg: Message, campaign: Campaign) -> list[Finding]:
     """iMIP REPLY (RFC 6047 2.1, METHOD:REPLY of RFC 5546 3.2.3) for one of our events."""
     events = {e.uid: e.id for e in campaign.events}
+    suffix = _id_suffix(campaign)
+    quoted = " ".join(str(v) for name in ("In-Reply-To", "References") for v in msg.get_all(name, []))
+    refs = tuple(dict.fromkeys(m for m in _MSG_ID.findall(quoted) if m.endswith(suffix)))[:20]
     out: list[Finding] = []
     for part in _parts(msg):
         ctype = part.get_content_type()
@@ -139,11 +234,11 @@ def _replies(msg: Message, campaign: Campaign) -> list[Finding]:
             for ev in cal.walk("VEVENT"):
                 event_id = events.get(str(ev.get("UID", "")).strip())
                 if event_id is not None:
-                    out.extend(_attendees(ev, event_id, msg))
+                    out.extend(_attendees(ev, event_id, msg, refs))
     return _unique(out)
 
 
-def _attendees(ev: Any, event_id: str, msg: Message) -> list[Finding]:
+def _attendees(ev: Any, event_id: str, msg: Message, refs: tuple[str, ...]) -> list[Finding]:
     raw = ev.get("ATTENDEE")
     try:
         sequence: int | None = int(str(ev["SEQUENCE"]).strip())
@@ -157,7 +252,9 @@ def _attendees(ev: Any, event_id: str, msg: Message) -> list[Finding]:
         partstat = str(params.get("PARTSTAT", "")).strip().upper()
         addr = normalise_address(str(att))
         if addr and partstat in _PARTSTATS:
-            found.append(Finding("reply", addr, event_id, partstat, sequence=sequence, sender=sender))
+            found.append(
+                Finding("reply", addr, event_id, partstat, sequence=sequence, sender=sender, refs=refs)
+            )
     if len(found) > 1:
         # RFC 5546 3.2.3: a REPLY carries the replying attendee; if a client lists more,
         # trust the one that sent the mail.
@@ -175,7 +272,8 @@ def _dsn(msg: Message, campaign: Campaign) -> list[Finding]:
             continue
         subparts = [p for p in part.get_payload() if isinstance(p, Message)]
         original = _original_id(subparts)
-        if original is not None and not original.endswith(_id_suffix(campaign)):
+        envelope = _envelope(msg, campaign)
+        if not envelope and original is not None and not original.endswith(_id_suffix(campaign)):
             return []  # a bounce of some other mail from this mailbox
         out: list[Finding] = []
         for sub in subparts:
@@ -184,9 +282,29 @@ def _dsn(msg: Message, campaign: Campaign) -> list[Finding]:
                 "message/delivery-status",
                 "message/global-delivery-status",
             ):
-                out.extend(_recipients(_blocks(sub), original))
+                out.extend(_recipients(_blocks(sub)[: _MAX_RECIPIENTS + 1], original))
+        out = [dataclasses.replace(f, envelope=envelope) for f in out] if envelope else out
         return _unique(out)
     return []
+
+
+def _envelope(msg: Message, campaign: Campaign) -> tuple[str, ...]:
+    """Where a DSN was delivered, when that looks like our VERP address (``bounces+TOKEN@``):
+    the DSN's envelope recipient, which Postfix writes as Delivered-To and X-Original-To, Exim
+    as Envelope-To, Gmail as Delivered-To; and a bounce's To is the envelope sender it returns
+    to. Only the signed token counts (:func:`mailer.bounces.delivery_of` in :func:`apply`)."""
+    bounces = campaign.sender.bounces
+    if not bounces:
+        return ()
+    local, _, domain = bounces.rpartition("@")
+    prefix, end = f"{local}+".lower(), f"@{domain}".lower()
+    fields = [
+        str(v)
+        for name in ("Delivered-To", "X-Original-To", "Envelope-To", "To")
+        for v in msg.get_all(name, [])
+    ]
+    found = [a for _, a in getaddresses(fields) if a.lower().startswith(prefix) and a.lower().endswith(end)]
+    return tuple(dict.fromkeys(found))[:10]
 
 
 def _id_suffix(campaign: Campaign) -> str:
@@ -283,7 +401,7 @@ def _unsubscribe(msg: Message, campaign: Campaign) -> list[Finding]:
     ours = {campaign.sender.address.lower(), campaign.sender.organizer.lower()}
     if sender is None or sender.lower() in ours:
         return []
-    return [Finding("unsubscribe", sender)]
+    return [Finding("unsubscribe", sender, subject=" ".join(str(msg.get("Subject", "")).split())[:2000])]
 
 
 def _from(msg: Message) -> str | None:
@@ -297,24 +415,35 @@ def _unique(findings: list[Finding]) -> list[Finding]:
 
 
 def inbox_id(raw: bytes) -> str:
-    """The key of a message in the ledger's inbox table: its Message-ID, or a digest."""
-    headers = BytesHeaderParser(policy=_POLICY).parsebytes(raw)
-    m = _MSG_ID.search(str(headers.get("Message-ID", "")))
-    return m.group(0) if m else f"<{hashlib.sha256(raw).hexdigest()[:32]}@inbox.invalid>"
+    """The key of a message in the ledger's inbox table: its Message-ID, or a digest. Never
+    raises: the header is read as plain text (a malformed Message-ID is no Message-ID)."""
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    m = re.fullmatch(r"\s*(<[^<>\s]+>)\s*", str(headers.get("Message-ID", "")))
+    return m.group(1) if m else f"<{hashlib.sha256(raw).hexdigest()[:32]}@inbox.invalid>"
+
+
+def skipped_id(ident: str) -> str:
+    """The inbox-table key of a skipped message: its identity in the source, not its content,
+    so a later poll passes it by without reading it."""
+    return f"<skipped.{ident}@inbox.invalid>"
 
 
 def worth_fetching(header: bytes, campaign: Campaign) -> bool:
     """Could a message with these headers be ours? Lets IMAP skip the bodies of plain mail.
 
-    Replies and DSNs are multipart or a calendar; an unsubscribe is addressed to us.
+    Replies and DSNs are multipart or a calendar; an unsubscribe is addressed to us. A header
+    block that cannot be read is fetched, so that it is recorded as skipped for a person.
     """
-    msg = BytesHeaderParser(policy=_POLICY).parsebytes(header)
-    if msg.get_content_maintype() == "multipart" or msg.get_content_type() in (
-        "text/calendar",
-        "application/ics",
-    ):
+    try:
+        msg = BytesHeaderParser(policy=_POLICY).parsebytes(header)
+        if msg.get_content_maintype() == "multipart" or msg.get_content_type() in (
+            "text/calendar",
+            "application/ics",
+        ):
+            return True
+        return bool(_unsubscribe(msg, campaign))
+    except Exception:  # noqa: BLE001 - untrusted header bytes
         return True
-    return bool(_unsubscribe(msg, campaign))
 
 
 # --------------------------------------------------------------------------------------
@@ -323,67 +452,146 @@ def worth_fetching(header: bytes, campaign: Campaign) -> bool:
 
 
 def apply(
-    findings: list[Finding], ledger: Ledger, campaign: Campaign, message_id: str, now: datetime
+    findings: list[Finding],
+    ledger: Ledger,
+    campaign: Campaign,
+    message_id: str,
+    now: datetime,
+    *,
+    secret: str | None = None,
 ) -> list[tuple[Recorded, str]]:
     """Record what one message (``message_id``) told us, and remember the message as handled.
 
-    A reply is the answer of the invitee its attendee address matches (by
-    :func:`~mailer.addresses.address_key`); a reply from an address that was sent no calendar
-    for that event (an alias, a forward) is kept as unmatched, for staff, and is nobody's
-    answer. A hard bounce marks the delivery bounced and suppresses the address; a delay
-    changes nothing; an unsubscribe suppresses the sender. Returns what each finding became,
-    with a log line.
+    Nothing a message claims is believed unless it is tied to a mail we sent:
+
+    - a reply counts for an ATTENDEE who was sent the event's calendar, answering a SEQUENCE
+      no higher than the one that person was sent, in a mail from that address (by
+      :func:`~mailer.addresses.address_key`) or quoting one of our Message-IDs to them;
+    - a DSN changes the one delivery its signed envelope token (VERP, with ``secret``) or the
+      Message-ID of the returned mail names, and only for that delivery's recipient: a hard
+      bounce marks it bounced and suppresses the address; a delay changes nothing;
+    - an unsubscribe mail suppresses the address its signed token (in the subject) names.
+
+    Anything else is recorded as unmatched, for staff, and changes nothing. Returns what each
+    finding became, with a log line.
     """
     done: list[tuple[Recorded, str]] = []
     for f in findings:
         if f.kind == "reply" and f.event_id and f.partstat:
-            answer = f"{address_key(f.email)} {f.partstat.lower()} {f.event_id}"
-            if ledger.is_invitee(campaign.id, f.event_id, f.email):
-                ledger.record_reply(campaign.id, f.event_id, f.email, f.partstat, now, message_id, f.sequence)
-                done.append(("reply", f"reply: {answer}"))
-            else:
-                why = _unmatched_why(f)
-                uid = campaign.event(f.event_id).uid
-                ledger.record_unmatched_reply(
-                    campaign.id,
-                    f.event_id,
-                    uid,
-                    f.email,
-                    f.sender,
-                    f.partstat,
-                    f.sequence,
-                    message_id,
-                    now,
-                    why,
-                )
-                done.append(("unmatched", f"unmatched reply: {answer}: {why}; not applied to anyone"))
-        elif f.kind == "bounce":
-            n = ledger.record_bounce(f.email, f.original_message_id, f.status, f.diagnostic, now)
-            done.append(
-                (
-                    "bounce",
-                    f"bounce: {f.email} {f.status} {f.diagnostic}".rstrip()
-                    + f"; {n} deliver{'y' if n == 1 else 'ies'} marked bounced, address suppressed",
-                )
-            )
-        elif f.kind == "delay":
-            done.append(
-                ("delay", f"delay: {f.email} {f.status} {f.diagnostic}".rstrip() + " (recorded only)")
-            )
+            done.append(_apply_reply(f, ledger, campaign, message_id, now))
         elif f.kind == "unsubscribe":
-            ledger.suppress(f.email, "unsubscribed by mail", now)
-            done.append(("unsubscribe", f"unsubscribe: {f.email} suppressed"))
+            done.append(_apply_unsubscribe(f, ledger, campaign, now, secret))
+    dsn = [f for f in findings if f.kind in ("bounce", "delay")]
+    if dsn:
+        done += _apply_dsn(dsn, ledger, campaign, now, secret)
     kinds = "+".join(dict.fromkeys(k for k, _ in done))
-    emails = ", ".join(dict.fromkeys(f.email for f in findings))
+    emails = _some(list(dict.fromkeys(f.email for f in findings)))
     ledger.record_inbox(message_id, kinds, emails, "; ".join(line for _, line in done), now)
     return done
 
 
-def _unmatched_why(f: Finding) -> str:
-    why = f"no invitation to {f.event_id} with a calendar was sent to {f.email}"
-    if f.sender and address_key(f.sender) != address_key(f.email):
-        why += f" (the mail came from {f.sender})"
-    return why
+def _some(items: list[str], n: int = 5) -> str:
+    """``a, b, c and 99,997 more``: a list staff can read whatever its length."""
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n:,} more" if len(items) > n else "")
+
+
+def _apply_reply(
+    f: Finding, ledger: Ledger, campaign: Campaign, message_id: str, now: datetime
+) -> tuple[Recorded, str]:
+    assert f.event_id and f.partstat
+    answer = f"{address_key(f.email)} {f.partstat.lower()} {f.event_id}"
+    sent = ledger.sent_sequence(campaign.id, f.event_id, f.email)
+    if sent is None:
+        why = f"no invitation to {f.event_id} with a calendar was sent to {f.email}"
+        if f.sender and address_key(f.sender) != address_key(f.email):
+            why += f" (the mail came from {f.sender})"
+    elif f.sequence is not None and f.sequence > sent:
+        why = f"it answers SEQUENCE {f.sequence}, but {f.email} was sent SEQUENCE {sent} at most"
+    elif (f.sender is None or address_key(f.sender) != address_key(f.email)) and not ledger.sent_to(
+        f.refs, f.email
+    ):
+        why = (
+            f"the mail came from {f.sender or 'no address'}, not {f.email}, and quotes none of the "
+            f"mails we sent to {f.email}"
+        )
+    else:
+        if ledger.record_reply(campaign.id, f.event_id, f.email, f.partstat, now, message_id, f.sequence):
+            return "reply", f"reply: {answer}"
+        return "outdated", f"outdated reply: {answer}: an answer to a newer revision is kept"
+    ledger.record_unmatched_reply(
+        campaign.id,
+        f.event_id,
+        campaign.event(f.event_id).uid,
+        f.email,
+        f.sender,
+        f.partstat,
+        f.sequence,
+        message_id,
+        now,
+        why,
+    )
+    return "unmatched", f"unmatched reply: {answer}: {why}; not applied to anyone"
+
+
+def _apply_unsubscribe(
+    f: Finding, ledger: Ledger, campaign: Campaign, now: datetime, secret: str | None
+) -> tuple[Recorded, str]:
+    from .bounces import unsubscribed_address
+
+    address = unsubscribed_address(secret, campaign.id, f.subject) if secret else None
+    if address is None:
+        return (
+            "unmatched-unsubscribe",
+            f"unmatched unsubscribe: from {f.email}, subject {f.subject[:80]!r}: no valid unsubscribe "
+            "token in the subject; nobody suppressed",
+        )
+    ledger.suppress(address, "unsubscribed by mail", now)
+    return "unsubscribe", f"unsubscribe: {address} suppressed"
+
+
+def _apply_dsn(
+    dsn: list[Finding], ledger: Ledger, campaign: Campaign, now: datetime, secret: str | None
+) -> list[tuple[Recorded, str]]:
+    from .bounces import delivery_of
+
+    first = dsn[0]
+    bounces = campaign.sender.bounces
+    target = None
+    if bounces and secret:
+        for address in first.envelope:
+            delivery = delivery_of(bounces, secret, address)
+            if delivery is not None and (target := ledger.returned_delivery(delivery, None)):
+                break
+    if target is None and first.original_message_id:
+        target = ledger.returned_delivery(None, first.original_message_id)
+    done: list[tuple[Recorded, str]] = []
+    key = address_key(target["email"]) if target else None
+    matched = [f for f in dsn if key is not None and address_key(f.email) == key][:1]
+    for f in matched:
+        assert target is not None
+        if f.kind == "bounce":
+            n = ledger.record_bounce_of(int(target["id"]), target["email"], f.status, f.diagnostic, now)
+            done.append(
+                (
+                    "bounce",
+                    f"bounce: {target['email']} {f.status} {f.diagnostic}".rstrip()
+                    + f"; {n} deliver{'y' if n == 1 else 'ies'} marked bounced, address suppressed",
+                )
+            )
+        else:
+            done.append(("delay", f"delay: {target['email']} {f.status} {f.diagnostic} (recorded only)"))
+    others = list(dict.fromkeys(f.email for f in dsn if f not in matched))
+    if others:
+        if target is None:
+            why = (
+                "matches no mail we sent (no valid signed bounce address, and the returned "
+                f"Message-ID {first.original_message_id or '(none)'} is not one of our deliveries)"
+            )
+        else:
+            why = f"the returned mail was sent to {target['email']}, not to them"
+        done.append(("unmatched-bounce", f"unmatched bounce: {_some(others)}: {why}; nothing changed"))
+    return done
 
 
 # --------------------------------------------------------------------------------------
@@ -410,17 +618,26 @@ class InboxResult:
 _LABELS: dict[Recorded, tuple[str, str]] = {
     "reply": ("reply", "replies"),
     "unmatched": ("unmatched reply", "unmatched replies"),
+    "outdated": ("outdated reply", "outdated replies"),
     "bounce": ("bounce", "bounces"),
     "delay": ("delay", "delays"),
     "unsubscribe": ("unsubscribe", "unsubscribes"),
+    "unmatched-bounce": ("unmatched bounce", "unmatched bounces"),
+    "unmatched-unsubscribe": ("unmatched unsubscribe", "unmatched unsubscribes"),
+    "skipped": ("skipped message (left unread for a person)", "skipped messages (left unread for a person)"),
 }
 
 
-def process(source: Source, ledger: Ledger, campaign: Campaign, now: datetime) -> InboxResult:
+def process(
+    source: Source, ledger: Ledger, campaign: Campaign, now: datetime, *, secret: str | None = None
+) -> InboxResult:
     """Handle every unprocessed message of ``source`` once; leave the others alone.
 
     A message is recorded in the ledger before it is flagged, so one whose flagging failed
-    is only flagged the next time, never handled twice.
+    is only flagged the next time, never handled twice. Each message is handled on its own: one
+    that cannot be read safely (:class:`Unreadable`, or any error while classifying it) is
+    recorded once as skipped, by its identity in the source, left unflagged for a person, and
+    not read again. ``secret`` verifies the signed bounce and unsubscribe tokens.
 
     :raises InboxError: the source cannot be read.
     """
@@ -431,19 +648,24 @@ def process(source: Source, ledger: Ledger, campaign: Campaign, now: datetime) -
         result.ignored += not ok
         return ok
 
+    def known(ident: str) -> bool:
+        return ledger.inbox_seen(skipped_id(ident))
+
     with source:
-        for item in source.messages(wanted):
+        for item in source.messages(wanted, known):
             try:
-                findings = classify(item.raw, campaign)
+                if item.size > MAX_BYTES and not item.raw:
+                    raise Unreadable(f"over {MAX_BYTES // 2**20} MB ({item.size:,} bytes)")
+                findings = _classify(read(item.raw), campaign)
             except Exception as exc:  # noqa: BLE001 - one odd mail must not block the inbox
-                result.lines.append(f"warning: message {item.key} left alone: {type(exc).__name__}: {exc}")
-                findings = []
+                _skip(item, exc, ledger, now, result)
+                continue
             if not findings:
                 result.ignored += 1
                 continue
             mid = inbox_id(item.raw)
             if not ledger.inbox_seen(mid):
-                done = apply(findings, ledger, campaign, mid, now)
+                done = apply(findings, ledger, campaign, mid, now, secret=secret)
                 result.lines += [line for _, line in done]
                 result.counts.update(kind for kind, _ in done)
                 result.handled += 1
@@ -452,6 +674,15 @@ def process(source: Source, ledger: Ledger, campaign: Campaign, now: datetime) -
             except InboxError as exc:
                 result.lines.append(f"warning: {exc}")
     return result
+
+
+def _skip(item: InboxMessage, exc: Exception, ledger: Ledger, now: datetime, result: InboxResult) -> None:
+    reason = str(exc) if isinstance(exc, Unreadable) else f"{type(exc).__name__}: {exc}"
+    ident = item.ident or f"sha256:{hashlib.sha256(item.raw).hexdigest()[:32]}"
+    line = f"skipped: message {item.key}: {reason}; left unflagged for a person to read"
+    ledger.record_inbox(skipped_id(ident), "skipped", None, line, now)
+    result.lines.append(line)
+    result.counts["skipped"] += 1
 
 
 def process_configured(
@@ -467,7 +698,7 @@ def process_configured(
     :raises InboxError: the inbox is misconfigured or cannot be read.
     """
     source = configured_source(environ, maildir)
-    return None if source is None else process(source, ledger, campaign, now)
+    return None if source is None else process(source, ledger, campaign, now, secret=secret_from(environ))
 
 
 def run_inbox(
@@ -494,4 +725,4 @@ def run_inbox(
     # An existing ledger only: the inbox records answers and bounces of mail that was sent,
     # so a missing file means a wrong --db / ledger:, never a new ledger (issue 11 item 2).
     with Ledger.open(db_path or campaign.ledger) as ledger:
-        return process(source, ledger, campaign, now or datetime.now(UTC))
+        return process(source, ledger, campaign, now or datetime.now(UTC), secret=secret_from(environ))

@@ -953,6 +953,68 @@ class Ledger:
             )
         return n
 
+    def returned_delivery(self, delivery_id: int | None, message_id: str | None) -> dict[str, Any] | None:
+        """The delivery a DSN returns: the one its signed envelope token names (``delivery_id``),
+        else the one sent with ``message_id``; ``id``, ``campaign``, ``email``, ``status``. None
+        when no mail we sent matches."""
+        if delivery_id is not None:
+            cur = self.conn.execute(
+                "SELECT id, campaign, email, status FROM deliveries WHERE id=?", (delivery_id,)
+            )
+        elif message_id:
+            cur = self.conn.execute(
+                "SELECT id, campaign, email, status FROM deliveries WHERE message_id=? LIMIT 1",
+                (message_id,),
+            )
+        else:
+            return None
+        return next(dicts(cur), None)
+
+    def record_bounce_of(self, delivery_id: int, email: str, code: str, text: str, at: datetime) -> int:
+        """A hard bounce of delivery ``delivery_id`` (to ``email``): it becomes ``bounced`` if it
+        may have arrived, and the address is suppressed. Returns rows changed."""
+        ts = iso(at)
+        reason = f"bounced: {code} {text}".strip()
+        with self.transaction() as c:
+            n = c.execute(
+                f"UPDATE deliveries SET status='{Status.BOUNCED}', reason=?, updated=?"
+                f" WHERE id=? AND status IN {sql_list(MAY_HAVE_ARRIVED)}",
+                (reason, ts, delivery_id),
+            ).rowcount
+            c.execute(
+                "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?) ON CONFLICT (email)"
+                " DO UPDATE SET reason=excluded.reason, at=excluded.at",
+                (email.lower(), f"hard bounce {code}".strip(), ts),
+            )
+        return n
+
+    def sent_sequence(self, campaign: str, event: str, email: str) -> int | None:
+        """The highest SEQUENCE of ``event``'s calendar sent (or being sent) to ``email`` (by
+        :func:`~mailer.addresses.address_key`); None when it was sent no calendar for the event."""
+        key = address_key(email)
+        row = self.conn.execute(
+            "SELECT max(sequence) FROM deliveries WHERE event=? AND campaign=? AND email IN (?, ?) AND ics=1",
+            (event, campaign, email, key),
+        ).fetchone()
+        if row[0] is None:
+            keyed = "lower(email)" if key.isascii() else "address_key(email)"
+            row = self.conn.execute(
+                f"SELECT max(sequence) FROM deliveries WHERE event=? AND campaign=? AND {keyed}=? AND ics=1",
+                (event, campaign, key),
+            ).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def sent_to(self, message_ids: Iterable[str], email: str) -> bool:
+        """Whether one of ``message_ids`` is a mail we sent to ``email`` (by address key)."""
+        ids = list(dict.fromkeys(message_ids))[:50]
+        if not ids:
+            return False
+        cur = self.conn.execute(
+            f"SELECT email FROM deliveries WHERE message_id IN ({','.join('?' * len(ids))})", ids
+        )
+        key = address_key(email)
+        return any(address_key(e) == key for (e,) in cur)
+
     def inbox_seen(self, message_id: str) -> bool:
         """Whether an inbox message was handled before."""
         return (

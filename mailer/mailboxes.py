@@ -20,16 +20,22 @@ Tls = Literal["tls", "starttls", "none"]
 
 #: IMAP keyword set on every message we handled; the search skips flagged ones.
 KEYWORD = "$MailerProcessed"
-#: Larger messages are left alone: replies and DSNs are small.
+#: Larger messages are not read (replies and DSNs are small): they are offered without their
+#: bytes, so the inbox records them once as skipped for a person to read.
 MAX_BYTES = 10 * 1024 * 1024
 _FETCH_BATCH = 200
 
 
 class InboxMessage(NamedTuple):
-    """A message a source offers: ``key`` is what :meth:`Source.mark` takes."""
+    """A message a source offers: ``key`` is what :meth:`Source.mark` takes; ``ident`` names
+    the message in its source for good without parsing it (a Maildir file's unique name, an
+    IMAP UIDVALIDITY and UID); ``size`` is set, and ``raw`` empty, for a message over
+    :data:`MAX_BYTES` that was not read."""
 
     key: str
     raw: bytes
+    ident: str = ""
+    size: int = 0
 
 
 class Source(Protocol):
@@ -41,9 +47,12 @@ class Source(Protocol):
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None: ...
 
-    def messages(self, wanted: Callable[[bytes], bool]) -> Iterator[InboxMessage]:
+    def messages(
+        self, wanted: Callable[[bytes], bool], known: Callable[[str], bool] = lambda ident: False
+    ) -> Iterator[InboxMessage]:
         """Messages not yet flagged as processed. A source that can read headers alone may
-        skip the body of a message whose header block ``wanted`` rejects."""
+        skip the body of a message whose header block ``wanted`` rejects; a message whose
+        ``ident`` is ``known`` (skipped before) is not read at all."""
         ...
 
     def mark(self, key: str) -> None:
@@ -68,17 +77,28 @@ class MaildirSource:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def messages(self, wanted: Callable[[bytes], bool] = lambda header: True) -> Iterator[InboxMessage]:
+    def messages(
+        self,
+        wanted: Callable[[bytes], bool] = lambda header: True,
+        known: Callable[[str], bool] = lambda ident: False,
+    ) -> Iterator[InboxMessage]:
         for sub in ("new", "cur"):
             for name in sorted(os.listdir(self.path / sub)):  # names start with the arrival time
                 if name.startswith("."):
                     continue
+                ident = "maildir:" + name.partition(":2,")[0]  # flags change, the unique part does not
+                if known(ident):
+                    continue
+                path = self.path / sub / name
                 try:
-                    raw = (self.path / sub / name).read_bytes()
+                    size = path.stat().st_size
+                    if size > MAX_BYTES:
+                        yield InboxMessage(f"{sub}/{name}", b"", ident, size)
+                        continue
+                    raw = path.read_bytes()
                 except (FileNotFoundError, IsADirectoryError):
                     continue  # moved by a mail client meanwhile; seen next time
-                if len(raw) <= MAX_BYTES:
-                    yield InboxMessage(f"{sub}/{name}", raw)
+                yield InboxMessage(f"{sub}/{name}", raw, ident)
 
     def mark(self, key: str) -> None:
         sub, _, name = key.partition("/")
@@ -115,6 +135,7 @@ class ImapSource:
         self._password = password  # never in repr, logs or errors
         self.ca_file, self.timeout = ca_file, timeout
         self._client: Any = None
+        self._validity = 0  # UIDVALIDITY of the selected mailbox
 
     def __repr__(self) -> str:
         return f"ImapSource({self.where!r})"
@@ -177,7 +198,8 @@ class ImapSource:
             if self.tls == "starttls":
                 client.starttls(ssl_context=ctx)
             client.login(self.user, self._password)
-            client.select_folder(self.mailbox)
+            selected = client.select_folder(self.mailbox)
+            self._validity = int(selected.get(b"UIDVALIDITY", 0))
         except ssl.SSLCertVerificationError as exc:
             self._close()
             raise InboxError(
@@ -211,23 +233,32 @@ class ImapSource:
                 pass
             self._client = None
 
-    def messages(self, wanted: Callable[[bytes], bool] = lambda header: True) -> Iterator[InboxMessage]:
+    def messages(
+        self,
+        wanted: Callable[[bytes], bool] = lambda header: True,
+        known: Callable[[str], bool] = lambda ident: False,
+    ) -> Iterator[InboxMessage]:
+        def ident(uid: int) -> str:
+            return f"imap:{self._validity}:{uid}"
+
         try:
-            uids = self._client.search(["NOT", "KEYWORD", KEYWORD])
+            uids = [u for u in self._client.search(["NOT", "KEYWORD", KEYWORD]) if not known(ident(u))]
             for i in range(0, len(uids), _FETCH_BATCH):
                 heads = self._client.fetch(uids[i : i + _FETCH_BATCH], ["RFC822.SIZE", "BODY.PEEK[HEADER]"])
-                fetch = [
-                    uid
-                    for uid in uids[i : i + _FETCH_BATCH]
-                    if uid in heads
-                    and heads[uid].get(b"RFC822.SIZE", 0) <= MAX_BYTES
-                    and wanted(heads[uid].get(b"BODY[HEADER]") or b"")
-                ]
+                fetch = []
+                for uid in uids[i : i + _FETCH_BATCH]:
+                    if uid not in heads:
+                        continue
+                    size = int(heads[uid].get(b"RFC822.SIZE", 0))
+                    if size > MAX_BYTES:
+                        yield InboxMessage(str(uid), b"", ident(uid), size)
+                    elif wanted(heads[uid].get(b"BODY[HEADER]") or b""):
+                        fetch.append(uid)
                 bodies = self._client.fetch(fetch, ["BODY.PEEK[]"]) if fetch else {}
                 for uid in fetch:
                     raw = bodies.get(uid, {}).get(b"BODY[]")
                     if raw:
-                        yield InboxMessage(str(uid), raw)
+                        yield InboxMessage(str(uid), raw, ident(uid))
         except (IMAPClientError, OSError) as exc:
             raise InboxError(f"{self.where}: {_text_of(exc)}") from None
 

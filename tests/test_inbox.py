@@ -17,6 +17,7 @@ import trustme
 from dovecot import Dovecot, dovecot_fixture  # noqa: F401 - provides the dovecot fixture
 from imapclient import IMAPClient
 
+from mailer.bounces import unsubscribe_token
 from mailer.config import Campaign, load
 from mailer.errors import InboxError
 from mailer.inbox import (
@@ -40,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2018, 1, 10, 12, 0, tzinfo=UTC)
 SENT_AT = datetime(2018, 1, 4, 9, 0, tzinfo=UTC)
 STEP = "uitnodiging-aan-de-slag"
+#: Signs the unsubscribe token an unsubscribe mail must carry (MAILER_WEB_SECRET).
+SECRET = "inbox-test-secret-0123456789abcdef"
+SECRET_ENV = {"MAILER_WEB_SECRET": SECRET}
 
 
 CAMPAIGN = load(ROOT / "schedules.yaml")
@@ -83,10 +87,18 @@ def reply_ics(
 
 
 def reply_mail(
-    ics: bytes | str, sender: str, *, attach: bool = False, inline: bool = True, mid: str = ""
+    ics: bytes | str,
+    sender: str,
+    *,
+    attach: bool = False,
+    inline: bool = True,
+    mid: str = "",
+    in_reply_to: str = "",
 ) -> bytes:
     msg = EmailMessage()
     msg["From"] = sender
+    if in_reply_to:
+        msg["In-Reply-To"] = in_reply_to
     msg["To"] = "Integratiepact <integratiepact@example.be>"
     msg["Subject"] = "Answer: Aan de slag INTEGRATIEPACT"
     msg["Date"] = "Fri, 05 Jan 2018 09:00:00 +0100"
@@ -200,10 +212,10 @@ def scenario(campaign: Campaign) -> dict[str, bytes]:
             mid_for(campaign, "slow@example.net"),
             mid="<dsn.2@mx.example.net>",
         ),
-        "unsubscribe": plain_mail(
+        "unsubscribe": plain_mail(  # the List-Unsubscribe mailto's subject carries leen's token
             "Leen <leen@example.be>",
             "afmelden@example.be",
-            "unsubscribe",
+            f"unsubscribe {unsubscribe_token(SECRET, campaign.id, 'leen@example.be')}",
             mid="<unsub.1@client.example>",
         ),
         "unrelated": plain_mail(
@@ -284,7 +296,9 @@ def test_imap_end_to_end(tmp_path: Path, campaign: Campaign, dovecot: Dovecot, i
     uids = append_all(imap, scenario(campaign))
     ledger_with_deliveries(tmp_path / "mailer.db", campaign).close()
 
-    result = run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", None, dovecot.env("tls"), now=NOW)
+    result = run_inbox(
+        ROOT / "schedules.yaml", tmp_path / "mailer.db", None, dovecot.env("tls") | SECRET_ENV, now=NOW
+    )
     assert dict(result.counts) == {"reply": 3, "bounce": 1, "delay": 1, "unsubscribe": 1}
     assert (result.handled, result.ignored) == (6, 1)
     assert (
@@ -408,7 +422,9 @@ def test_maildir_end_to_end(tmp_path: Path, campaign: Campaign) -> None:
         keys[name] = md.add(m)
     ledger_with_deliveries(tmp_path / "mailer.db", campaign).close()
 
-    result = run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", tmp_path / "Maildir", {}, now=NOW)
+    result = run_inbox(
+        ROOT / "schedules.yaml", tmp_path / "mailer.db", tmp_path / "Maildir", SECRET_ENV, now=NOW
+    )
     assert dict(result.counts) == {"reply": 3, "bounce": 1, "delay": 1, "unsubscribe": 1}
     assert (result.handled, result.ignored) == (6, 1)
     with Ledger(tmp_path / "mailer.db") as ledger:
@@ -581,7 +597,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
         (
             "unsubscribe, any case",
             plain_mail("Leen <Leen@Example.BE>", "AFMELDEN@example.be", "x", mid="<u@x>"),
-            [Finding("unsubscribe", "Leen@example.be")],
+            [Finding("unsubscribe", "Leen@example.be", subject="x")],
         ),
         (
             "unsubscribe via Delivered-To",
@@ -592,7 +608,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
                 mid="<u@x>",
                 extra="Delivered-To: afmelden@example.be\r\n",
             ),
-            [Finding("unsubscribe", "a@b.be")],
+            [Finding("unsubscribe", "a@b.be", subject="x")],
         ),
         (
             "auto-reply to unsubscribe",
@@ -636,7 +652,13 @@ def test_apply_lines(tmp_path: Path, campaign: Campaign) -> None:
             [
                 Finding("reply", "Jan@example.be", "aan-de-slag", "DECLINED", sender="jan@example.be"),
                 Finding("reply", "a@b.be", "aan-de-slag", "ACCEPTED", sender="fwd@example.org"),
-                Finding("delay", "c@d.be", status="4.2.2", diagnostic="mailbox full"),
+                Finding(
+                    "delay",
+                    "slow@example.net",
+                    status="4.2.2",
+                    diagnostic="mailbox full",
+                    original_message_id=mid_for(campaign, "slow@example.net"),
+                ),
             ],
             ledger,
             campaign,
@@ -650,7 +672,7 @@ def test_apply_lines(tmp_path: Path, campaign: Campaign) -> None:
                 "unmatched reply: a@b.be accepted aan-de-slag: no invitation to aan-de-slag with a "
                 "calendar was sent to a@b.be (the mail came from fwd@example.org); not applied to anyone",
             ),
-            ("delay", "delay: c@d.be 4.2.2 mailbox full (recorded only)"),
+            ("delay", "delay: slow@example.net 4.2.2 mailbox full (recorded only)"),
         ]
         assert ledger.inbox_seen("<m@x>")
         assert ledger.suppressed() == {}

@@ -21,6 +21,7 @@ from mailer.cli import cli
 from mailer.config import Campaign, load
 from mailer.inbox import run_inbox
 from mailer.ledger import Ledger
+from mailer.message import message_id
 from mailer.migrations import MIGRATIONS, SCHEMA_VERSION, statements
 from mailer.smtpd import SmtpServer
 from mailer.store import Claim, Outcome
@@ -67,7 +68,7 @@ def invited(path: Path, campaign: Campaign, who: dict[str, str]) -> None:
     with Ledger.create(path) as ledger:
         for email, event in who.items():
             step = f"uitnodiging-{event}"
-            mid = f"<{step}.{email}@example.be>"
+            mid = message_id(campaign.id, step, email, campaign.sender.domain)
             [claimed] = ledger.claim(
                 campaign.id, [Claim(step, event, email, "", SENT_AT, mid, 0, True)], SENT_AT
             )
@@ -119,24 +120,31 @@ def test_a_reply_from_someone_not_invited_is_recorded_unmatched(tmp_path: Path) 
         "jan.peeters@example.org",
         mid="<other.1@client.example>",
     )
-    forwarded = reply_mail(  # a colleague answers with Celine's attendee line
+    forwarded = reply_mail(  # a colleague answers Celine's invitation with her attendee line
         reply_ics(ev.uid, "mailto:celine.mertens@example.be", "ACCEPTED"),
         "Colleague <colleague@example.be>",
         mid="<fwd.1@client.example>",
+        in_reply_to=message_id(CAMPAIGN.id, f"uitnodiging-{ev.id}", CELINE, CAMPAIGN.sender.domain),
     )
-    box = maildir(tmp_path / "in", alias, other_event, forwarded)
+    forged = reply_mail(  # the same without quoting our mail to her: anyone could write it
+        reply_ics(ev.uid, "mailto:celine.mertens@example.be", "DECLINED"),
+        "Someone <someone@example.org>",
+        mid="<forged.1@client.example>",
+    )
+    box = maildir(tmp_path / "in", alias, other_event, forged, forwarded)
     result = run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", box, {}, NOW)
-    assert result.counts["unmatched"] == 2 and result.counts["reply"] == 1
-    assert "2 unmatched replies" in result.summary()
+    assert result.counts["unmatched"] == 3 and result.counts["reply"] == 1
+    assert "3 unmatched replies" in result.summary()
     assert any(
         ln.startswith("unmatched reply: c.mertens@example.be accepted aan-de-slag") for ln in result.lines
     )
     with Ledger.open(tmp_path / "mailer.db") as ledger:
-        # Celine's own attendee line counts, whoever sent it (RFC 5546 lets a delegate answer);
-        # nobody else's answer is applied to anyone
+        # Celine's own attendee line counts from whoever answers her invitation (RFC 5546 lets a
+        # delegate answer); nobody else's answer is applied to anyone
         assert ledger.answers(CAMPAIGN.id) == {("aan-de-slag", CELINE): "ACCEPTED"}
         rows = {r["message_id"]: r for r in ledger.unmatched_replies()}
-    assert set(rows) == {"<alias.1@outlook.example>", "<other.1@client.example>"}
+    assert set(rows) == {"<alias.1@outlook.example>", "<other.1@client.example>", "<forged.1@client.example>"}
+    assert "quotes none of the mails we sent" in rows["<forged.1@client.example>"]["why"]
     a = rows["<alias.1@outlook.example>"]
     assert (a["campaign"], a["event"], a["uid"], a["attendee"], a["sender"], a["partstat"]) == (
         CAMPAIGN.id,
@@ -152,7 +160,7 @@ def test_a_reply_from_someone_not_invited_is_recorded_unmatched(tmp_path: Path) 
     again = run_inbox(ROOT / "schedules.yaml", tmp_path / "mailer.db", box, {}, NOW)
     assert again.handled == 0
     with Ledger.read(tmp_path / "mailer.db") as ledger:
-        assert len(ledger.unmatched_replies()) == 2
+        assert len(ledger.unmatched_replies()) == 3
 
     # staff see it in `mailer status`, from a real process
     done = subprocess.run(
@@ -164,7 +172,7 @@ def test_a_reply_from_someone_not_invited_is_recorded_unmatched(tmp_path: Path) 
         env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stderr
-    assert "2 replies could not be matched to an invitee" in done.stdout
+    assert "3 replies could not be matched to an invitee" in done.stdout
     assert "c.mertens@example.be" in done.stdout and "Replies we could not match" in done.stdout
 
 
