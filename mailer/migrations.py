@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "statements"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: Version 1: the tables and indexes. ``IF NOT EXISTS`` as in the releases before migrations,
 #: which ran it on every open.
@@ -198,6 +198,14 @@ _SCHEMA_V6 = """
 ALTER TABLE replies ADD COLUMN source TEXT NOT NULL DEFAULT 'imip';
 """
 
+#: Version 7: deliveries by step (issue 16). The dashboard's step facet and its "step = x"
+#: filters (with their row counts and CSV pages) read a million-row ledger through it instead
+#: of a full scan that timed out. ``step`` never changes after a row is inserted, so status
+#: changes (the send's hot path) never touch this index; only each new delivery adds an entry.
+_SCHEMA_V7 = """
+CREATE INDEX IF NOT EXISTS deliveries_by_step ON deliveries (step);
+"""
+
 #: ``{version: the SQL that brings version - 1 to it}``: a new file runs them all, in order.
 MIGRATIONS: dict[int, str] = {
     1: _SCHEMA_V1,
@@ -206,6 +214,7 @@ MIGRATIONS: dict[int, str] = {
     4: _SCHEMA_V4,
     5: _SCHEMA_V5,
     6: _SCHEMA_V6,
+    7: _SCHEMA_V7,
 }
 
 

@@ -251,6 +251,53 @@ def test_the_dashboard_refuses_an_older_ledger(tmp_path: Path) -> None:
     assert digest(db, tmp_path / "old.db-wal") == before and schema(db) == "2"
 
 
+# -- issue 16: schema 7 (deliveries by step) ---------------------------------------------------
+
+
+def make_schema_6(path: Path) -> Path:
+    """A ledger as schema 6 left it: without the (step) index of version 7."""
+    make_ledger(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP INDEX deliveries_by_step")
+    conn.execute("UPDATE meta SET value='6' WHERE key='schema_version'")
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.close()
+    return path
+
+
+def step_plan(path: Path) -> str:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return " ".join(
+            r[3] for r in conn.execute("EXPLAIN QUERY PLAN SELECT count(*) FROM deliveries WHERE step='x'")
+        )
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("args", READERS, ids=" ".join)
+def test_readers_refuse_a_schema_6_ledger_until_a_writer_migrates_it(
+    args: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = make_schema_6(tmp_path / "six.db")
+    before = digest(db, tmp_path / "six.db-wal")
+    monkeypatch.chdir(tmp_path)
+    code, text = invoke(*args, "--db", "six.db")
+    assert code == 1 and len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
+    assert (
+        "six.db: ledger is schema 6, this mailer reads 7; upgrade it with `mailer send` or `mailer run`"
+        in text
+    )
+    assert digest(db, tmp_path / "six.db-wal") == before and schema(db) == "6"
+    # The next writer migrates: the rows stay, the step filter reads the new index.
+    with Ledger.open(db) as led:
+        assert led.schema_version == 7
+        assert [r["status"] for r in led.log(columns=("status",))] == [Status.FAILED, Status.SKIPPED]
+    assert "USING COVERING INDEX deliveries_by_step (step=?)" in step_plan(db)
+    code, text = invoke(*args, "--db", "six.db")
+    assert code == 0, text
+
+
 # -- item 5: a file that is not a ledger is one clean line -----------------------------------------
 
 
