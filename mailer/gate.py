@@ -10,17 +10,21 @@ Two entry points, both pure (they render; they never write, connect or read the 
   configured step for its audience, and the ``update`` and ``cancel`` templates for every
   recipient of a calendar entry, whether or not an event changed.
 
-Every mail is rendered, not one per template and language: a template may branch on any
-variable (``{% if contact.organisation %}``, ``{{ contact[column] }}``), so no smaller set of
-renders is provably equivalent. Only the templates are rendered (no calendar, no MIME), about
-a tenth of what composing a mail costs (README "The render gate").
+Not every mail is rendered: one per *shape* of recipient (:mod:`mailer.shapes`, issue 16):
+the mails of one step (and SEQUENCE) whose recipients share the language, time zone, CSV
+columns and every value (or result of a test on values) the template does more with than write
+it out take the same path through the template and raise the same problems, so the first of
+them is rendered for all. A problem names that first recipient and counts all of the shape's
+mails, exactly as rendering each mail would. Only the templates are rendered (no calendar, no
+MIME), about a tenth of what composing a mail costs (README "The render gate").
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from . import planner
 from .compose import Composer
@@ -28,10 +32,12 @@ from .config import Event, Step
 from .contacts import Contact
 from .errors import ConfigError, Problem, TemplateError
 from .planner import Due
+from .shapes import Shapes
+from .templates import contact_vars, context
 from .vocab import EventStatus, StepKind
 from .workspace import Workspace
 
-__all__ = ["Mail", "check_workspace", "gate_due", "revision_mails"]
+__all__ = ["Mail", "check_workspace", "gate_due", "revision_mails", "shape_of"]
 
 #: Renders the placeholder links when `check` has no MAILER_UNSUBSCRIBE_SECRET (the link's
 #: shape, not its signature, is what a template sees).
@@ -67,6 +73,65 @@ def _render(composer: Composer, mail: Mail, sequence: int | None) -> list[Proble
     return []
 
 
+def shape_of(composer: Composer, shapes: Shapes, mail: Mail, index: int) -> Hashable:
+    """What decides how ``mail`` renders (:mod:`mailer.shapes`): two mails of one step with the
+    same shape raise the same problems. ``index`` tells apart the mails of a template that
+    makes every recipient its own shape. Never raises: a template that is missing or cannot be
+    read gets a shape per recipient (rendering reports it)."""
+    contact = mail.contact
+    template = mail.step.template
+    lang = shapes.templates.language_for(template, contact.language)
+    base = (
+        mail.label,
+        template,
+        lang,
+        contact.language,
+        contact.timezone,
+        tuple(contact.fields),
+        contact.zones,
+    )
+    if lang is None:
+        return (*base, index)
+    analysis = shapes.analysis(template, lang)
+    if analysis.exact:
+        return (*base, index)
+    if not analysis.keys:
+        return base
+    cache: dict[str, Any] = {}
+
+    def roots(name: str) -> Any:
+        if name not in cache:
+            if name == "contact":
+                cache[name] = contact_vars(composer.campaign, contact)
+            elif name == "links":
+                found = composer.links_for(mail.event, contact)
+                cache[name] = found.as_dict() if found is not None else None
+            else:  # campaign, with the signed unsubscribe link, as Composer.render puts it in
+                base = shapes.campaigns.get(contact.zones)
+                if base is None:
+                    base = shapes.campaigns[contact.zones] = context(
+                        composer.campaign, mail.event, mail.step, contact
+                    )["campaign"]
+                found = composer.links_for(mail.event, contact)
+                unsub_url = found.unsubscribe if found else composer._unsubscribe_url(contact)
+                cache[name] = base if unsub_url is None else {**base, "unsubscribe_url": unsub_url}
+        return cache[name]
+
+    return (*base, analysis.shape(roots))
+
+
+def composer_context(composer: Composer, mail: Mail) -> dict[str, Any]:
+    """``links`` and ``campaign`` of the variables :meth:`Composer.render` gives ``mail``."""
+    ctx = context(composer.campaign, mail.event, mail.step, mail.contact)
+    found = composer.links_for(mail.event, mail.contact)
+    if found is not None:
+        ctx["links"] = found.as_dict()
+    unsub_url = found.unsubscribe if found else composer._unsubscribe_url(mail.contact)
+    if unsub_url is not None:
+        ctx["campaign"] = {**ctx["campaign"], "unsubscribe_url": unsub_url}
+    return ctx
+
+
 def gate_due(composer: Composer, due: Sequence[Due]) -> tuple[list[Due], list[Problem]]:
     """Render every mail in ``due`` as the delivery will compose it (the SEQUENCE a claim now
     carries). Returns the mails of the steps that render completely, in order, and one problem
@@ -74,17 +139,26 @@ def gate_due(composer: Composer, due: Sequence[Due]) -> tuple[list[Due], list[Pr
     the step's mails it fails, and the first recipient it fails for)."""
     found: dict[str, dict[str, _Found]] = {}
     total: dict[str, int] = {}
-    for d in due:
+    shapes = Shapes(composer.templates)
+    groups: dict[Hashable, tuple[Due, list[int]]] = {}  # first mail of each shape, and how many
+    for i, d in enumerate(due):
         sid = d.step.id
         total[sid] = total.get(sid, 0) + 1
+        seq = composer.sequence(d.event.id)
+        key = (sid, seq, shape_of(composer, shapes, Mail(d.step, d.event, d.contact), i))
+        if key in groups:
+            groups[key][1][0] += 1
+        else:
+            groups[key] = (d, [1])
+    for d, (count,) in groups.values():
         mail = Mail(d.step, d.event, d.contact)
         for p in _render(composer, mail, composer.sequence(d.event.id)):
-            seen = found.setdefault(sid, {})
-            key = str(p)
-            if key in seen:
-                seen[key].count += 1
+            seen = found.setdefault(d.step.id, {})
+            line = str(p)
+            if line in seen:
+                seen[line].count += count
             else:
-                seen[key] = _Found(p, d.contact)
+                seen[line] = _Found(p, d.contact, count)
     if not found:
         return list(due), []
     problems = [
@@ -180,8 +254,17 @@ def check_workspace(
         for contact in ws.audience(step)
     ]
     mails += revision_mails(ws)
-    seen: set[str] = set()
+    # One render per shape (mailer.shapes), in the order of each shape's first mail: the
+    # problems, and the recipient each names, are those of rendering every mail in order.
+    shapes = Shapes(ws.templates)
+    firsts: dict[Hashable, Mail] = {}
     for i, mail in enumerate(mails, 1):
+        firsts.setdefault(shape_of(composer, shapes, mail, i), mail)
+        if progress is not None and i % 1000 == 0:
+            progress(i // 2, len(mails))
+    seen: set[str] = set()
+    reps = list(firsts.values())
+    for i, mail in enumerate(reps, 1):
         template = mail.step.template
         lang = ws.templates.language_for(template, mail.contact.language)
         skip = (template, None) in broken or lang is None or (template, lang) in broken
@@ -200,6 +283,6 @@ def check_workspace(
                     language=p.language,
                 )
             )
-        if progress is not None and (i % 100 == 0 or i == len(mails)):
-            progress(i, len(mails))
+        if progress is not None and (i % 100 == 0 or i == len(reps)):
+            progress(len(mails) // 2 + len(mails) * i // (2 * len(reps)), len(mails))
     return problems

@@ -56,6 +56,7 @@ from jinja2 import (
     TemplateSyntaxError,
     UndefinedError,
     meta,
+    nodes,
     pass_context,
     select_autoescape,
 )
@@ -66,7 +67,7 @@ from .config import TEXT_FIELDS, Campaign, Event, Step, pick
 from .contacts import Contact
 from .errors import Problem, TemplateError, display_path
 
-__all__ = ["Rendered", "Templates", "context", "describe_changes", "locale_for"]
+__all__ = ["Rendered", "Templates", "contact_vars", "context", "describe_changes", "locale_for"]
 
 PARTS = ("subject.txt", "body.txt", "body.html")
 # Bare languages get the region the campaign lives in (Belgium); English gets British usage.
@@ -531,6 +532,32 @@ class Templates:
             files += [r for r in meta.find_referenced_templates(ast) if r is not None]
         return problems
 
+    def parsed(self, name: str, lang: str) -> list[nodes.Template] | None:
+        """The syntax trees of the files ``name`` renders in the language folder ``lang`` (as
+        :meth:`language_for` gives it) and of every file they extend, include or import; None
+        when one is named by an expression (which file is only known while rendering) or
+        cannot be read or parsed (rendering reports that)."""
+        folder = self._dirs(name).get(lang)
+        if folder is None:
+            return None
+        todo, seen, out = [f"{name}/{folder}/{part}" for part in PARTS], set(), []
+        while todo:
+            rel = todo.pop(0)
+            if rel in seen:
+                continue
+            seen.add(rel)
+            try:
+                source, _, _ = self._env.loader.get_source(self._env, rel)  # type: ignore[union-attr]
+                ast = self._env.parse(source, rel)
+            except Exception:  # noqa: BLE001 - any unreadable file: no analysis
+                return None
+            refs = list(meta.find_referenced_templates(ast))
+            if any(r is None for r in refs):
+                return None
+            todo += [r for r in refs if r is not None]
+            out.append(ast)
+        return out
+
     def render(self, name: str, language: str | None, context: Mapping[str, Any]) -> Rendered:
         """Render ``name`` in ``language`` (falling back: nl_BE -> nl -> campaign language).
 
@@ -609,23 +636,28 @@ class Templates:
         return self._problem(at, f"undefined variable {what}; available: {available}{hint}", **here)
 
 
+def contact_vars(campaign: Campaign, contact: Contact) -> dict[str, Any]:
+    """The ``contact`` template variable (see the module docstring)."""
+    return {
+        # Extra CSV columns first, so the validated core fields win on a name clash.
+        **contact.fields,
+        "email": contact.email,
+        "name": contact.name,
+        "language": contact.language,
+        # The reader's IANA zone: their timezone column, else the campaign's.
+        "timezone": contact.timezone or campaign.timezone.key,
+        "lists": sorted(contact.lists),
+        "tags": sorted(contact.tags),
+    }
+
+
 def context(campaign: Campaign, event: Event, step: Step, contact: Contact) -> dict[str, Any]:
     """The template variables for one recipient of one step (see the module docstring)."""
     sender, unsub = campaign.sender, campaign.unsubscribe
     # Texts given per language in schedules.yaml: the reader's, else the campaign language's.
     title, location, description = (event.text(f, contact.language)[0] for f in TEXT_FIELDS)
     return {
-        # Extra CSV columns first, so the validated core fields win on a name clash.
-        "contact": {
-            **contact.fields,
-            "email": contact.email,
-            "name": contact.name,
-            "language": contact.language,
-            # The reader's IANA zone: their timezone column, else the campaign's.
-            "timezone": contact.timezone or campaign.timezone.key,
-            "lists": sorted(contact.lists),
-            "tags": sorted(contact.tags),
-        },
+        "contact": contact_vars(campaign, contact),
         "event": {
             "id": event.id,
             "title": title or event.title,

@@ -284,3 +284,70 @@ async def test_the_daemon_refuses_a_reload_that_does_not_render_and_keeps_the_ca
         assert "failed" not in str(rows(tmp_path / "ledger.db"))
     finally:
         await d.close()
+
+
+# --------------------------------------------------------------------------------------
+# Issue 16: one render per shape of recipient finds what rendering every mail finds
+# --------------------------------------------------------------------------------------
+
+_PLANTS = {
+    # a value that fails only for one particular value (int of a text)
+    "value": ("{{ 100 // (contact.get('seats', '1') | int) }}", "seats", "0"),
+    # a branch taken for one value only, into an undefined variable
+    "branch": (
+        "{% if contact.organisation == 'Planted' %}{{ nothing.attr }}{% endif %}",
+        "organisation",
+        "Planted",
+    ),
+    # a test on a value through a {% set %}
+    "alias": (
+        "{% set o = contact.organisation %}{% if 'X' in o %}{{ o.missing_method() }}{% endif %}",
+        "organisation",
+        "aXb",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_PLANTS))
+def test_check_finds_an_error_planted_in_one_contact_of_many(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Rendered once per shape, check still names the one row whose value fails, as rendering
+    every mail one by one (the old way, the oracle here) does. Fails if the shape ignores the
+    value (one render for all)."""
+    import shutil
+
+    from mailer.compose import Composer
+    from mailer.gate import Mail, _render, revision_mails
+
+    root = Path(__file__).parent.parent
+    shutil.copy(root / "schedules.yaml", tmp_path / "schedules.yaml")
+    shutil.copytree(root / "templates", tmp_path / "templates")
+    (tmp_path / "contacts").mkdir()
+    snippet, column, bad = _PLANTS[kind]
+    rows = ["email,name,language,lists,organisation,seats"]
+    for i in range(600):
+        org, seats = f"Org {i % 7}", str(1 + i % 5)
+        if i == 421:
+            org, seats = (bad, seats) if column == "organisation" else (org, bad)
+        rows.append(f"p{i}@example.be,Person {i},{'fr' if i % 10 == 3 else 'nl'},indieners,{org},{seats}")
+    (tmp_path / "contacts" / "list.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    body = tmp_path / "templates" / "herinnering" / "nl" / "body.txt"
+    body.write_text(body.read_text(encoding="utf-8") + snippet + "\n", encoding="utf-8")
+    ws = load_workspace(tmp_path / "schedules.yaml")
+    problems = check_workspace(ws)
+    assert problems, kind
+    assert {(Path(p.file).name, p.row) for p in problems} == {("list.csv", 423)}, problems
+    # the oracle: every mail rendered one by one
+    composer = Composer(ws.campaign, ws.templates)
+    mails = [
+        Mail(s, ws.campaign.event(s.event), c, None, s.id) for s in ws.campaign.steps for c in ws.audience(s)
+    ]
+    failing = {m.contact.row for m in mails + revision_mails(ws) if _render(composer, m, None)}
+    assert failing == {423}
+    assert len(problems) == len({str(p).split(": ", 1)[1] for p in problems})
+
+
+def test_the_shipped_campaign_renders_once_per_shape_with_no_problem() -> None:
+    ws = load_workspace(Path(__file__).parent.parent / "schedules.yaml")
+    assert check_workspace(ws) == []
