@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/micro.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/web_answers.py
+	$(BIN)/python bench/check_speed.py
 
 lint: $(DEV)
 	$(BIN)/ruff check $(LINTED)
