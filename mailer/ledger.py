@@ -529,6 +529,30 @@ class Ledger:
     ) -> Iterator[dict[str, Any]]:
         """Delivery rows matching the filters, in the order they were created; only
         ``columns`` when given (reading fewer columns is ~2x faster on big ledgers)."""
+        yield from dicts(self._log(campaign, status, email, step, limit, columns))
+
+    def log_tuples(
+        self,
+        columns: Sequence[str],
+        *,
+        status: str | None = None,
+        email: str | None = None,
+        step: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[tuple[Any, ...]]:
+        """As :meth:`log`, each row a tuple of ``columns`` in that order: `mailer log` and
+        `mailer export` on a big ledger (a dict per row costs ~40 % more: 25,000 rows, issue 16)."""
+        yield from self._log(None, status, email, step, limit, columns)
+
+    def _log(
+        self,
+        campaign: str | None,
+        status: str | None,
+        email: str | None,
+        step: str | None,
+        limit: int | None,
+        columns: Sequence[str],
+    ) -> sqlite3.Cursor:
         where, args = _filters(campaign=campaign, status=status, email=email, step=step)
         # Names go into the SQL text: only the table's own columns (read from the file, not a
         # copy of the schema that could drift from it).
@@ -538,7 +562,7 @@ class Ledger:
         sql = f"SELECT {', '.join(columns) or '*'} FROM deliveries WHERE {where} ORDER BY id"
         if limit:
             sql += f" LIMIT {int(limit)}"
-        yield from dicts(self.conn.execute(sql, args))
+        return self.conn.execute(sql, args)
 
     def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
         """Every SMTP attempt of one delivery, oldest first."""

@@ -48,8 +48,7 @@ TABLE_ROWS = 500
 def status(config_path: Path, db_path: Path | None) -> None:
     """Per campaign and step: sent, deferred, failed, bounced, skipped, suppressed, invalid,
     pending, next send time."""
-    path = ledger_path(db_path, config_path)
-    view, campaign = _status_view(config_path)
+    path, view, campaign = _status_view(config_path, db_path)
     with Ledger.read(path) as ledger:
         rows = ledger.summary()
         answers = ledger.reply_counts()
@@ -107,34 +106,41 @@ def status(config_path: Path, db_path: Path | None) -> None:
         _print_unmatched(unmatched, recent, tz)
 
 
-def _status_view(config_path: Path) -> tuple[CampaignTimes | None, Campaign | None]:
-    """What status shows of the campaign: its id, time zone and step times, as remembered from
-    the last run while schedules.yaml is unchanged (no pydantic to import: issue 16), else from
-    :func:`_campaign_if_valid` (then remembered). The whole campaign too when it was loaded
-    (a ``local`` step needs it: the contacts' time zones); (None, None) without a valid one."""
+def _status_view(
+    config_path: Path, db_path: Path | None
+) -> tuple[Path, CampaignTimes | None, Campaign | None]:
+    """The ledger (as :func:`ledger_path`) and what status shows of the campaign: its id, time
+    zone and step times, as remembered from the last run while schedules.yaml is unchanged (no
+    YAML to parse, no pydantic to import: issue 16), else from :func:`_campaign_if_valid` (then
+    remembered). The whole campaign too when it was loaded (a ``local`` step needs it: the
+    contacts' time zones); no view without a valid campaign.
+
+    :raises ConfigError: as :func:`ledger_path`.
+    """
     from . import statusview
 
-    if not config_path.exists():  # only with --db: the ledger alone
-        return None, None
     try:
         data: bytes | None = config_path.read_bytes()
     except OSError:
-        data = None  # load() says what is wrong with it
+        data = None  # missing (fine with --db) or unreadable: ledger_path() says what is wrong
     if data is not None:
         view = statusview.lookup(config_path, data)
         if view is not None and not any(s.local for s in view.steps):
-            return view, None
+            return db_path or view.ledger, view, None
+    path = ledger_path(db_path, config_path)
+    if data is None:  # only with --db: the ledger alone
+        return path, None, None
     campaign = _campaign_if_valid(config_path)
     if campaign is None:
-        return None, None
+        return path, None, None
     view = statusview.CampaignTimes.of(campaign)
     try:
-        same = data is not None and config_path.read_bytes() == data  # not edited meanwhile
+        same = config_path.read_bytes() == data  # not edited meanwhile
     except OSError:
         same = False
-    if same and data is not None:
+    if same:
         statusview.remember(config_path, data, view)
-    return view, campaign
+    return path, view, campaign
 
 
 def _local_send_times(campaign: Campaign, now: datetime) -> dict[str, datetime | None]:
@@ -229,7 +235,7 @@ def log(
             email = email.strip()
     cols = ("step", "email", "status", "tries", "updated (UTC)", "reply / reason")
     with Ledger.read(path) as ledger:
-        rows = ledger.log(status=status_, email=email, step=step, limit=limit, columns=_LOG_COLUMNS)
+        rows = ledger.log_tuples(_LOG_COLUMNS, status=status_, email=email, step=step, limit=limit)
         lines = _log_lines(ledger, rows, show_attempts)
         first = list(itertools.islice(lines, TABLE_ROWS + 1))
         if out.is_terminal and len(first) <= TABLE_ROWS:
@@ -257,16 +263,16 @@ _LOG_COLUMNS = ("id", "step", "email", "status", "attempts", "updated", "smtp_co
 
 
 def _log_lines(
-    ledger: Ledger, rows: Iterator[dict[str, Any]], show_attempts: bool
+    ledger: Ledger, rows: Iterator[tuple[Any, ...]], show_attempts: bool
 ) -> Iterator[tuple[str, ...]]:
-    """`mailer log`'s lines: one per delivery, then (with --attempts) one per SMTP attempt."""
-    for r in rows:
-        code, text, reason = r["smtp_code"], r["smtp_text"], r["reason"]
+    """`mailer log`'s lines: one per delivery (a row of :data:`_LOG_COLUMNS`), then (with
+    --attempts) one per SMTP attempt."""
+    for id_, step, email, status_, attempts, updated, code, text, reason in rows:
         reply = text or "" if code is None else f"{code} {text}" if text else str(code)
         why = f"{reply}; {reason}" if reply and reason else reply or reason or ""
-        yield r["step"], r["email"], r["status"], str(r["attempts"]), r["updated"], why
+        yield step, email, status_, str(attempts), updated, why
         if show_attempts:
-            for a in ledger.attempts(r["id"]):
+            for a in ledger.attempts(id_):
                 text = f"{a['code'] or ''} {a['text'] or ''}".strip()
                 yield "", "", f"  {a['outcome']}", "", a["at"], text
 
@@ -308,7 +314,7 @@ def export(
     header = [f"delivery_{c}" if c in extras else c for c in _EXPORT_COLUMNS] + list(contact_columns)
     n = lacking = 0
     with Ledger.read(path) as ledger:
-        rows = ledger.log(status=status_, step=step, columns=_EXPORT_COLUMNS)
+        rows = ledger.log_tuples(_EXPORT_COLUMNS, status=status_, step=step)
         try:
             # "x": a file that appeared since the check above is not overwritten either.
             fh = output.open("w" if force else "x", newline="", encoding="utf-8")
@@ -319,8 +325,8 @@ def export(
                 w = csv.writer(fh)
                 w.writerow(protect_row(header))
                 for r in rows:
-                    values: list[object] = [r[c] for c in _EXPORT_COLUMNS]
-                    contact = contacts.get(r["email"].lower())
+                    values: list[object] = list(r)
+                    contact = contacts.get(r[0].lower())  # _EXPORT_COLUMNS[0]: the address
                     if contact is None:
                         lacking += 1
                         values += [""] * len(contact_columns)

@@ -44,21 +44,23 @@ class StepTime:
 
 @dataclass(frozen=True)
 class CampaignTimes:
-    """The parts of a valid :class:`~mailer.config.Campaign` that `mailer status` shows."""
+    """The parts of a valid :class:`~mailer.config.Campaign` that `mailer status` shows, and
+    its ledger (so that status need not parse the YAML for ``ledger:`` either)."""
 
     id: str
     timezone: ZoneInfo
     steps: tuple[StepTime, ...]
+    ledger: Path
 
     @classmethod
     def of(cls, campaign: Campaign) -> CampaignTimes:
-        return cls(
-            campaign.id, campaign.timezone, tuple(StepTime(s.id, s.at, s.local) for s in campaign.steps)
-        )
+        steps = tuple(StepTime(s.id, s.at, s.local) for s in campaign.steps)
+        return cls(campaign.id, campaign.timezone, steps, campaign.ledger)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "ledger": str(self.ledger),
             "timezone": self.timezone.key,
             "steps": [[s.id, s.at.isoformat(), s.local] for s in self.steps],
         }
@@ -71,7 +73,7 @@ class CampaignTimes:
         )
         if any(s.at.tzinfo is None for s in steps):
             raise ValueError("naive step time")
-        return cls(str(data["id"]), ZoneInfo(data["timezone"]), steps)
+        return cls(str(data["id"]), ZoneInfo(data["timezone"]), steps, Path(data["ledger"]))
 
 
 def cache_dir(env: dict[str, str] | os._Environ[str] = os.environ) -> Path:
