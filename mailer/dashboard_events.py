@@ -470,18 +470,26 @@ def event_report(
         f" AND r.email = {key('p.email')} AND {CURRENT_REPLY})"
     )
     sent = f"max(status = '{Status.SENT}')"
-    reached_count, missed_count = conn.execute(
-        "SELECT count(*) FILTER (WHERE reached), count(*) FILTER (WHERE missed)"
-        f" FROM (SELECT {sent} AS reached, {sent} = 0 AND max(status IN {_NOT_SENT_FINAL}) AS missed"
-        " FROM deliveries WHERE event = :e AND campaign = :c GROUP BY email)",
+    # One pass over the event's index entries counts all three (issue 16: on a 300,000-row
+    # event the page took 0.4-0.6 s). A person is missed when not reached and some mail of theirs
+    # is final: "not sent, then not open" skips the second test for the sent rows (9 in 10).
+    # Who of the reached answered: a reached address that is its own key (ASCII, lower case:
+    # nearly all) is found from the answers' side, a seek per answer on the deliveries' index;
+    # only the others are looked up one by one under their key.
+    missed_flag = f"max(status <> '{Status.SENT}' AND status NOT IN {_OPEN})"
+    own_key = "(p.email = lower(p.email) AND length(CAST(p.email AS BLOB)) = length(p.email))"
+    reached_count, missed_count, answered_other, answered_own = conn.execute(
+        "SELECT count(*) FILTER (WHERE reached), count(*) FILTER (WHERE NOT reached AND missed),"
+        f" count(*) FILTER (WHERE reached AND NOT {own_key} AND NOT {no_answer}),"
+        " (SELECT count(*) FROM replies AS r WHERE r.campaign = :c AND r.event = :e"
+        f" AND length(CAST(r.email AS BLOB)) = length(r.email) AND {CURRENT_REPLY}"
+        " AND EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event = :e AND d.campaign = :c"
+        f" AND d.email = r.email AND d.status = '{Status.SENT}'))"
+        f" FROM (SELECT email, {sent} AS reached, {missed_flag} AS missed"
+        " FROM deliveries WHERE event = :e AND campaign = :c GROUP BY email) AS p",
         args,
     ).fetchone()
-    answered = conn.execute(
-        "SELECT count(*) FROM (SELECT email FROM deliveries WHERE event = :e AND campaign = :c"
-        f" GROUP BY email HAVING {sent} = 1) AS p WHERE NOT {no_answer}",
-        args,
-    ).fetchone()[0]
-    silent_count = reached_count - answered
+    silent_count = reached_count - answered_other - answered_own
     silent = [
         Person(email, name or "", earlier=_ANSWER_WORD.get(earlier or "", ""))
         for email, name, earlier in conn.execute(
