@@ -74,6 +74,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/micro.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/web_answers.py
+	$(BIN)/python bench/big_ledger.py
+	$(BIN)/python bench/dashboard_pages.py --repeat 3
 	$(BIN)/python bench/check_speed.py
 
 lint: $(DEV)
