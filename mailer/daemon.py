@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,13 +20,13 @@ from .gate import check_workspace
 from .inbox import InboxResult, process_configured
 from .ledger import Ledger
 from .mailboxes import configured_source
-from .pacing import Wait
+from .pacing import Wait, deadline
 from .runner import PassResult, run_pass
 from .tokens import secret_from
 from .transport import TransportSettings
 from .workspace import Workspace, load_workspace
 
-__all__ = ["Daemon", "run_daemon"]
+__all__ = ["Daemon", "Quiet", "quiet_after", "run_daemon"]
 
 log = logging.getLogger("mailer")
 
@@ -42,6 +43,53 @@ DROP_MIN = 5
 
 #: A file's state as the watcher sees it: modification time and size.
 _Stat = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Quiet:
+    """What a pass that found nothing to send (and wrote nothing) leaves for the next sweep:
+    the same inputs give the same plan until ``until``, so a sweep before then does nothing.
+
+    The plan is a pure function of the workspace, the ledger and ``now`` (mailer.planner), so
+    nothing can come due unless one of them changes: ``ws`` (a reload replaces the object),
+    ``ledger_version`` (SQLite's ``PRAGMA data_version``: it moves when another connection
+    commits, e.g. ``mailer retry``, ``mailer web`` answers and unsubscribes, the inbox poll) or
+    the clock passing ``until``, the earliest edge the pass saw: a step's (or a zone's) time, a
+    retry's ``next_attempt``, a window closing on a contact who left, the pacing's wake (a
+    window opening, a quota freeing, a server pause ending) and the deadlines of the mails
+    pacing holds back (issue 16, target 3).
+    """
+
+    ws: Workspace
+    ledger_version: int
+    until: datetime | None
+
+    def holds(self, ws: Workspace, ledger_version: int, now: datetime) -> bool:
+        """True when nothing can have come due since the pass that left this."""
+        return (
+            ws is self.ws
+            and ledger_version == self.ledger_version
+            and (self.until is None or now < self.until)
+        )
+
+
+def quiet_after(ws: Workspace, r: PassResult, ledger_version: int) -> Quiet | None:
+    """The :class:`Quiet` a pass leaves, or None when the next sweep must plan again: the pass
+    sent or decided something (its own writes change what the next plan sees), recorded a
+    revision, held a step at the render gate, or stopped."""
+    if r.plan is None or r.stopped or r.problems or r.revisions or any(r.counts.values()):
+        return None
+    go = r.paced.go if r.paced is not None else r.plan.due
+    if go:
+        return None
+    until = r.next_wake
+    seen: set[tuple[str, datetime]] = set()
+    for d in r.plan.due:  # held back by pacing: a deadline passing changes their fate
+        if (d.step.id, d.step.at) not in seen:
+            seen.add((d.step.id, d.step.at))
+            limit = min(deadline(d, ws.campaign))
+            until = limit if until is None else min(until, limit)
+    return Quiet(ws, ledger_version, until)
 
 
 def _setup_logging() -> None:
@@ -112,6 +160,11 @@ class Daemon:
         #: what sending waits for now ({reason: until}), for the pause/resume log lines.
         self.paused_until: datetime | None = None
         self.waiting: dict[str, datetime] = {}
+        #: Issue 16: what the last pass left when it found nothing to send (None: plan again).
+        self.quiet: Quiet | None = None
+        #: Passes run, and sweeps that found nothing changed and did nothing (for tests and logs).
+        self.passes = 0
+        self.idle_sweeps = 0
 
     @property
     def wake_at(self) -> datetime | None:
@@ -145,11 +198,18 @@ class Daemon:
                 return
             now = self.clock()
             wake = self.wake_at
-            if wake is not None and wake <= now:
-                # This pass does the work of a wake-up due by now (a sweep or a reload came
-                # first, or a test drives the daemon); keeping it would block a later one.
-                self.scheduler.remove_job("wake")
             try:
+                version = self._ledger_version()
+                if (wake is None or wake > now) and self.quiet is not None:
+                    if self.quiet.holds(self.ws, version, now):
+                        self.idle_sweeps += 1
+                        return  # nothing changed, no edge passed: the plan would be the same
+                self.quiet = None
+                if wake is not None and wake <= now:
+                    # This pass does the work of a wake-up due by now (a sweep or a reload came
+                    # first, or a test drives the daemon); keeping it would block a later one.
+                    self.scheduler.remove_job("wake")
+                self.passes += 1
                 self._log_steps_due(now)
                 result = await run_pass(
                     self.ws,
@@ -169,6 +229,14 @@ class Daemon:
             self._report(result)
             self._log_pacing(result, now)
             self._schedule(result.next_wake)
+            # The version read before the pass: a commit by another process during it moves the
+            # version again, so the next sweep plans again.
+            self.quiet = quiet_after(self.ws, result, version)
+
+    def _ledger_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: changes when another connection (process) commits."""
+        row = self.ledger.conn.execute("PRAGMA data_version").fetchone()
+        return int(row[0])
 
     def _log_pacing(self, r: PassResult, now: datetime) -> None:
         """Log when sending pauses (for the window, a quota, a server's quota reply) and when it
