@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,8 +33,19 @@ from .workspace import Workspace
 __all__ = ["Change", "PassResult", "SendPass", "run_pass"]
 
 CLAIM_BATCH = 200
-#: Passes with at least this many mails compose them in a worker process (on another core).
+#: Passes with at least this many mails compose them in worker processes (on other cores).
 WORKER_MIN = 1000
+
+
+def composing_workers(cpus: int | None) -> int:
+    """How many composing workers a large pass starts: one per core (composing costs more CPU
+    per mail than sending it: bench/README.md), at most 4; none on one core.
+
+    >>> composing_workers(1), composing_workers(2), composing_workers(16)
+    (0, 2, 4)
+    """
+    n = cpus or 1
+    return 0 if n < 2 else min(n, 4)
 
 
 @dataclass(frozen=True)
@@ -334,6 +345,7 @@ class _Delivery:
         self.done = 0
         self.failure: BaseException | None = None
         self.pool: ProcessPoolExecutor | None = None
+        self.workers = 0  # composing worker processes (0: composed inline)
         self.cancelled = False
 
     async def run(self) -> None:
@@ -346,11 +358,13 @@ class _Delivery:
                 f"re-sending {counts['resent']} mail(s) left 'sending' by an interrupted run "
                 "(same Message-ID, so mailboxes and calendars collapse any duplicate)"
             )
-        if len(self.due) >= WORKER_MIN and (os.cpu_count() or 1) > 1:
+        workers = composing_workers(os.cpu_count()) if len(self.due) >= WORKER_MIN else 0
+        self.workers = workers
+        if workers:
             # forkserver, not fork: this process may run threads (an embedded server, the
             # inbox poller), and a forked copy of a thread's lock can deadlock.
             self.pool = ProcessPoolExecutor(
-                max_workers=1,
+                max_workers=workers,
                 mp_context=multiprocessing.get_context("forkserver"),
                 initializer=init_worker,
                 initargs=(sp.campaign, self.revisions, self.snapshots, sp.secret, os.getpid(), sp.signer),
@@ -419,15 +433,25 @@ class _Delivery:
         wait), and queue the mails. A failure here stops the connections: see :meth:`_stop`."""
         due, stop = self.due, self.sp.stop
         batches = [due[i : i + CLAIM_BATCH] for i in range(0, len(due), CLAIM_BATCH)]
-        ahead: asyncio.Task[tuple[list[tuple[Due, Claimed]], list[tuple[bytes, int] | str]]] | None = None
+        # One batch composing ahead per worker, so every worker is busy while the
+        # connections send the current batch.
+        depth = max(1, self.workers)
+        ahead: deque[asyncio.Task[tuple[list[tuple[Due, Claimed]], list[tuple[bytes, int] | str]]]] = deque()
+        started = 0
+
+        def fill() -> None:
+            nonlocal started
+            while len(ahead) < depth and started < len(batches) and not (stop is not None and stop.is_set()):
+                ahead.append(self._start(batches[started]))
+                started += 1
+
         try:
-            ahead = self._start(batches[0]) if batches else None
-            for k in range(len(batches)):
-                if ahead is None or (stop is not None and stop.is_set()):
+            fill()
+            while ahead:
+                if stop is not None and stop.is_set():
                     break
-                current = ahead
-                stopping = stop is not None and stop.is_set()
-                ahead = self._start(batches[k + 1]) if k + 1 < len(batches) and not stopping else None
+                current = ahead.popleft()
+                fill()
                 claimed, composed = await current
                 for (d, c), mail in zip(claimed, composed, strict=True):
                     if stop is not None and stop.is_set():
@@ -448,15 +472,15 @@ class _Delivery:
                         continue
                     payload, size = mail
                     await self.queue.put(Outgoing(c.id, self.mail_from(c.id), d.contact.email, payload, size))
-            if ahead is not None:
-                await asyncio.gather(ahead, return_exceptions=True)
+            if ahead:
+                await asyncio.gather(*ahead, return_exceptions=True)
         except Exception as exc:  # noqa: BLE001 - a claim or the composing worker failed
             self.failure = _stopped(exc)
             self.sp.say(f"stopping the pass: {self.failure}")
             self._drain()
-            if ahead is not None:  # the batch composing ahead: its claims are released below
-                ahead.cancel()
-                await asyncio.gather(ahead, return_exceptions=True)
+            for task in ahead:  # the batches composing ahead: their claims are released below
+                task.cancel()
+            await asyncio.gather(*ahead, return_exceptions=True)
         finally:
             for _ in range(self.settings.connections):
                 await self.queue.put(None)
