@@ -6,15 +6,14 @@ import functools
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
-from rich.console import Console
-from rich.markup import escape
 
 from .errors import ConfigError, MailerError, Problem
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
@@ -33,12 +32,39 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
-# Tables stay readable when piped or captured (rich assumes 80 columns off a terminal).
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-for _console in (out, err):
-    if not _console.is_terminal:
-        _console.width = 160
+
+
+class _LazyConsole:
+    """A rich Console made on first use: rich.console is about a third of the CLI's imports,
+    and `mailer log` piped into a file or grep never needs it (issue 16)."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            console = Console(stderr=self._stderr, highlight=False, soft_wrap=True)
+            if not console.is_terminal:  # tables stay readable when piped or captured
+                console.width = 160  # (rich assumes 80 columns off a terminal)
+            self._console = console
+        return getattr(self._console, name)
+
+
+# Typed as the Console they stand for: every attribute comes from it.
+out = cast("Console", _LazyConsole(stderr=False))
+err = cast("Console", _LazyConsole(stderr=True))
+
+
+def _real(console: Any) -> Console:
+    """The rich Console itself, for rich code that may set attributes on it (a progress bar)."""
+    if isinstance(console, _LazyConsole):
+        console.is_terminal  # noqa: B018  (makes it)
+        assert console._console is not None
+        return console._console
+    return cast("Console", console)
 
 
 class Failed(click.ClickException):
@@ -47,6 +73,8 @@ class Failed(click.ClickException):
     exit_code = 1
 
     def show(self, file: Any = None) -> None:
+        from rich.markup import escape
+
         for line in self.message.splitlines():
             err.print(f"[red]error:[/red] {escape(line)}", markup=True)
 
@@ -138,7 +166,7 @@ def progress_bar(label: str, *, disable: bool = False) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=err,
+        console=_real(err),
         transient=True,
         disable=disable or not err.is_terminal,
     )

@@ -238,7 +238,8 @@ def log(
         rows = ledger.log_tuples(_LOG_COLUMNS, status=status_, email=email, step=step, limit=limit)
         lines = _log_lines(ledger, rows, show_attempts)
         first = list(itertools.islice(lines, TABLE_ROWS + 1))
-        if out.is_terminal and len(first) <= TABLE_ROWS:
+        # sys.stdout, not out.is_terminal: piped, `mailer log` never loads rich (issue 16)
+        if sys.stdout.isatty() and len(first) <= TABLE_ROWS:
             grid = table(None, ())
             for col in cols:
                 grid.add_column(col, overflow="fold")

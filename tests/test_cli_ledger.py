@@ -351,6 +351,20 @@ def test_status_remembers_the_campaign_until_schedules_yaml_changes(tmp_path: Pa
     assert again == moved and "pydantic" not in imports
 
 
+def test_log_into_a_pipe_loads_no_rich(tmp_path: Path) -> None:
+    """`mailer log` into a file or grep writes tab-separated lines itself: it starts without
+    rich (a third of the CLI's imports, issue 16), and says what it said before."""
+    db = make_ledger(tmp_path / "ledger.db")
+    cmd = [sys.executable, "-X", "importtime", "-m", "mailer", "log", "--db", str(db), "--status", "failed"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert not {m for m in imported if m.split(".")[0] == "rich"}, sorted(imported)
+    head, *rows = done.stdout.splitlines()
+    assert head.split("\t") == ["step", "email", "status", "tries", "updated (UTC)", "reply / reason"]
+    assert [r.split("\t")[:3] for r in rows] == [["invite", "ann@example.org", "failed"]]
+
+
 # -- item 5: a file that is not a ledger is one clean line -----------------------------------------
 
 
