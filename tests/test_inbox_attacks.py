@@ -175,17 +175,25 @@ unsubscribe
 
 #: One reply whose Message-ID makes the header parser raise.
 POISON = crlf(
-    """From: someone@example.org
+    f"""From: someone@example.org
 To: integratiepact@example.be
-Subject: Re: Aan de slag
+Subject: Accepted: Aan de slag
 Message-ID: <<x@y>
 MIME-Version: 1.0
 Content-Type: multipart/mixed; boundary="P"
 
 --P
-Content-Type: text/plain
+Content-Type: text/calendar; method=REPLY
 
-hello
+BEGIN:VCALENDAR
+VERSION:2.0
+METHOD:REPLY
+BEGIN:VEVENT
+UID:{UID}
+SEQUENCE:0
+ATTENDEE;PARTSTAT=ACCEPTED:mailto:someone@example.org
+END:VEVENT
+END:VCALENDAR
 --P--
 """
 )
