@@ -663,7 +663,7 @@ async def test_an_answer_written_by_another_process_is_seen_at_the_next_sweep(
         with sqlite3.connect(cfg.parent / "ledger.db") as other:
             other.execute(
                 "INSERT INTO replies (campaign, event, email, partstat, at) VALUES "
-                "('test', 'ev', 'ann@example.org', 'ACCEPTED', '2030-03-04T10:30:00+00:00')"
+                "('test', 'ev', 'ann@example.org', 'ACCEPTED', '2030-03-04T09:30:00Z')"
             )
         clock.advance(timedelta(minutes=1))
         await d.tick()
