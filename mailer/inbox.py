@@ -1,9 +1,11 @@
 """The organiser's inbox: iMIP replies, delivery status notifications and unsubscribe mails.
 
 :func:`classify` is pure: raw message bytes and the campaign in, :class:`Finding` values out.
-:func:`apply` writes findings to the ledger. A source (:class:`MaildirSource`,
-:class:`ImapSource`) lists unprocessed messages and flags the ones we handled; messages that are
-not ours are never flagged or marked read. :func:`process` ties the three together.
+:func:`apply` ties each finding to a mail we sent (or records it as unmatched, for staff) and
+writes it to the ledger. A source (:class:`MaildirSource`, :class:`ImapSource`) lists
+unprocessed messages and flags the ones we handled; messages that are not ours, and messages
+skipped as unreadable (:func:`read`), are never flagged or marked read. :func:`process` ties the
+three together, one message at a time.
 """
 
 from __future__ import annotations
@@ -42,11 +44,15 @@ __all__ = [
     "Unreadable",
     "apply",
     "classify",
+    "MAX_DEPTH",
+    "MAX_PARTS",
     "inbox_id",
     "normalise_address",
     "process",
     "process_configured",
+    "read",
     "run_inbox",
+    "skipped_id",
     "worth_fetching",
 ]
 
@@ -54,7 +60,8 @@ Kind = Literal["reply", "bounce", "delay", "unsubscribe"]
 #: What :func:`apply` did with a finding: a reply we cannot tie to an invitation we sent is
 #: "unmatched", one that lost to an answer to a newer revision "outdated"; a DSN or an
 #: unsubscribe mail we cannot tie to a mail we sent "unmatched-bounce"/"unmatched-unsubscribe";
-#: a message that could not be read safely "skipped". Only the first four change the ledger.
+#: a message that could not be read safely "skipped". Only "reply", "bounce" and "unsubscribe"
+#: change answers, deliveries or suppressions.
 Recorded = Literal[
     "reply",
     "unmatched",
@@ -418,8 +425,8 @@ def inbox_id(raw: bytes) -> str:
     """The key of a message in the ledger's inbox table: its Message-ID, or a digest. Never
     raises: the header is read as plain text (a malformed Message-ID is no Message-ID)."""
     headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
-    m = re.fullmatch(r"\s*(<[^<>\s]+>)\s*", str(headers.get("Message-ID", "")))
-    return m.group(1) if m else f"<{hashlib.sha256(raw).hexdigest()[:32]}@inbox.invalid>"
+    m = _MSG_ID.search(str(headers.get("Message-ID", "")))
+    return m.group(0) if m else f"<{hashlib.sha256(raw).hexdigest()[:32]}@inbox.invalid>"
 
 
 def skipped_id(ident: str) -> str:
