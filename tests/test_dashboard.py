@@ -504,6 +504,14 @@ async def test_streamed_csv_has_the_rows_of_the_table_csv(ledger_path: Path) -> 
         datasettes = await rows(f"/{DATABASE}/deliveries.csv?{theirs}&_stream=on&_size=max")
         assert mine == datasettes, ours
         assert mine[1], ours  # each filter finds rows in this ledger
+    # In the order of the (status, next_attempt) index: nothing is sorted before the first row.
+    r = await ds.client.get("/-/deliveries.csv?status=sent&status=failed&status=deferred")
+    head, *body = list(csv.reader(io.StringIO(r.text, newline="")))
+    keys = [
+        (row[head.index("status")], row[head.index("next_attempt")], int(row[head.index("id")]))
+        for row in body
+    ]
+    assert keys == sorted(keys) and len({k[0] for k in keys}) == 3
     failed = await rows("/-/deliveries.csv?status=failed")
     assert {r[failed[0].index("email")] for r in failed[1]} == {"bob@example.org"}
     r = await ds.client.get("/-/deliveries.csv?status=failed&_dl=1")
