@@ -22,7 +22,7 @@ MIME), about a tenth of what composing a mail costs (README "The render gate").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +31,23 @@ from .compose import Composer
 from .config import Event, Step
 from .contacts import Contact
 from .errors import ConfigError, Problem, TemplateError
+from .links import web_url
 from .planner import Due
 from .shapes import Shapes
 from .templates import contact_vars, context
 from .vocab import EventStatus, StepKind
 from .workspace import Workspace
 
-__all__ = ["Mail", "check_workspace", "gate_due", "revision_mails", "shape_of"]
+__all__ = [
+    "Group",
+    "Mail",
+    "check_workspace",
+    "gate_due",
+    "revision_groups",
+    "revision_mails",
+    "shape_of",
+    "step_groups",
+]
 
 #: Renders the placeholder links when `check` has no MAILER_UNSUBSCRIBE_SECRET (the link's
 #: shape, not its signature, is what a template sees).
@@ -176,7 +186,26 @@ def gate_due(composer: Composer, due: Sequence[Due]) -> tuple[list[Due], list[Pr
     return [d for d in due if d.step.id not in found], problems
 
 
-def revision_mails(ws: Workspace) -> list[Mail]:
+@dataclass(frozen=True)
+class Group:
+    """The mails of one step (or of one event's update or cancellation) to ``contacts``, in
+    order: what :func:`revision_mails` and :func:`check_workspace` walk without a
+    :class:`Mail` per recipient."""
+
+    label: str
+    step: Step
+    event: Event
+    extra: dict[str, object] | None
+    contacts: Sequence[Contact]
+
+
+def step_groups(ws: Workspace) -> list[Group]:
+    """Every configured step for its audience, in order."""
+    c = ws.campaign
+    return [Group(step.id, step, c.event(step.event), None, ws.audience(step)) for step in c.steps]
+
+
+def revision_groups(ws: Workspace) -> list[Group]:
     """An update and a cancellation of every event that has a calendar (a step with
     ``attach_ics``), to every recipient of one, as if the event changed now: the update lists
     every significant field as changed (so a ``{% for c in changes %}`` body runs), the
@@ -192,11 +221,12 @@ def revision_mails(ws: Workspace) -> list[Mail]:
             who.setdefault(contact.email, contact)
         if step.event not in last or step.at > last[step.event].at:
             last[step.event] = step
-    out: list[Mail] = []
+    out: list[Group] = []
     for event_id, who in holders.items():
         event, at = c.event(event_id), last[event_id].at
         snap = planner.snapshot(event)
         now = {d["field"]: d["after"] for d in planner.changes({}, snap)}
+        contacts = list(who.values())
         for kind, name in ((StepKind.UPDATE, c.update_template), (StepKind.CANCEL, c.cancel_template)):
             if not ws.templates.languages(name):
                 continue
@@ -212,9 +242,106 @@ def revision_mails(ws: Workspace) -> list[Mail]:
                 ev = dataclasses.replace(event, status=EventStatus.CANCELLED)
                 changes = [{"field": "status", "before": event.status, "after": EventStatus.CANCELLED}]
             extra: dict[str, object] = {"changes": changes, "sequence": 1}
-            label = f"{kind} of {event_id}"
-            out += [Mail(step, ev, contact, extra, label) for contact in who.values()]
+            out.append(Group(f"{kind} of {event_id}", step, ev, extra, contacts))
     return out
+
+
+def revision_mails(ws: Workspace) -> list[Mail]:
+    """The mails of :func:`revision_groups`, one by one."""
+    return [Mail(g.step, g.event, c, g.extra, g.label) for g in revision_groups(ws) for c in g.contacts]
+
+
+def _same_for_all(composer: Composer) -> bool:
+    """Whether ``links`` (None) and the unsubscribe link (none signed) are the same for every
+    recipient: no secret, or neither ``web.url`` nor ``unsubscribe.url`` to sign."""
+    c = composer.campaign
+    unsub = c.unsubscribe
+    return not composer._secret or (web_url(c) is None and not (unsub and unsub.url))
+
+
+class _Classes:
+    """Recipients that every template renders alike, when ``links`` and the unsubscribe link
+    are the same for every recipient (:func:`_same_for_all`).
+
+    A shape (:func:`shape_of`) is then the label, template and language folder, the contact's
+    language, time zone, zones and CSV columns, and the results of the template's keys: those
+    that read no ``contact`` variable (:meth:`Analysis.split`) are the same for every recipient
+    with the same zones, so they are left out. Each contact's *class* is all of that but the
+    label and template, with the results of every key that reads a ``contact`` variable in any
+    template of the campaign (each distinct expression computed once per contact). Two
+    contacts of one class have the same shape for every template, so a mail's key is its
+    label, template and the contact's class: at least as fine as its shape, never coarser. A
+    template (language) that makes every recipient its own shape keys on the contact itself."""
+
+    def __init__(self, composer: Composer, shapes: Shapes, templates: Sequence[str]) -> None:
+        self.composer, self.shapes = composer, shapes
+        self.classes: dict[Hashable, int] = {}
+        self.class_of: dict[int, int] = {}  # id(contact) -> its class
+        self.each: dict[tuple[str, str | None], bool] = {}  # (template, contact language)
+        self.evaluators: list[Callable[[Callable[[str], Any]], Hashable]] = []
+        seen: set[Hashable] = set()
+        for template in dict.fromkeys(templates):
+            for lang in shapes.templates.languages(template):
+                analysis = shapes.analysis(template, lang)
+                split = None if analysis.exact else analysis.split()
+                for i in split[1] if split else ():
+                    eid = analysis.expr_id(i)
+                    if eid not in seen:
+                        seen.add(eid)
+                        self.evaluators.append(analysis.evaluator(i))
+
+    def each_of(self, template: str, language: str | None) -> bool:
+        """Whether ``template`` makes each contact of ``language`` its own shape."""
+        each = self.each.get((template, language))
+        if each is None:
+            lang = self.shapes.templates.language_for(template, language)
+            analysis = None if lang is None else self.shapes.analysis(template, lang)
+            each = self.each[template, language] = analysis is not None and (
+                analysis.exact or analysis.split() is None
+            )
+        return each
+
+    def keys(self, group: Group) -> Iterator[tuple[Hashable, Contact]]:
+        """Each mail's key (label, template, class) and contact, in order."""
+        label, template = group.label, group.step.template
+        each_of: dict[str | None, bool] = {}
+        class_of, classify = self.class_of, self._classify
+        for contact in group.contacts:
+            each = each_of.get(contact.language)
+            if each is None:
+                each = each_of[contact.language] = self.each_of(template, contact.language)
+            if each:
+                yield (label, template, "each", id(contact)), contact
+                continue
+            cid = class_of.get(id(contact))
+            if cid is None:
+                cid = class_of[id(contact)] = classify(group, contact)
+            yield (label, template, cid), contact
+
+    def _classify(self, group: Group, contact: Contact) -> int:
+        shapes, composer = self.shapes, self.composer
+        cv = contact_vars(composer.campaign, contact)
+
+        def roots(name: str) -> Any:
+            if name == "contact":
+                return cv
+            if name == "links":
+                return None
+            base = shapes.campaigns.get(contact.zones)
+            if base is None:  # the same for every step and event (mailer.templates.context)
+                base = shapes.campaigns[contact.zones] = context(
+                    composer.campaign, group.event, group.step, contact
+                )["campaign"]
+            return base
+
+        sig = (
+            contact.language,
+            contact.timezone,
+            tuple(contact.fields),
+            contact.zones,
+            tuple([f(roots) for f in self.evaluators]),
+        )
+        return self.classes.setdefault(sig, len(self.classes))
 
 
 def check_workspace(
@@ -248,20 +375,31 @@ def check_workspace(
     # it for every recipient would only repeat that. Decided on the problems' fields, never on
     # their text (issue 11 item 7).
     broken = {(p.template, p.language) for p in ws.blocking if p.template is not None}
-    mails: list[Mail] = [
-        Mail(step, c.event(step.event), contact, None, step.id)
-        for step in c.steps
-        for contact in ws.audience(step)
-    ]
-    mails += revision_mails(ws)
     # One render per shape (mailer.shapes), in the order of each shape's first mail: the
     # problems, and the recipient each names, are those of rendering every mail in order.
+    groups = step_groups(ws) + revision_groups(ws)
+    total = sum(len(g.contacts) for g in groups)
     shapes = Shapes(ws.templates)
     firsts: dict[Hashable, Mail] = {}
-    for i, mail in enumerate(mails, 1):
-        firsts.setdefault(shape_of(composer, shapes, mail, i), mail)
-        if progress is not None and i % 1000 == 0:
-            progress(i // 2, len(mails))
+    done = 0
+    if _same_for_all(composer):
+        classes = _Classes(composer, shapes, [g.step.template for g in groups])
+        for g in groups:
+            for key, contact in classes.keys(g):
+                if key not in firsts:
+                    firsts[key] = Mail(g.step, g.event, contact, g.extra, g.label)
+            done += len(g.contacts)
+            if progress is not None:
+                progress(done // 2, total)
+    else:  # signed links differ per recipient: each mail's shape from its own variables
+        for g in groups:
+            for contact in g.contacts:
+                done += 1
+                mail = Mail(g.step, g.event, contact, g.extra, g.label)
+                firsts.setdefault(shape_of(composer, shapes, mail, done), mail)
+                if progress is not None and done % 1000 == 0:
+                    progress(done // 2, total)
+    mails_count = total
     seen: set[str] = set()
     reps = list(firsts.values())
     for i, mail in enumerate(reps, 1):
@@ -284,5 +422,5 @@ def check_workspace(
                 )
             )
         if progress is not None and (i % 100 == 0 or i == len(reps)):
-            progress(len(mails) // 2 + len(mails) * i // (2 * len(reps)), len(mails))
+            progress(mails_count // 2 + mails_count * i // (2 * len(reps)), mails_count)
     return problems

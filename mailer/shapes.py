@@ -79,6 +79,7 @@ class Analysis:
     keys: list[tuple[str, nodes.Node]] = field(default_factory=list)
     aliases: dict[str, nodes.Expr] = field(default_factory=dict)
     _fns: list[tuple[str, nodes.Node, Callable[[Roots], Any]]] | None = None
+    _split: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def _compile(self, node: nodes.Node) -> Callable[[Roots], Any]:
         """:meth:`_eval` of ``node`` as a function; the common shapes without the dispatch."""
@@ -121,13 +122,86 @@ class Analysis:
         if isinstance(node, nodes.Not):
             a = self._compile(node.node)
             return lambda roots: not a(roots)
+        if isinstance(node, nodes.CondExpr) and node.expr2 is not None:
+            test, yes, no = self._compile(node.test), self._compile(node.expr1), self._compile(node.expr2)
+            return lambda roots: yes(roots) if test(roots) else no(roots)
         return lambda roots: self._eval(node, roots)
 
-    def shape(self, roots: Roots) -> tuple[Hashable, ...]:
+    def split(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """The indices of the keys that read no ``contact`` variable (their results depend on
+        ``links`` and ``campaign`` only) and of the others; None when a key reads the whole
+        ``contact`` (no two recipients are then known to be alike). With ``links`` and
+        ``campaign`` the same for every recipient (no signed link), the first keys' results
+        are the same for all of them: :func:`mailer.gate.check_workspace` computes them once."""
+        if self._split is None:
+            fixed: list[int] = []
+            varying: list[int] = []
+            for i, (_, node) in enumerate(self.keys):
+                reads = self._contact_reads(node)
+                if reads is None:
+                    return None
+                (varying if reads else fixed).append(i)
+            self._split = (tuple(fixed), tuple(varying))
+        return self._split
+
+    def expr_id(self, i: int) -> Hashable:
+        """Equal for two keys (of this or another analysis) that are the same expression with
+        the same ``{% set %}`` aliases: their results for one recipient are equal too."""
+        how, node = self.keys[i]
+        used: dict[str, str] = {}
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            if isinstance(n, nodes.Name) and n.name in self.aliases and n.name not in used:
+                used[n.name] = repr(self.aliases[n.name])
+                todo.append(self.aliases[n.name])
+            todo += list(n.iter_child_nodes())
+        return (how, repr(node), tuple(sorted(used.items())))
+
+    def evaluator(self, i: int) -> Callable[[Roots], Hashable]:
+        """The result of the key at ``i`` for one recipient, as :meth:`shape` gives it."""
+        if self._fns is None:
+            self.shape(lambda name: None, ())
+        assert self._fns is not None
+        how, node, fn = self._fns[i]
+        truth = how == "truth"
+
+        def result(roots: Roots) -> Hashable:
+            try:
+                value = fn(roots)
+            except _Missing:
+                return ("missing",)
+            except Exception:  # noqa: BLE001 - as in shape()
+                return self.shape(roots, (i,))[0]
+            return bool(value) if truth else _frozen(value)
+
+        return result
+
+    def _contact_reads(self, node: nodes.Node) -> bool | None:
+        """Whether ``node`` reads a ``contact`` variable; None: the whole ``contact``."""
+        found = False
+        todo: list[tuple[nodes.Node, frozenset[str]]] = [(node, frozenset())]
+        while todo:
+            n, seen = todo.pop()
+            acc = _access(n)
+            if acc is not None:
+                found |= acc[0] == "contact"
+                continue
+            if isinstance(n, nodes.Name):
+                if n.name == "contact":
+                    return None
+                if n.name in self.aliases and n.name not in seen:
+                    todo.append((self.aliases[n.name], seen | {n.name}))
+                continue
+            todo += [(child, seen) for child in n.iter_child_nodes()]
+        return found
+
+    def shape(self, roots: Roots, which: tuple[int, ...] | None = None) -> tuple[Hashable, ...]:
+        """The results of the keys (of those at the indices ``which``) for one recipient."""
         if self._fns is None:  # each expression compiled once into a Python function
             self._fns = [(how, node, self._compile(node)) for how, node in self.keys]
         out: list[Hashable] = []
-        for how, node, fn in self._fns:
+        for how, node, fn in self._fns if which is None else [self._fns[i] for i in which]:
             try:
                 value: Any = fn(roots)
                 out.append(bool(value) if how == "truth" else _frozen(value))

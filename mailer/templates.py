@@ -369,6 +369,9 @@ class Templates:
         self._languages: dict[str, dict[str, str]] = {}
         self._resolved: dict[tuple[str, str | None], str] = {}
         self._unresolved: set[tuple[str, str | None]] = set()
+        #: (file, its source) -> its syntax tree: the layouts and partials every template
+        #: shares are parsed once (check, the render gate; issue 16).
+        self._asts: dict[tuple[str, str], nodes.Template] = {}
 
     def _problem(
         self,
@@ -548,7 +551,9 @@ class Templates:
             seen.add(rel)
             try:
                 source, _, _ = self._env.loader.get_source(self._env, rel)  # type: ignore[union-attr]
-                ast = self._env.parse(source, rel)
+                ast = self._asts.get((rel, source))
+                if ast is None:
+                    ast = self._asts[rel, source] = self._env.parse(source, rel)
             except Exception:  # noqa: BLE001 - any unreadable file: no analysis
                 return None
             refs = list(meta.find_referenced_templates(ast))

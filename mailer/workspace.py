@@ -28,6 +28,9 @@ class Workspace(HasProblems):
     problems: list[Problem] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     invalid: list[InvalidContact] = field(default_factory=list)
+    _audiences: dict[tuple[object, ...], list[Contact]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def blocking(self) -> list[Problem]:
@@ -38,7 +41,15 @@ class Workspace(HasProblems):
         return self.errors
 
     def audience(self, step: Step) -> list[Contact]:
-        return [c for c in self.contacts if step.audience.matches(c.lists, c.tags)]
+        """The contacts of ``contacts`` whose lists and tags ``step``'s audience matches (a new
+        list each call). Worked out once per audience and contact list: check asks for each
+        step's several times (issue 16)."""
+        key = (step.audience.lists, step.audience.tags, id(self.contacts), len(self.contacts))
+        found = self._audiences.get(key)
+        if found is None:
+            found = [c for c in self.contacts if step.audience.matches(c.lists, c.tags)]
+            self._audiences[key] = found
+        return list(found)
 
 
 def load_workspace(config_path: str | Path) -> Workspace:
