@@ -77,6 +77,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/big_ledger.py
 	$(BIN)/python bench/dashboard_pages.py --repeat 3
 	$(BIN)/python bench/check_speed.py
+	$(BIN)/python bench/daemon_idle.py --paced
 
 lint: $(DEV)
 	$(BIN)/ruff check $(LINTED)
