@@ -138,7 +138,8 @@ class Composer:
         }
 
     def message_id(self, step: Step, email: str) -> str:
-        return message.message_id(self.campaign.id, step.id, email, self.campaign.sender.domain)
+        """Keyed with the secret when there is one (:func:`mailer.message.message_id`)."""
+        return message.message_id(self.campaign.id, step.id, email, self.campaign.sender.domain, self._secret)
 
     def prototype(
         self,

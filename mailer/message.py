@@ -6,6 +6,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import hmac
 import re
 from datetime import datetime
 from email.utils import format_datetime
@@ -44,17 +45,26 @@ def _ascii_domain(domain: str) -> str:
         raise ValueError(f"{domain!r} is not a valid domain: {exc}") from None
 
 
-def message_id(campaign_id: str, step_id: str, email: str, domain: str) -> str:
+def message_id(campaign_id: str, step_id: str, email: str, domain: str, key: str | None = None) -> str:
     """A deterministic Message-ID for one (campaign, step, recipient).
 
     A re-send after a crash carries the same id, so receiving systems can drop duplicates.
     The result is ASCII ``msg-id`` syntax (RFC 5322 3.6.4): ``<token.campaign@domain>``,
-    the token being 26 base32 characters (130 bits) of SHA-256 over the three values.
+    the token being 26 base32 characters (130 bits) of SHA-256 over the three values, or of
+    HMAC-SHA256 keyed with ``key`` (the campaign's secret, :func:`mailer.tokens.secret_from`)
+    when there is one: the inbox believes a DSN or a reply that quotes one of our ids (issue
+    15), so an outsider, who knows campaign, step and address, must not be able to compute it.
 
     >>> message_id("c", "s", "jan@example.be", "example.be")
     '<vc6m4ywjdenp7kwindc4lz2z45.c@example.be>'
+    >>> message_id("c", "s", "jan@example.be", "example.be", key="secret")
+    '<pceebwxmdnrztyrdel4ejsfruv.c@example.be>'
     """
-    digest = hashlib.sha256("\0".join((campaign_id, step_id, email)).encode("utf-8")).digest()
+    values = "\0".join((campaign_id, step_id, email)).encode("utf-8")
+    if key:
+        digest = hmac.new(key.encode("utf-8"), b"message-id\0" + values, hashlib.sha256).digest()
+    else:
+        digest = hashlib.sha256(values).digest()
     token = base64.b32encode(digest).decode("ascii")[:26].lower()
     return f"<{token}{_id_right(campaign_id, domain)}>"
 

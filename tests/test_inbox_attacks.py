@@ -7,8 +7,10 @@ work, over a Maildir and over a real Dovecot."""
 from __future__ import annotations
 
 import dataclasses
+import email.policy
 import mailbox
 import time
+from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
@@ -16,10 +18,16 @@ from dovecot import Dovecot, dovecot_fixture  # noqa: F401 - provides the doveco
 from test_inbox import INVITEES, NOW, ROOT, STEP, ledger_with_deliveries, mid_for
 
 from mailer.bounces import envelope_sender, unsubscribe_token
+from mailer.compose import Composer
 from mailer.config import Campaign, load
+from mailer.contacts import Contact
 from mailer.inbox import InboxResult, process, run_inbox
 from mailer.ledger import Ledger
 from mailer.mailboxes import ImapSource, MaildirSource, Source
+from mailer.message import message_id
+from mailer.store import Claim, Outcome
+from mailer.templates import Templates
+from mailer.vocab import Attempt
 
 SECRET = "inbox-attack-test-secret-0123456789"
 BOUNCES = "bounces@example.be"
@@ -481,6 +489,36 @@ def test_a_verp_dsn_bounces_its_delivery_only(tmp_path: Path) -> None:
         assert led.suppressed().keys() == {"gone@example.net"}
         assert statuses(led) == SENT | {"gone@example.net": "bounced"}
     assert result.counts["bounce"] == 1 and result.counts["unmatched-bounce"] == 2
+
+
+def test_a_dsn_quoting_a_message_id_anyone_can_compute_changes_nothing(tmp_path: Path) -> None:
+    """Our Message-IDs are a function of campaign, step and address, all of which an outsider
+    knows; with a secret they are keyed by it, so only a returned copy of the real mail names
+    one (without VERP, the Message-ID is what ties a DSN to its delivery)."""
+    plain = dataclasses.replace(CAMPAIGN, sender=SHIPPED.sender)  # no VERP
+    composer = Composer(plain, Templates(plain.templates_dir, plain.language), unsubscribe_secret=SECRET)
+    step, event = plain.step(STEP), plain.event("aan-de-slag")
+    jan = Contact(email=JAN, name="Jan", language="nl")
+    sent = composer.compose_due(step, event, jan, when=NOW, sequence=0)
+    real = str(BytesParser(policy=email.policy.default).parsebytes(sent.data)["Message-ID"])
+    computable = message_id(plain.id, STEP, JAN, plain.sender.domain)
+    assert real == sent.message_id == composer.message_id(step, JAN) != computable
+    # the same secret gives the same id: a re-send after a crash is still collapsed
+    again = Composer(plain, Templates(plain.templates_dir, plain.language), unsubscribe_secret=SECRET)
+    assert again.message_id(step, JAN) == real
+    with Ledger(tmp_path / "mailer.db") as led:
+        [claimed] = led.claim(plain.id, [Claim(STEP, "aan-de-slag", JAN, "", NOW, real, 0, True)], NOW)
+        assert claimed is not None
+        led.record_outcomes([Outcome(claimed.id, Attempt.SENT, 250, "2.0.0 Ok", NOW)])
+        forged = postfix_dsn("integratiepact@example.be", JAN, computable)
+        # another DSN (its own Message-Id) that returns the real mail
+        genuine = postfix_dsn("integratiepact@example.be", JAN, real).replace(
+            b"Message-Id: <", b"Message-Id: <2"
+        )
+        forged_result = process(box(tmp_path / "forged", forged), led, plain, NOW, secret=SECRET)
+        assert led.suppressed() == {} and forged_result.counts["bounce"] == 0
+        process(box(tmp_path / "genuine", genuine), led, plain, NOW, secret=SECRET)
+        assert led.suppressed().keys() == {JAN}
 
 
 # --------------------------------------------------------------------------------------
