@@ -265,7 +265,7 @@ def gather(
     ``environ`` makes them."""
     from .compose import Composer
     from .dkim import check_dkim
-    from .gate import revision_mails
+    from .gate import revision_groups, step_groups
     from .transport import TransportSettings
     from .unsubscribe import link
 
@@ -279,12 +279,18 @@ def gather(
     bodies: list[tuple[str, bool, bool]] = []
     seen: set[tuple[str, str]] = set()
     message_id = None
-    mails: list[tuple[Step, Event, Contact, dict[str, object] | None]]
-    mails = [(s, ev, ct, None) for s in c.steps for ev in (c.event(s.event),) for ct in audiences[s.id]]
-    mails += [(m.step, m.event, m.contact, m.extra) for m in revision_mails(ws)]
+    # The first mail of each template and language, in the order of the mails (each step's
+    # audience, then the updates and cancellations): one pass over each audience's languages.
+    mails: list[tuple[Step, Event, Contact, dict[str, object] | None]] = []
+    for g in step_groups(ws) + revision_groups(ws):
+        if message_id is None and g.contacts:
+            message_id = composer.message_id(g.step, g.contacts[0].email)
+        languages: set[str | None] = set()
+        for ct in g.contacts:
+            if ct.language not in languages:
+                languages.add(ct.language)
+                mails.append((g.step, g.event, ct, g.extra))
     for step, event, contact, extra in mails:
-        if message_id is None:
-            message_id = composer.message_id(step, contact.email)
         key = (step.template, contact.language or c.language)
         if key in seen:
             continue

@@ -32,7 +32,7 @@ def review(ws: Workspace) -> list[Problem]:
         *_reminders_beyond_invitations(c, audiences, at),
         *_overlapping_invitations(c, audiences, at),
         *_languages_without_template(ws, audiences),
-        *_organiser_among_contacts(c, audiences),
+        *_organiser_among_contacts(c, audiences, ws.contacts),
         *_languages_without_event_text(c, audiences, at),
     ]
 
@@ -81,8 +81,18 @@ def _some(emails: Iterable[str]) -> str:
     return shown + (f" and {len(items) - EXAMPLES} more" if len(items) > EXAMPLES else "")
 
 
-def _keys(contacts: Iterable[Contact]) -> set[str]:
-    return {x.email.lower() for x in contacts}
+class _Keyed:
+    """Each step's audience as {address lower-cased: address as written}, made once."""
+
+    def __init__(self, audiences: dict[str, list[Contact]]) -> None:
+        self.audiences = audiences
+        self.done: dict[str, dict[str, str]] = {}
+
+    def __call__(self, step_id: str) -> dict[str, str]:
+        found = self.done.get(step_id)
+        if found is None:
+            found = self.done[step_id] = {x.email.lower(): x.email for x in self.audiences[step_id]}
+        return found
 
 
 def _at_or_after_start(c: Campaign, at: _Places) -> Iterator[Problem]:
@@ -108,6 +118,7 @@ def _reminders_beyond_invitations(
     """A reminder that reaches people none of the event's invitations reaches: they would be
     reminded of an event they were never invited to. (A reminder only for people who answered
     cannot reach anyone uninvited: only a ``no-reply`` or no ``rsvp`` filter can.)"""
+    keyed = _Keyed(audiences)
     for s in c.steps:
         if s.kind is not StepKind.REMINDER:
             continue
@@ -116,8 +127,9 @@ def _reminders_beyond_invitations(
         invited: set[str] = set()
         for inv in c.steps:
             if inv.event == s.event and inv.kind is StepKind.INVITATION:
-                invited |= _keys(audiences[inv.id])
-        extra = {x.email for x in audiences[s.id] if x.email.lower() not in invited}
+                invited |= keyed(inv.id).keys()
+        mine = keyed(s.id)
+        extra = {mine[k] for k in mine.keys() - invited}
         if extra:
             yield at.problem(
                 s,
@@ -136,11 +148,12 @@ def _overlapping_invitations(
     for s in c.steps:
         if s.kind is StepKind.INVITATION:
             by_event[s.event].append(s)
+    keyed = _Keyed(audiences)
     for event, steps in by_event.items():
         for i, later in enumerate(steps):
-            mine = {x.email.lower(): x.email for x in audiences[later.id]}
+            mine = keyed(later.id)
             for earlier in steps[:i]:
-                both = [mine[k] for k in _keys(audiences[earlier.id]) & mine.keys()]
+                both = [mine[k] for k in keyed(earlier.id).keys() & mine.keys()]
                 if both:
                     yield at.problem(
                         later,
@@ -158,29 +171,31 @@ def _languages_without_template(ws: Workspace, audiences: dict[str, list[Contact
     """Contacts whose language a template has no version in get the campaign language (French
     contacts silently got Dutch): one warning per language, with the count and the templates."""
     c, templates = ws.campaign, ws.templates
-    readers: dict[str, dict[str, Contact]] = defaultdict(dict)  # template -> contacts by key
-    calendar: dict[str, Contact] = {}
+    # template -> the steps whose audiences read it (update and cancel: every calendar holder)
+    readers: dict[str, list[str]] = defaultdict(list)
     for s in c.steps:
-        for x in audiences[s.id]:
-            readers[s.template].setdefault(x.email.lower(), x)
-            if s.attach_ics:
-                calendar.setdefault(x.email.lower(), x)
-    for name in (c.update_template, c.cancel_template):  # everyone with a calendar entry
-        for k, x in calendar.items():
-            readers[name].setdefault(k, x)
+        readers[s.template].append(s.id)
+    calendar = [s.id for s in c.steps if s.attach_ics]
+    for name in (c.update_template, c.cancel_template):
+        if calendar:
+            readers[name] += [sid for sid in calendar if sid not in readers[name]]
+    languages: dict[str, dict[str | None, None]] = {}  # step -> its contacts' languages
+    for sid in {sid for sids in readers.values() for sid in sids}:
+        languages[sid] = dict.fromkeys(x.language for x in audiences[sid])
     # (contact language, language used) -> the templates and the contacts concerned
     fallen: dict[tuple[str, str], tuple[dict[str, None], dict[str, None]]] = {}
-    for name, contacts in readers.items():
+    for name, sids in readers.items():
         if not templates.languages(name):
             continue  # a missing template is a problem of its own
-        for x in contacts.values():
-            if not x.language:
+        for language in dict.fromkeys(lang for sid in sids for lang in languages[sid]):
+            if not language:
                 continue
-            used = templates.language_for(name, x.language)
-            if used is not None and _base(used) != _base(x.language):
-                names, emails = fallen.setdefault((_base(x.language), used), ({}, {}))
+            used = templates.language_for(name, language)
+            if used is not None and _base(used) != _base(language):
+                names, emails = fallen.setdefault((_base(language), used), ({}, {}))
                 names[name] = None
-                emails[x.email] = None
+                for sid in sids:
+                    emails.update((x.email, None) for x in audiences[sid] if x.language == language)
     for (language, used), (names, emails) in sorted(fallen.items()):
         listed = ", ".join(names)
         yield Problem(
@@ -194,11 +209,15 @@ def _languages_without_template(ws: Workspace, audiences: dict[str, list[Contact
         )
 
 
-def _organiser_among_contacts(c: Campaign, audiences: dict[str, list[Contact]]) -> Iterator[Problem]:
+def _organiser_among_contacts(
+    c: Campaign, audiences: dict[str, list[Contact]], contacts: Iterable[Contact]
+) -> Iterator[Problem]:
     """The organiser's (or sender's) own address in a step's audience: the planner leaves it out
     of every step with a calendar (it must never be an ATTENDEE of its own meeting); say so, so
     the organiser knows why that row is skipped."""
     own = {c.sender.address.lower(): "sender.from", c.sender.organizer.lower(): "sender.organizer"}
+    if not any(x.email.lower() in own for x in contacts):
+        return
     seen: set[str] = set()
     for s in c.steps:
         for x in audiences[s.id]:
