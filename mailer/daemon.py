@@ -431,10 +431,11 @@ class Daemon:
         except MailerError as exc:
             log.warning("inbox: %s", exc)
             return
-        if result and result.handled:
+        if result and (result.handled or result.counts):  # skipped messages are for a person to read
             for line in result.lines:
                 log.info("inbox: %s", line)
             log.info("inbox: %s", result.summary())
+        if result and result.handled:
             self._schedule(self.clock())  # answers and suppressions change audiences
 
     async def start(self, *, run_jobs: bool = True) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import email
 import email.policy
 import logging
+import mailbox
 import os
 import sqlite3
 import subprocess
@@ -242,6 +243,27 @@ async def test_the_inbox_is_first_read_at_the_clocks_time(
         assert job is not None and job.next_run_time == T0
     finally:
         await d.close()
+
+
+async def test_a_poll_that_only_skips_a_message_says_so(
+    cfg: Path, tmp_path: Path, smtp_env: dict[str, str], logs: list[logging.LogRecord]
+) -> None:
+    """A mail the inbox cannot read (a broken Message-ID header) is recorded as skipped and left
+    for a person: the daemon's log must tell them, even when nothing else was handled."""
+    inbox = tmp_path / "inbox"
+    mailbox.Maildir(inbox, create=True).add(
+        b"From: someone@example.org\r\nTo: integratiepact@example.be\r\nMessage-ID: <<x@y>\r\n"
+        b"Subject: hallo\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+        b"--B\r\nContent-Type: text/plain\r\n\r\nhallo\r\n--B--\r\n"
+    )
+    d = make_daemon(cfg, ManualClock(T0), {**smtp_env, "MAILER_INBOX_MAILDIR": str(inbox)})
+    await d.start(run_jobs=False)
+    try:
+        await d.poll_inbox()
+    finally:
+        await d.close()
+    said = [r.getMessage() for r in logs if r.getMessage().startswith("inbox:")]
+    assert any("skipped" in line for line in said), said
 
 
 # -- a pass that cannot go on stops the daemon (issue 11, item 9) ----------------------------
