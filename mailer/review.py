@@ -27,10 +27,11 @@ def review(ws: Workspace) -> list[Problem]:
     c = ws.campaign
     at = _Places(c)
     audiences = {s.id: ws.audience(s) for s in c.steps}
+    keyed = _Keyed(audiences)
     return [
         *_at_or_after_start(c, at),
-        *_reminders_beyond_invitations(c, audiences, at),
-        *_overlapping_invitations(c, audiences, at),
+        *_reminders_beyond_invitations(c, audiences, at, keyed),
+        *_overlapping_invitations(c, audiences, at, keyed),
         *_languages_without_template(ws, audiences),
         *_organiser_among_contacts(c, audiences, ws.contacts),
         *_languages_without_event_text(c, audiences, at),
@@ -113,21 +114,24 @@ def _at_or_after_start(c: Campaign, at: _Places) -> Iterator[Problem]:
 
 
 def _reminders_beyond_invitations(
-    c: Campaign, audiences: dict[str, list[Contact]], at: _Places
+    c: Campaign, audiences: dict[str, list[Contact]], at: _Places, keyed: _Keyed | None = None
 ) -> Iterator[Problem]:
     """A reminder that reaches people none of the event's invitations reaches: they would be
     reminded of an event they were never invited to. (A reminder only for people who answered
     cannot reach anyone uninvited: only a ``no-reply`` or no ``rsvp`` filter can.)"""
-    keyed = _Keyed(audiences)
+    keyed = keyed or _Keyed(audiences)
+    by_event: dict[str, set[str]] = {}  # event -> who its invitations reach
     for s in c.steps:
         if s.kind is not StepKind.REMINDER:
             continue
         if s.audience.rsvp and Answer.NO_REPLY not in s.audience.rsvp:
             continue
-        invited: set[str] = set()
-        for inv in c.steps:
-            if inv.event == s.event and inv.kind is StepKind.INVITATION:
-                invited |= keyed(inv.id).keys()
+        invited = by_event.get(s.event)
+        if invited is None:
+            invited = by_event[s.event] = set()
+            for inv in c.steps:
+                if inv.event == s.event and inv.kind is StepKind.INVITATION:
+                    invited.update(keyed(inv.id))
         mine = keyed(s.id)
         extra = {mine[k] for k in mine.keys() - invited}
         if extra:
@@ -140,7 +144,7 @@ def _reminders_beyond_invitations(
 
 
 def _overlapping_invitations(
-    c: Campaign, audiences: dict[str, list[Contact]], at: _Places
+    c: Campaign, audiences: dict[str, list[Contact]], at: _Places, keyed: _Keyed | None = None
 ) -> Iterator[Problem]:
     """Two invitation steps of one event whose audiences share people: those get two
     invitations (steps are sorted by time, so the later one is named)."""
@@ -148,7 +152,7 @@ def _overlapping_invitations(
     for s in c.steps:
         if s.kind is StepKind.INVITATION:
             by_event[s.event].append(s)
-    keyed = _Keyed(audiences)
+    keyed = keyed or _Keyed(audiences)
     for event, steps in by_event.items():
         for i, later in enumerate(steps):
             mine = keyed(later.id)
