@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,22 @@ from mailer.smtpd import MaildirHandler, SmtpServer
 ROOT = Path(__file__).resolve().parent.parent
 #: A test that takes one of these fixtures starts an outside program (Chromium, Dovecot).
 SLOW_FIXTURES = frozenset({"browser", "dovecot"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`mailer status` remembers a campaign's steps in a cache folder (mailer/statusview.py):
+    the tests, and the commands they start, use one of their own, never the user's
+    ~/.cache/mailer."""
+    if "MAILER_CACHE_DIR" not in os.environ:
+        os.environ["MAILER_CACHE_DIR"] = _OUR_CACHE[0] = tempfile.mkdtemp(prefix="mailer-test-cache-")
+
+
+_OUR_CACHE = [""]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _OUR_CACHE[0]:
+        shutil.rmtree(_OUR_CACHE[0], ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects

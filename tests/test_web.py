@@ -28,6 +28,7 @@ from mailer import tokens
 from mailer.cli import cli
 from mailer.errors import MailerError
 from mailer.ledger import Ledger
+from mailer.migrations import SCHEMA_VERSION
 from mailer.smtpd import SmtpServer, free_port
 from mailer.store import RecordedRevision
 from mailer.web import SECURITY_HEADERS, create_app
@@ -360,7 +361,7 @@ def test_schema_6_keeps_earlier_answers_as_imip(tmp_path: Path) -> None:
         led.conn.execute("ALTER TABLE replies DROP COLUMN source")
         led.conn.execute("UPDATE meta SET value='5' WHERE key='schema_version'")
     with Ledger.open(path) as led:
-        assert led.schema_version == 6
+        assert led.schema_version == SCHEMA_VERSION
         assert led.reply("test", "ev", "ann@example.org") == {
             "partstat": "ACCEPTED",
             "at": "2018-01-05T00:00:00Z",
