@@ -35,6 +35,8 @@ __all__ = ["Change", "PassResult", "SendPass", "run_pass"]
 CLAIM_BATCH = 200
 #: Passes with at least this many mails compose them in worker processes (on other cores).
 WORKER_MIN = 1000
+#: The longest an outcome waits for the other connections' to share its commit (seconds).
+FLUSH_WAIT = 0.002
 
 
 def composing_workers(cpus: int | None) -> int:
@@ -342,6 +344,7 @@ class _Delivery:
         self.in_flight: dict[int, Due] = {}  # claimed, no outcome recorded yet
         self.to_commit: list[Outcome] = []
         self.flushed: asyncio.Future[None] | None = None
+        self._flush_at: asyncio.TimerHandle | None = None
         self.done = 0
         self.failure: BaseException | None = None
         self.pool: ProcessPoolExecutor | None = None
@@ -544,9 +547,15 @@ class _Delivery:
         else:
             o = Outcome(job.key, Attempt.FAILED, res.code, res.text, t, None, "refused by the server")
         self.to_commit.append(o)
+        loop = asyncio.get_running_loop()
         if self.flushed is None:
-            self.flushed = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.flushed = loop.create_future()
+            self._flush_at = loop.call_later(FLUSH_WAIT, self._flush)
+        if len(self.to_commit) >= self.transport.busy and self._flush_at is not None:
+            # Every connection in a transaction has its outcome here: commit them now.
+            self._flush_at.cancel()
+            self._flush_at = None
+            loop.call_soon(self._flush)
         await self.flushed
         sp.result.counts[outcome] += 1
         self.done += 1
@@ -554,8 +563,14 @@ class _Delivery:
             sp.progress(self.done, len(self.due))
 
     def _flush(self) -> None:
-        """One commit for every outcome that arrived in this turn of the event loop (up to one
-        per connection): a group commit, far cheaper than a commit per mail."""
+        """One commit for the outcomes of the connections that finished a mail together: a
+        group commit, far cheaper than a commit per mail (the BEGIN/COMMIT is most of its
+        cost). It runs once every connection in a transaction has its outcome waiting, or
+        FLUSH_WAIT after the first, whichever comes first; no connection sends its next mail
+        before its outcome is committed."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
         batch, fut = list(self.to_commit), self.flushed
         self.to_commit.clear()
         self.flushed = None
@@ -601,6 +616,9 @@ class _Delivery:
             if task is not None and not task.done():
                 task.cancel()
         await asyncio.gather(*(t for t in (producer, watcher) if t), return_exceptions=True)
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
         if self.to_commit:  # outcomes received but not yet committed: they come first
             fut, self.flushed = self.flushed, None
             batch = list(self.to_commit)

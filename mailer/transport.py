@@ -372,6 +372,11 @@ class Transport:
         if self._failures:
             raise self._failures[0]
 
+    @property
+    def busy(self) -> int:
+        """How many connections are in a transaction now (from MAIL until their outcome is taken)."""
+        return len(self._busy)
+
     def _stop_all(self, queue: asyncio.Queue[Outgoing | None]) -> None:
         """Every connection stops after its current mail; queued mails are taken out unsent."""
         self._stopping = True

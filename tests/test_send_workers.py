@@ -4,12 +4,14 @@ with two cores now runs two, each a batch ahead, and the mails stay exactly thos
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import write_campaign
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from conftest import FaultyHandler, write_campaign
 
 from mailer import runner
 from mailer.compose import Composer
@@ -92,3 +94,51 @@ async def test_a_large_pass_composes_in_two_workers_on_two_cores(
     for c in ws.contacts[::7]:
         expected = inline.compose_due(step, event, c, when=parse_iso(rows[c.email]["claimed_at"]), sequence=0)
         assert by_rcpt[c.email] == expected.data
+
+
+class _Staggered(FaultyHandler):
+    """Answers the end of each mail 20 ms later than the previous connection's: the replies
+    of the connections arrive apart, never in one turn of the sender's event loop."""
+
+    _slot = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        type(self)._slot = (type(self)._slot + 1) % 4
+        await asyncio.sleep(0.02 * self._slot)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_outcomes_of_connections_finishing_together_share_one_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger's promise (each outcome committed before its connection sends its next
+    mail) with fewer commits: outcomes that arrive within FLUSH_WAIT of each other, from
+    connections that all finished their mail, are one COMMIT (it was one a turn of the event
+    loop: replies arriving a few milliseconds apart were a commit each)."""
+    # A wait long enough that a loaded test machine cannot spread the replies beyond it.
+    monkeypatch.setattr(runner, "FLUSH_WAIT", 0.5, raising=False)
+    n, conns = 40, 4
+    people = "email,name,lists\n" + "".join(f"p{i:03d}@example.org,P {i},a\n" for i in range(n))
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=people)
+    ws = load_workspace(cfg)
+    handler = _Staggered()
+    commits: list[int] = []  # outcomes per COMMIT that recorded attempts
+    rows = [0]
+
+    def trace(sql: str) -> None:
+        if sql.startswith("INSERT INTO attempts"):
+            rows[0] += 1
+        elif sql == "COMMIT" and rows[0]:
+            commits.append(rows[0])
+            rows[0] = 0
+
+    with SmtpServer(handler) as server:
+        settings = TransportSettings(host=server.host, port=server.port, tls="none", connections=conns)
+        with Ledger.create(tmp_path / "ledger.db") as led:
+            led.conn.set_trace_callback(trace)
+            result = await run_pass(ws, led, datetime(2018, 1, 4, 10, tzinfo=UTC), settings=settings)
+            led.conn.set_trace_callback(None)
+            status = {r["email"]: r["status"] for r in led.log(columns=("email", "status"))}
+    assert result["sent"] == n and set(status.values()) == {"sent"}
+    assert sum(commits) == n and max(commits) <= conns
+    assert len(commits) <= n // 2, commits
