@@ -178,6 +178,11 @@ def check(config_path: Path, strict: bool, dns: bool) -> None:
                     )
                 )
     out.print(steps)
+    # Issue 17: with a quota, a send window or rate:, when each step's last mail is expected to
+    # go, and a warning for a step that cannot finish before its event (mailer.forecast).
+    from .forecast import check_section
+
+    problems += check_section(ws, datetime.now(UTC))
     lists: dict[str, int] = {}
     for ct in ws.contacts:
         for name in ct.lists or {"(no list)"}:

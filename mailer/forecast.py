@@ -22,10 +22,10 @@ window or the quota holds back and until when.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
@@ -36,8 +36,19 @@ from .vocab import EventStatus, StepKind
 if TYPE_CHECKING:
     from .config import Campaign, Step
     from .contacts import Contact
+    from .errors import Problem
+    from .workspace import Workspace
 
-__all__ = ["LedgerState", "StepForecast", "forecast", "paced", "render_lines", "waiting"]
+__all__ = [
+    "LedgerState",
+    "StepForecast",
+    "check_section",
+    "forecast",
+    "ledger_state",
+    "paced",
+    "render_lines",
+    "waiting",
+]
 
 
 @dataclass(frozen=True)
@@ -380,9 +391,9 @@ def _problem(
     if campaign.delivery.window is not None:
         knobs.append("widen delivery.window")
     raise_ = "raise " + " or ".join(knobs) if knobs else ""
-    # Move the step so that the same spread ends at the limit: earlier by the overshoot, in days.
+    # Move the step so that the same spread ends before the limit: earlier by the overshoot.
     event = campaign.event(step.event)
-    days = math.ceil((event.start - step.at + (last - limit)) / timedelta(days=1))
+    days = (event.start - step.at + (last - limit)) // timedelta(days=1) + 1
     advice = ", ".join(filter(None, (raise_, f"move the step to -{days}d")))
     advice = advice.replace(", move", " or move", 1)
     return (
@@ -435,3 +446,50 @@ def waiting(
     for g, k, why, until in d.holds:
         out.setdefault(g.step.id, []).append((why, k, until))
     return out
+
+
+def ledger_state(path: Path, campaign: Campaign, now: datetime) -> LedgerState:
+    """What the campaign's ledger at ``path`` already holds (nothing when there is none yet, or
+    it cannot be read: ``check`` then forecasts from scratch)."""
+    from .errors import MailerError
+    from .ledger import Ledger
+    from .vocab import FINAL
+
+    if not path.exists():
+        return LedgerState()
+    try:
+        with Ledger.read(path) as ledger:
+            done = {
+                s.id: {e for e, r in ledger.step_rows(campaign.id, s.id).items() if r.status in FINAL}
+                for s in campaign.steps
+            }
+            day = now - timedelta(days=1)
+            times = pacing.counted_since(ledger.attempt_times(day), day)
+    except MailerError:
+        return LedgerState()
+    return LedgerState(done, times)
+
+
+def check_section(ws: Workspace, now: datetime) -> list[Problem]:
+    """``mailer check``'s Forecast section (printed only when the campaign sets a quota, a send
+    window or ``rate:``): per step the mails left, when the first and last are expected to go,
+    and the step's deadline. A step that cannot finish in time is a warning."""
+    from .clikit import out, table
+    from .errors import Problem, display_path
+
+    c = ws.campaign
+    if not paced(c):
+        return []
+    rows = forecast(c, ws.contacts, ledger_state(c.ledger, c, now), now, audience=ws.audience)
+    t = table(
+        f"Forecast at {_pace_text(c)} (from {now.astimezone(c.timezone):%a %Y-%m-%d %H:%M})",
+        ("step", "recipients", "first goes", "last goes", "deadline", ""),
+    )
+    for line in render_lines(rows, c.timezone):
+        t.add_row(*line)
+    out.print(t)
+    return [
+        Problem(display_path(c.config_path), r.problem, "steps", "warning", step=r.step)
+        for r in rows
+        if r.problem is not None
+    ]

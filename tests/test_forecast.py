@@ -1,0 +1,256 @@
+"""Foresight (issue 17): ``check``'s forecast against what a run actually sends.
+
+The forecast (:func:`mailer.forecast.forecast`) moves whole groups of recipients; here it is
+held equal to the planner and :func:`mailer.pacing.pace` mail by mail on a virtual clock, and to
+a real run: passes at each wake-up against aiosmtpd with a real ledger, to the minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_campaign
+
+from mailer import config, forecast, pacing, planner
+from mailer.cli import cli
+from mailer.clock import ManualClock
+from mailer.contacts import Contact
+from mailer.ledger import Ledger
+from mailer.pacing import Quota
+from mailer.runner import run_pass
+from mailer.smtpd import SmtpServer
+from mailer.store import Row
+from mailer.transport import TransportSettings
+from mailer.vocab import Status
+from mailer.workspace import load_workspace
+
+BRU = ZoneInfo("Europe/Brussels")
+
+# Two events, four steps; a per-day quota and a weekday window across several days.
+PACED = """\
+campaign: t
+timezone: Europe/Brussels
+sender: {{from: org@example.org}}
+contacts: [c.csv]
+smtp: {smtp}
+delivery: {delivery}
+events:
+  - {{id: soon, title: Soon, start: 2030-01-18 09:30, end: 2030-01-18 12:00}}
+  - {{id: later, title: Later, start: 2030-02-20 09:00, end: 2030-02-20 12:00}}
+steps:
+  - {{id: invite-later, event: later, template: t, at: 2030-01-07 19:00, kind: invitation}}
+  - {{id: invite-soon, event: soon, template: t, at: 2030-01-08 21:00, kind: invitation}}
+  - {{id: remind-later, event: later, template: t, at: 2030-01-09 10:00, kind: reminder}}
+  - {{id: remind-soon, event: soon, template: t, at: 2030-01-11 07:00, kind: reminder}}
+"""
+
+
+def people(n: int, zone: str | None = None) -> list[Contact]:
+    return [Contact(f"p{i:03d}@example.org", f"P{i}", timezone=zone) for i in range(n)]
+
+
+def by_mail(
+    c: config.Campaign, contacts: list[Contact], now: datetime
+) -> tuple[dict[str, tuple[int, datetime]], dict[str, int]]:
+    """The reference: planner + pace mail by mail, jumping to each wake-up (as test_pacing):
+    per step (mails sent, the last one's time), and how many the planner skipped as late."""
+    rows: dict[str, dict[str, Row]] = {}
+    times: list[datetime] = []
+    out: dict[str, tuple[int, datetime]] = {}
+    skipped: dict[str, int] = {}
+    for _ in range(10_000):
+        p = planner.plan(c, contacts, lambda s: rows.get(s, {}), {}, {}, now)
+        for sk in p.skips:
+            skipped[sk.step.id] = skipped.get(sk.step.id, 0) + 1
+            rows.setdefault(sk.step.id, {})[sk.email] = Row(
+                1, sk.step.id, sk.email, Status.SKIPPED, 0, None, None, None
+            )
+        paced = pacing.pace(p.due, c, now, [t for t in times if t > now - timedelta(days=1)])
+        for d in paced.go:
+            times.append(now)
+            n, _ = out.get(d.step.id, (0, now))
+            out[d.step.id] = (n + 1, now)
+            rows.setdefault(d.step.id, {})[d.contact.email] = Row(
+                1, d.step.id, d.contact.email, Status.SENT, 1, None, None, None
+            )
+        wake = min(filter(None, (paced.wake, p.next_wake)), default=None)
+        if wake is None:
+            return out, skipped
+        now = wake
+    raise AssertionError("the simulation did not end")
+
+
+def campaign(tmp_path: Path, smtp: str, delivery: str = "{late_after: 3d}") -> config.Campaign:
+    return config.loads(PACED.format(smtp=smtp, delivery=delivery), tmp_path / "s.yaml")
+
+
+def last_sent(rows: list[forecast.StepForecast]) -> dict[str, tuple[int, datetime]]:
+    return {r.step: (r.recipients - r.missed, r.last) for r in rows if r.last is not None}
+
+
+@pytest.mark.parametrize(
+    "smtp, delivery",
+    [
+        ("{per_day: 7}", '{late_after: 3d, window: "08:00-20:00", days: [mon, tue, wed, thu, fri]}'),
+        ("{per_day: 9, per_hour: 4}", '{late_after: 3d, window: "22:00-06:00"}'),
+        ("{per_day: 30}", "{late_after: 3d}"),
+        ("{}", '{window: "09:00-17:00", days: [tue, thu]}'),
+    ],
+)
+def test_the_bulk_forecast_equals_the_mail_by_mail_simulation(
+    tmp_path: Path, smtp: str, delivery: str
+) -> None:
+    c = campaign(tmp_path, smtp, delivery)
+    contacts = people(6) + [Contact(f"ny{i}@example.org", "", timezone="America/New_York") for i in range(5)]
+    start = datetime(2030, 1, 7, 12, tzinfo=BRU)
+    rows = forecast.forecast(c, contacts, None, start)
+    sent, skipped = by_mail(c, contacts, start)
+    assert last_sent(rows) == sent
+    assert {r.step: r.missed for r in rows if r.missed} == skipped
+    assert {r.step for r in rows if r.problem} == set(skipped)
+
+
+def test_the_ramp_allowance_equals_pacing_allowance() -> None:
+    rnd = random.Random(17)
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    for _ in range(300):
+        ramps, times, t = [], [], t0
+        for _ in range(rnd.randint(0, 5)):
+            t += timedelta(minutes=rnd.randint(0, 900))
+            n, dt = rnd.randint(1, 6), timedelta(seconds=rnd.choice([0, 1, 30, 600]))
+            ramps.append(forecast._Ramp(t, n, dt))
+            times += [t + i * dt for i in range(n)]
+            t += (n - 1) * dt
+        now = t + timedelta(minutes=rnd.randint(0, 1500))
+        q = Quota(rnd.randint(1, 12), timedelta(hours=rnd.choice([1, 24])), "q")
+        assert forecast._allowance(now, q, ramps) == pacing.allowance(now, q, times)
+
+
+def test_rate_spreads_a_pass() -> None:
+    c = config.loads(PACED.format(smtp="{rate: 2}", delivery="{}"), "/tmp/s.yaml")
+    rows = {r.step: r for r in forecast.forecast(c, people(240), None, datetime(2030, 1, 7, tzinfo=BRU))}
+    inv = rows["invite-later"]
+    assert inv.first == datetime(2030, 1, 7, 19, tzinfo=BRU)
+    assert inv.last == datetime(2030, 1, 7, 19, 1, 59, 500000, tzinfo=BRU)  # 240 at 2/s: 119.5 s
+
+
+def test_100000_contacts_six_steps_forecast_fast(tmp_path: Path) -> None:
+    import time
+
+    steps = "".join(
+        f"  - {{id: s{i}, event: {'soon' if i % 2 else 'later'}, template: t, at: 2030-01-0{i + 1} 10:00}}\n"
+        for i in range(6)
+    )
+    text = PACED.format(smtp="{per_day: 10000, per_hour: 2000, rate: 10}", delivery='{window: "08:00-20:00"}')
+    c = config.loads(text.split("steps:")[0] + "steps:\n" + steps, tmp_path / "s.yaml")
+    contacts = people(100_000)
+    t = time.perf_counter()
+    rows = forecast.forecast(c, contacts, None, datetime(2030, 1, 1, tzinfo=BRU))
+    took = time.perf_counter() - t
+    assert sum(r.recipients for r in rows) == 600_000
+    assert took < 1.0, took
+
+
+def test_a_step_that_cannot_finish_before_its_event_is_a_check_warning(tmp_path: Path) -> None:
+    events = '- {id: dag, title: De dag, start: "2030-01-22 09:30", end: "2030-01-22 17:00"}\n'
+    steps = '- {id: herinnering-aan-de-slag-dag, event: dag, template: invite, at: "2030-01-16 09:00"}\n'
+    contacts = "email,name,lists\n" + "".join(f"p{i}@example.org,P{i},a\n" for i in range(1200))
+    cfg = write_campaign(tmp_path, events=events, steps=steps, contacts=contacts)
+    text = cfg.read_text()
+
+    def check(per_day: int) -> tuple[str, int]:
+        cfg.write_text(
+            text.replace("smtp: {connections: 2}", f"smtp: {{connections: 2, per_day: {per_day}}}")
+        )
+        r = CliRunner().invoke(cli, ["check", "--config", str(cfg), "--strict"], catch_exceptions=False)
+        return " ".join(re.sub("[\u2500-\u257f]", " ", r.output).split()), r.exit_code  # no table borders
+
+    # 200 a day from Wed 16 Jan 09:00: the last 200 go Mon 21 Jan 09:00, before the event.
+    out, _ = check(200)
+    assert "Forecast at 200/day" in out
+    assert (
+        "herinnering-aan-de-slag-dag 1,200 Wed 2030-01-16 09:00 Mon 2030-01-21 09:00 Tue 2030-01-22 09:30 in time"
+        in out
+    )
+    assert "finishes" not in out
+    n_warnings = int(out.split(" warning(s)")[0].split()[-1])
+    # 150 a day: the eighth day's 150 would go Wed 23 Jan, after the event (a run skips them).
+    out, code = check(150)
+    assert code == 1
+    assert (
+        "warning: " + str(cfg) + ": steps: herinnering-aan-de-slag-dag: 1,200 recipients at 150/day finishes "
+        "Wed 23 Jan 09:00, after the event starts at Tue 22 Jan 09:30; raise per_day or move the step to "
+        "-8d (150 would not be sent)"
+    ) in out, out
+    assert f"{n_warnings + 1} warning(s)" in out
+
+
+# -- against aiosmtpd with a real ledger ----------------------------------------------------------
+
+EVENTS = (
+    '- {id: soon, title: Soon, start: "2030-03-15 09:30", end: "2030-03-15 12:00"}\n'
+    '- {id: later, title: Later, start: "2030-04-20 09:00", end: "2030-04-20 12:00"}\n'
+)
+STEPS = (
+    '- {id: invite-later, event: later, template: invite, at: "2030-03-04 19:00"}\n'
+    '- {id: invite-soon, event: soon, template: invite, at: "2030-03-05 21:00"}\n'
+    '- {id: remind-soon, event: soon, template: invite, at: "2030-03-08 07:00", kind: reminder}\n'
+)
+NINE = "email,name,lists\n" + "".join(f"p{i}@example.org,P{i},a\n" for i in range(9))
+
+
+@pytest.mark.slow
+def test_the_forecast_matches_a_run_against_an_smtp_server_to_the_minute(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
+    extra = 'delivery: {late_after: 3d, window: "08:00-20:00", days: [mon, tue, wed, thu, fri]}\n'
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=NINE, extra=extra)
+    cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 2, per_day: 7}"))
+    ws = load_workspace(cfg)
+    c = ws.campaign
+    start = datetime(2030, 3, 4, 12, tzinfo=BRU)
+    expected = forecast.forecast(c, ws.contacts, None, start)
+    settings = TransportSettings.from_config(c.smtp, smtp_env)
+    now: datetime | None = start.astimezone(UTC)
+    with Ledger.create(tmp_path / "ledger.db") as ledger:
+        ledger.lock()
+        for _ in range(100):
+            assert now is not None
+            result = asyncio.run(run_pass(ws, ledger, now, settings=settings, clock=ManualClock(now)))
+            if result.next_wake is None:
+                break
+            now = result.next_wake
+        else:
+            raise AssertionError("the run did not end")
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        got = {
+            step: (n, datetime.fromisoformat(at).astimezone(BRU).replace(second=0, microsecond=0))
+            for step, n, at in db.execute(
+                "SELECT d.step, count(*), max(a.at) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id"
+                " WHERE a.outcome = 'sent' GROUP BY d.step"
+            )
+        }
+    assert len(smtp_server.handler.received) == 27
+    want = {
+        r.step: (r.recipients, r.last.astimezone(BRU).replace(second=0, microsecond=0))
+        for r in expected
+        if r.last
+    }
+    assert got == want
+    # 7 a rolling day, weekdays 08:00-20:00: invite-later's last two on Tue 19:00 (when Monday
+    # 19:00's seven leave the day); invite-soon (due Tue 21:00) from Wed 08:00 to Thu 08:00; the
+    # reminder's last two go Saturday 08:00, outside the window: it opens again on Monday, after
+    # the reminder's late_after (Fri 07:00 + 3d).
+    assert want == {
+        "invite-later": (9, datetime(2030, 3, 5, 19, 0, tzinfo=BRU)),
+        "invite-soon": (9, datetime(2030, 3, 7, 8, 0, tzinfo=BRU)),
+        "remind-soon": (9, datetime(2030, 3, 9, 8, 0, tzinfo=BRU)),
+    }
