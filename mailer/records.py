@@ -92,6 +92,8 @@ def status(config_path: Path, db_path: Path | None) -> None:
         nxt = when(d["next"].astimezone(tz)) if d["next"] else ""
         grid.add_row(camp, step, *(str(d[c]) for c in cols), nxt)
     out.print(grid)
+    if view:  # issue 17: what the send window or a quota holds back, and until when
+        _print_waiting(config_path, path, view.id, campaign, per)
     if answers:
         t2 = table(
             "Answers per event (iMIP replies)", ("campaign", "event", "accepted", "tentative", "declined")
@@ -159,6 +161,62 @@ def _local_send_times(campaign: Campaign, now: datetime) -> dict[str, datetime |
         ahead = [t.at for t in send_times(campaign, s, audience) if t.at > now]
         out[s.id] = min(ahead, default=None)
     return out
+
+
+#: Without one of these words in schedules.yaml nothing waits for a window or a quota, and
+#: `mailer status` needs neither the campaign's model nor mailer.pacing (issue 16: fast start).
+_PACING_WORDS = (b"per_day", b"per_hour", b"window")
+
+
+def _print_waiting(
+    config_path: Path,
+    path: Path,
+    cid: str,
+    campaign: Campaign | None,
+    per: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """Per step, how many of its pending mails wait for the send window or the quota, and
+    until when (:func:`mailer.forecast.waiting` over the ledger's counts and the last day's
+    attempts, read in the campaign's zone)."""
+    pending = {s: d[Status.PENDING] for (camp, s), d in per.items() if camp == cid and d[Status.PENDING]}
+    if not pending:
+        return
+    if campaign is None:
+        try:
+            data = config_path.read_bytes()
+        except OSError:
+            return
+        if not any(w in data for w in _PACING_WORDS):
+            return
+        campaign = _campaign_if_valid(config_path)
+        if campaign is None:
+            return
+    from datetime import timedelta
+
+    from . import pacing
+
+    if not pacing.quotas(campaign.smtp) and campaign.delivery.window is None:
+        return
+    from .forecast import waiting
+
+    now = datetime.now(UTC)
+    day = now - timedelta(days=1)
+    with Ledger.read(path) as ledger:
+        times = pacing.counted_since(ledger.attempt_times(day), day)
+    waits = waiting(campaign, pending, times, now)
+    if not waits:
+        return
+    names = ", ".join(str(q) for q in pacing.quotas(campaign.smtp))
+    what = {
+        pacing.Wait.WINDOW: f"the send window ({pacing.campaign_window(campaign)})",
+        pacing.Wait.QUOTA: f"the quota ({names})",
+        pacing.Wait.SERVER: "the server's quota pause",
+    }
+    t = table("Waiting (send window, quota)", ("step", "mails", "waiting for", "until"))
+    for s in campaign.steps:
+        for why, n, until in waits.get(s.id, []):
+            t.add_row(s.id, str(n), what[why], when(until.astimezone(campaign.timezone)))
+    out.print(t)
 
 
 #: `mailer status` lists this many of the newest unmatched replies; the dashboard has them all.

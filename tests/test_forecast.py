@@ -254,3 +254,48 @@ def test_the_forecast_matches_a_run_against_an_smtp_server_to_the_minute(
         "invite-soon": (9, datetime(2030, 3, 7, 8, 0, tzinfo=BRU)),
         "remind-soon": (9, datetime(2030, 3, 9, 8, 0, tzinfo=BRU)),
     }
+
+
+# -- mailer status: what waits, for what, until when ------------------------------------------------
+
+
+def test_waiting_for_the_window_and_the_quota_at_one_moment(tmp_path: Path) -> None:
+    c = campaign(tmp_path, "{per_day: 3}", '{late_after: 3d, window: "08:00-20:00"}')
+    pending = {"invite-later": 5, "invite-soon": 2, "remind-soon": 4}  # remind-soon: not yet due
+    sent = [datetime(2030, 1, 9, 9, tzinfo=BRU)]
+    # Wed 9 Jan 07:00: the window opens at 08:00; the event's start is far
+    assert forecast.waiting(c, pending, sent, datetime(2030, 1, 9, 7, tzinfo=BRU)) == {
+        "invite-later": [(pacing.Wait.WINDOW, 5, datetime(2030, 1, 9, 8, tzinfo=BRU))],
+        "invite-soon": [(pacing.Wait.WINDOW, 2, datetime(2030, 1, 9, 8, tzinfo=BRU))],
+    }
+    # at 10:00 two places are left today: invite-soon (the sooner event) takes them; the next
+    # frees when the 09:00 attempt leaves the rolling day
+    got = forecast.waiting(c, pending, sent, datetime(2030, 1, 9, 10, tzinfo=BRU))
+    assert got == {"invite-later": [(pacing.Wait.QUOTA, 5, datetime(2030, 1, 10, 9, tzinfo=BRU))]}
+
+
+@pytest.mark.slow
+def test_status_shows_what_waits_for_the_quota_and_until_when(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAILER_CACHE_DIR", str(tmp_path / "cache"))
+    now = datetime.now(UTC).astimezone(BRU).replace(second=0, microsecond=0)
+    events = '- {id: ev, title: Ev, start: "2040-03-08 09:00", end: "2040-03-08 11:00"}\n'
+    steps = (
+        f'- {{id: invite, event: ev, template: invite, at: "{now - timedelta(hours=1):%Y-%m-%d %H:%M}"}}\n'
+    )
+    three = "email,name,lists\nann@example.org,Ann,a\nbob@example.org,Bob,a\ncid@example.org,Cid,a\n"
+    cfg = write_campaign(tmp_path, events=events, steps=steps, contacts=three)
+    cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 1, per_day: 2}"))
+    r = CliRunner().invoke(cli, ["send", "--config", str(cfg), "--now", f"{now:%Y-%m-%d %H:%M}"])
+    assert r.exit_code == 0, r.output
+    assert len(smtp_server.handler.received) == 2
+    until = f"{now + timedelta(days=1):%a %Y-%m-%d %H:%M %Z}"
+    for _ in range(2):  # the first status loads the campaign, the second remembers it
+        r = CliRunner().invoke(cli, ["status", "--config", str(cfg)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        text = " ".join(re.sub("[\u2500-\u257f]", " ", r.output).split())
+        assert (
+            f"Waiting (send window, quota) step mails waiting for until invite 1 the quota (per_day: 2) {until}"
+            in text
+        ), text
