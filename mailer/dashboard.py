@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from markupsafe import Markup, escape
 
-from . import dashboard_csv
+from . import dashboard_csv, staff_inbox
 from . import dashboard_events as events
 from .addresses import address_key
 from .dashboard_guard import HOSTS_ENV, CsvCells, HostNames, is_csv_request
@@ -32,6 +32,7 @@ __all__ = [
     "ACCOUNT",
     "DATABASE",
     "EVENTS_PATH",
+    "INBOX_PATH",
     "INSTALL_HINT",
     "MAX_ROWS",
     "PASSWORD_ENV",
@@ -47,6 +48,8 @@ __all__ = [
 DATABASE = "ledger"
 #: The staff's event pages: the list (also the home page) and ``/-/events/<campaign>/<event>``.
 EVENTS_PATH = "/-/events"
+#: The staff's list of mails the inbox could not match or read (issue 15).
+INBOX_PATH = "/-/inbox"
 Plan = events.Plan
 #: Environment variable holding the password hash (``datasette hash-password`` prints one).
 PASSWORD_ENV = "MAILER_DASHBOARD_PASSWORD_HASH"
@@ -251,6 +254,7 @@ def register_routes(datasette: Any) -> list[tuple[str, Callable[..., Any]]]:
         (r"^/$", home),
         (rf"^{dashboard_csv.PATH}$", _deliveries_csv),
         (rf"^{EVENTS_PATH}$", _events_page),
+        (rf"^{INBOX_PATH}$", _inbox_page),
         (rf"^{EVENTS_PATH}/(?P<campaign>[^/]+)/(?P<event>[^/]+)$", _event_page),
     ]
 
@@ -282,6 +286,7 @@ async def _render(datasette: Any, request: Any, template: str, context: dict[str
         "database": DATABASE,
         "timezone": _timezone(datasette).key,
         "events_url": datasette.urls.path(EVENTS_PATH),
+        "inbox_url": datasette.urls.path(INBOX_PATH),
         "event_url": partial(_event_url, datasette),
         "status_colours": {str(k): v for k, v in events.STATUS_COLOURS.items()},
         "answer_colours": events.ANSWER_COLOURS,
@@ -300,6 +305,7 @@ async def _events_page(datasette: Any, request: Any) -> Any:
     plan, tz = _plan(datasette), _timezone(datasette)
     db = datasette.get_database(DATABASE)
     overview = await db.execute_fn(lambda conn: events.overview(conn, plan, tz))
+    inbox_total, inbox_kinds = await db.execute_fn(staff_inbox.counts)
     scale = overview.answer_scale
 
     def answers_bar(e: events.EventSummary) -> Markup:
@@ -311,8 +317,39 @@ async def _events_page(datasette: Any, request: Any) -> Any:
         )
 
     return await _render(
-        datasette, request, "mailer_events.html", {"overview": overview, "answers_bar": answers_bar}
+        datasette,
+        request,
+        "mailer_events.html",
+        {
+            "overview": overview,
+            "answers_bar": answers_bar,
+            "inbox_line": staff_inbox.describe(inbox_kinds),
+            "inbox_total": inbox_total,
+        },
     )
+
+
+async def _inbox_page(datasette: Any, request: Any) -> Any:
+    """Inbox: what needs a person. The mails the inbox recorded as unmatched (a reply, bounce
+    or unsubscribe tied to no mail we sent: it changed nothing) or skipped (unreadable, left
+    unflagged in the mailbox), newest first, with a count per kind."""
+    await _check_allowed(datasette, request)
+    db = datasette.get_database(DATABASE)
+    tz = _timezone(datasette)
+
+    def read(conn: sqlite3.Connection) -> tuple[int, Any, list[staff_inbox.InboxRow]]:
+        total, per = staff_inbox.counts(conn)
+        return total, per, staff_inbox.newest(conn, MAX_ROWS)
+
+    total, per, rows = await db.execute_fn(read)
+    context = {
+        "total": total,
+        "kinds": [(k, labels, per[k]) for k, labels in staff_inbox.KINDS.items() if per[k]],
+        "rows": [(r, local_time(r.at, tz), staff_inbox.kinds_of(r.kind)) for r in rows],
+        "labels": staff_inbox.KINDS,
+        "max_rows": MAX_ROWS,
+    }
+    return await _render(datasette, request, "mailer_inbox.html", context)
 
 
 async def _event_page(datasette: Any, request: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from . import staff_inbox
 from .clikit import (
     config_option,
     db_option,
@@ -54,6 +55,7 @@ def status(config_path: Path, db_path: Path | None) -> None:
         answers = ledger.reply_counts()
         unmatched = ledger.unmatched_count()
         recent = ledger.unmatched_replies(limit=UNMATCHED_SHOWN) if unmatched else []
+        inbox_line = staff_inbox.status_line(*staff_inbox.counts(ledger.conn))
     tz = view.timezone if view else UTC
     cols = (
         Status.SENT,
@@ -106,6 +108,8 @@ def status(config_path: Path, db_path: Path | None) -> None:
         out.print(t2)
     if unmatched:
         _print_unmatched(unmatched, recent, tz)
+    if inbox_line:  # unmatched and skipped mails (issue 15): the dashboard's Inbox page lists them
+        out.print(inbox_line, markup=False)
 
 
 def _status_view(
@@ -683,17 +687,40 @@ def dashboard(config_path: Path, db_path: Path | None, host: str, port: int, all
     default=None,
     help="Read this local Maildir instead of IMAP.",
 )
+@click.option(
+    "--list",
+    "list_",
+    is_flag=True,
+    help="Read no mailbox: list the mails recorded as unmatched or skipped, newest first.",
+)
 @handle_errors
-def inbox(config_path: Path, db_path: Path | None, maildir: Path | None) -> None:
+def inbox(config_path: Path, db_path: Path | None, maildir: Path | None, list_: bool) -> None:
     """Record replies, bounces and unsubscribes found in the organiser's mailbox.
 
     Reads IMAP (MAILER_IMAP_HOST, MAILER_IMAP_PORT, MAILER_IMAP_USER, MAILER_IMAP_PASSWORD,
     MAILER_IMAP_TLS=tls|starttls|none, MAILER_IMAP_MAILBOX, MAILER_IMAP_CA_FILE) or a local
     Maildir. Handled messages are flagged so they are read once; other mail is left alone.
+    With --list, shows what needs a person instead: unmatched and skipped mails.
     """
+    if list_:
+        _list_inbox(ledger_path(db_path, config_path))
+        return
     from .inbox import run_inbox
 
     result = run_inbox(config_path, db_path, maildir, os.environ)
     for line in result.lines:
         out.print(line, markup=False)
     out.print(result.summary(), markup=False)
+
+
+def _list_inbox(path: Path) -> None:
+    """``mailer inbox --list``: the mails that need a person (issue 15), one block each."""
+    with Ledger.read(path) as ledger:
+        total, per = staff_inbox.counts(ledger.conn)
+        rows = staff_inbox.newest(ledger.conn)
+    if not total:
+        out.print("inbox: no mail needs a person", markup=False)
+        return
+    out.print(staff_inbox.status_line(total, per).split(": see ")[0], markup=False)
+    for r in rows:
+        out.print(f"\n{r.at}  {r.kind}  {r.email or '-'}  {r.message_id}\n  {r.detail}", markup=False)

@@ -1025,3 +1025,105 @@ def test_summary_names_every_status() -> None:
     sql = build_metadata("UTC")["databases"]["ledger"]["queries"]["summary"]["sql"]
     for status in Status:
         assert f"'{status.value}'" in sql, status
+
+
+# -- Inbox: what needs a person (issue 15) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inbox_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ledger whose inbox table was written by mailer.inbox.process over a real Maildir: at
+    NOW a forged DSN, the poison mail and a genuine reply (handled: needs nobody); an hour
+    later a second forged DSN, a forged unsubscribe and a forged reply."""
+    from datetime import timedelta
+
+    from test_inbox_attacks import (
+        CAMPAIGN,
+        FORGED_DSN,
+        FORGED_UNSUBSCRIBE,
+        NOW,
+        POISON,
+        SECRET,
+        box,
+        forged_reply,
+        gmail_reply,
+        ledger_with_deliveries,
+    )
+
+    from mailer.inbox import process
+
+    folder = tmp_path_factory.mktemp("inbox")
+    with ledger_with_deliveries(folder / "mailer.db", CAMPAIGN) as led:
+        first = process(
+            box(folder / "in1", FORGED_DSN, POISON, gmail_reply()), led, CAMPAIGN, NOW, secret=SECRET
+        )
+        assert first.counts == {"unmatched-bounce": 1, "skipped": 1, "reply": 1}, first.lines
+        later = box(
+            folder / "in2", FORGED_DSN.replace(b"made-up.1", b"made-up.2"), FORGED_UNSUBSCRIBE, forged_reply()
+        )
+        second = process(later, led, CAMPAIGN, NOW + timedelta(hours=1), secret=SECRET)
+        assert second.counts == {"unmatched-bounce": 1, "unmatched-unsubscribe": 1, "unmatched": 1}
+    return folder / "mailer.db"
+
+
+INBOX_LINE = (
+    "inbox: 5 mails need a person (2 unmatched bounces, 1 unmatched reply, 1 unmatched unsubscribe,"
+    " 1 skipped): see mailer dashboard or mailer inbox --list"
+)
+
+
+def test_status_says_how_many_inbox_mails_need_a_person(inbox_ledger: Path, tmp_path: Path) -> None:
+    """`mailer status` (a real process) gives one line for the unmatched and skipped mails;
+    `mailer inbox --list` lists them newest first, without reading any mailbox."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_IMAP")} | {"COLUMNS": "200"}
+
+    def mailer(*args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mailer", *args, "--db", str(inbox_ledger)],
+            cwd=tmp_path,  # no schedules.yaml: the ledger alone
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    lines = mailer("status").splitlines()
+    assert INBOX_LINE in lines, lines
+    listed = mailer("inbox", "--list")
+    assert listed.splitlines()[0] == INBOX_LINE.split(": see ")[0]
+    order = [listed.index(s) for s in ("<made-up.2@", "<made-up.1@")]
+    assert order == sorted(order), listed  # newest first
+    assert "<unsub.forged@evil.example>" in listed and "skipped: message" in listed
+    assert "els@example.be" not in listed  # the genuine reply was handled: nobody need read it
+
+
+def test_inbox_page_lists_what_needs_a_person(inbox_ledger: Path) -> None:
+    """The served dashboard's Inbox page: every unmatched and skipped mail (and nothing that
+    was handled), newest first, with kind, time, address and detail, and a count per kind;
+    the home page and the crumbs link to it."""
+    port = free_port()
+    code = "import sys; from mailer.dashboard import serve; serve(sys.argv[1], port=int(sys.argv[2]), timezone=sys.argv[3])"
+    for base in _served([sys.executable, "-c", code, str(inbox_ledger), str(port), TZ], port):
+        with urllib.request.urlopen(base + "/") as r:  # home: the events page
+            home = r.read().decode()
+        assert 'href="/-/inbox"' in home and "Inbox: 5 mails need a person" in home, home
+        with urllib.request.urlopen(base + "/-/inbox") as r:
+            page = r.read().decode()
+    assert "<h1>Inbox: what needs a person</h1>" in page
+    counts = dict(re.findall(r'<span data-kind="([a-z-]+)"><strong>(\d+)</strong>', page))
+    assert counts == {"unmatched-bounce": "2", "unmatched": "1", "unmatched-unsubscribe": "1", "skipped": "1"}
+    rows = re.findall(r'<tr data-kind="([a-z+-]+)">(.*?)</tr>', page, re.S)
+    kinds = [k for k, _ in rows]
+    assert sorted(kinds[:3]) == ["unmatched", "unmatched-bounce", "unmatched-unsubscribe"], kinds
+    assert sorted(kinds[3:]) == ["skipped", "unmatched-bounce"], kinds
+    html = dict((k + str(i), body) for i, (k, body) in enumerate(rows))
+    # the time in the campaign's zone (NOW is 12:00 UTC: 13:00 in Brussels in January)
+    assert any("2018-01-10 14:00:00 CET" in b and "made-up.2" in b for b in html.values()), rows
+    skipped = next(b for k, b in rows if k == "skipped")
+    assert "Message-ID" in skipped and "left unflagged for a person to read" in skipped
+    bounce = next(b for k, b in rows if k == "unmatched-bounce")
+    assert "jan@example.be" in bounce and "matches no mail we sent" in bounce
+    assert 'href="/-/inbox"' in page  # in the crumbs of every mailer page
+    assert "els@example.be" not in page  # the genuine reply was handled
