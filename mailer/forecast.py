@@ -22,7 +22,9 @@ window or the quota holds back and until when.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+import heapq
+import itertools
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -150,6 +152,11 @@ class _Group:
     first: datetime | None = None
     last: datetime | None = None
     missed: int = 0
+    #: The places of this group's mails in the step's audience, kept when the step has several
+    #: zones: a quota that lets only some of a step go takes them in the audience's order
+    #: (the planner's), whichever zone they are in; ``head``: how many of them went.
+    pos: list[int] = field(default_factory=list)
+    head: int = 0
 
 
 def _late_limit(step: Step, start: datetime, late_after: timedelta) -> datetime:
@@ -169,7 +176,7 @@ def _groups(
             continue
         skip = done.get(step.id, ())
         by_zone: dict[str, _Group] = {}
-        for c in audience(step):
+        for i, c in enumerate(audience(step)):
             if skip and c.email in skip:
                 continue
             tz = zones.get(c.timezone)
@@ -185,6 +192,10 @@ def _groups(
                 limit = _late_limit(st, event.start, campaign.delivery.late_after)
                 g = by_zone[tz.key] = _Group(st, index, len(by_zone), tz, 0, (event.start, limit))
             g.left += 1
+            g.pos.append(i)
+        if len(by_zone) == 1:
+            for g in by_zone.values():
+                g.pos = []
         out += by_zone.values()
     return out
 
@@ -226,16 +237,42 @@ def _decide(
         n, free = _allowance_all(now, pacing.quotas(campaign.smtp), hist)
         why = Wait.QUOTA
     candidates.sort(key=lambda g: (g.key, g.index, g.order))
-    for g in candidates:
-        k = g.left if n is None else min(n, g.left)
-        if k:
-            out.go.append((g, k))
-        if k < g.left:
-            assert free is not None
-            out.holds.append((g, g.left - k, why, free))
+    for _, same in itertools.groupby(candidates, key=lambda g: (g.key, g.index)):
+        block = list(same)  # one step's groups with one deadline: in the planner's order
+        total = sum(g.left for g in block)
+        budget = total if n is None else min(n, total)
         if n is not None:
-            n -= k
+            n -= budget
+        for g, k in zip(block, _share(block, budget, total), strict=True):
+            if k:
+                out.go.append((g, k))
+                g.head += k if g.pos else 0
+            if k < g.left:
+                assert free is not None
+                out.holds.append((g, g.left - k, why, free))
     return out
+
+
+def _share(block: Sequence[_Group], budget: int, total: int) -> list[int]:
+    """How many of each group's mails go when ``budget`` of the block's may: the first
+    ``budget`` in the audience's order (:attr:`_Group.pos`), as the planner lists them."""
+    if budget == total or len(block) == 1 or not all(g.pos for g in block):
+        out = []
+        for g in block:
+            out.append(min(budget, g.left))
+            budget -= out[-1]
+        return out
+    taken = [0] * len(block)
+    merged = heapq.merge(*(_left(g, i) for i, g in enumerate(block)))
+    for _, i in itertools.islice(merged, budget):
+        taken[i] += 1
+    return taken
+
+
+def _left(g: _Group, i: int) -> Iterator[tuple[int, int]]:
+    """The places of ``g``'s mails still to go, tagged ``i``."""
+    for j in range(g.head, len(g.pos)):
+        yield g.pos[j], i
 
 
 def _simulate(
