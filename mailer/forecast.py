@@ -176,7 +176,7 @@ def _groups(
             continue
         skip = done.get(step.id, ())
         by_zone: dict[str, _Group] = {}
-        for i, c in enumerate(audience(step)):
+        for c in audience(step):
             if skip and c.email in skip:
                 continue
             tz = zones.get(c.timezone)
@@ -192,10 +192,10 @@ def _groups(
                 limit = _late_limit(st, event.start, campaign.delivery.late_after)
                 g = by_zone[tz.key] = _Group(st, index, len(by_zone), tz, 0, (event.start, limit))
             g.left += 1
-            g.pos.append(i)
-        if len(by_zone) == 1:
-            for g in by_zone.values():
-                g.pos = []
+        if len(by_zone) > 1:  # again, for the places (most steps have one zone: no list)
+            for i, c in enumerate(audience(step)):
+                if not (skip and c.email in skip):
+                    by_zone[zones[c.timezone].key].pos.append(i)
         out += by_zone.values()
     return out
 
