@@ -1127,3 +1127,61 @@ def test_inbox_page_lists_what_needs_a_person(inbox_ledger: Path) -> None:
     assert "jan@example.be" in bounce and "matches no mail we sent" in bounce
     assert 'href="/-/inbox"' in page  # in the crumbs of every mailer page
     assert "els@example.be" not in page  # the genuine reply was handled
+
+
+# -- facets from delivery_counts (issue 16, target 5) -----------------------------------------
+
+FACET_PAGES = [
+    ("_facet=step", {}, ["status", "step"]),
+    ("status=failed&_facet=step", {"status": "failed"}, ["status", "step"]),
+    ("_facet=campaign&_facet=event", {}, ["status", "campaign", "event"]),
+    ("step=remind", {"step": "remind"}, ["status"]),
+    (
+        "status=sent&step__exact=invite&_facet=campaign",
+        {"status": "sent", "step": "invite"},
+        ["status", "campaign"],
+    ),
+    ("event=launch&_facet=step", {"event": "launch"}, ["status", "step"]),  # Datasette's own
+    ("status=deferred&_facet=step&_facet_size=1", {"status": "deferred"}, ["status", "step"]),
+]
+
+
+@pytest.mark.parametrize(("query", "where", "facets"), FACET_PAGES)
+async def test_facets_count_what_count_star_counts(
+    ledger_path: Path, query: str, where: dict[str, str], facets: list[str]
+) -> None:
+    """Each facet of a deliveries page shows what a direct COUNT(*) of the filtered rows says,
+    in Datasette's order (count, then value); campaign, step and status come from
+    delivery_counts, never from a GROUP BY over deliveries, when only they are filtered."""
+    from datasette.tracer import capture_traces
+
+    ds = create(ledger_path, timezone=TZ)
+    traces: list[dict[str, Any]] = []
+    with capture_traces(traces):
+        r = await ds.client.get(f"/{DATABASE}/deliveries.json?{query}&_size=0")
+    assert r.status_code == 200, r.text
+    shown = r.json()["facet_results"]
+    assert list(shown) == facets
+    conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
+    try:
+        terms = " AND ".join(f"{c} = ?" for c in where) or "1"
+        for column in facets:
+            truth = conn.execute(
+                f"SELECT {column}, count(*) AS n FROM deliveries WHERE {terms} GROUP BY {column}"
+                f" ORDER BY n DESC, {column}",
+                list(where.values()),
+            ).fetchall()
+            size = 1 if "_facet_size=1" in query else 30
+            got = [(v["value"], v["count"]) for v in shown[column]["results"]]
+            assert got == truth[:size], (column, got, truth)
+            assert shown[column]["truncated"] == (len(truth) > size)
+            for v in shown[column]["results"]:  # the links filter as Datasette's would
+                assert v["selected"] == (where.get(column) == v["value"] and f"{column}=" in query)
+    finally:
+        conn.close()
+    scans = [t["sql"] for t in traces if "group by" in t["sql"].lower() and "delivery_counts" not in t["sql"]]
+    if "event" not in query:
+        assert not scans, scans  # every facet counted from delivery_counts
+        assert any("delivery_counts" in t["sql"] for t in traces)
+    else:
+        assert scans  # event is not in delivery_counts: Datasette's facet as before
