@@ -260,35 +260,41 @@ def _same_for_all(composer: Composer) -> bool:
 
 
 class _Classes:
-    """Recipients that every template renders alike, when ``links`` and the unsubscribe link
-    are the same for every recipient (:func:`_same_for_all`).
+    """Recipients that a template renders alike, when ``links`` and the unsubscribe link are
+    the same for every recipient (:func:`_same_for_all`).
 
     A shape (:func:`shape_of`) is then the label, template and language folder, the contact's
-    language, time zone, zones and CSV columns, and the results of the template's keys: those
+    language, time zone, zones and CSV columns, and the results of the template's keys; those
     that read no ``contact`` variable (:meth:`Analysis.split`) are the same for every recipient
-    with the same zones, so they are left out. Each contact's *class* is all of that but the
-    label and template, with the results of every key that reads a ``contact`` variable in any
-    template of the campaign (each distinct expression computed once per contact). Two
-    contacts of one class have the same shape for every template, so a mail's key is its
-    label, template and the contact's class: at least as fine as its shape, never coarser. A
-    template (language) that makes every recipient its own shape keys on the contact itself."""
+    with the same zones, so they are left out. Each contact's *class* is its language, time
+    zone, zones, CSV columns and the results of every key that reads a ``contact`` variable in
+    any template of the campaign, each distinct expression computed once per contact; a mail's
+    key is its label, template and language folder and the part of its contact's class that
+    the template's keys read: exactly its shape, made once per class and template. A template
+    (language) that makes every recipient its own shape keys on the contact itself."""
 
     def __init__(self, composer: Composer, shapes: Shapes, templates: Sequence[str]) -> None:
         self.composer, self.shapes = composer, shapes
         self.classes: dict[Hashable, int] = {}
+        self.sigs: list[tuple[tuple[Hashable, ...], tuple[Hashable, ...]]] = []  # class -> (tail, results)
         self.class_of: dict[int, int] = {}  # id(contact) -> its class
         self.each: dict[tuple[str, str | None], bool] = {}  # (template, contact language)
         self.evaluators: list[Callable[[Callable[[str], Any]], Hashable]] = []
-        seen: set[Hashable] = set()
+        self.positions: dict[tuple[str, str], tuple[int, ...]] = {}  # its keys' places in results
+        self.keyed: dict[str, dict[int, Hashable]] = {}  # template -> class -> key
+        ids: dict[Hashable, int] = {}
         for template in dict.fromkeys(templates):
             for lang in shapes.templates.languages(template):
                 analysis = shapes.analysis(template, lang)
                 split = None if analysis.exact else analysis.split()
+                places = []
                 for i in split[1] if split else ():
                     eid = analysis.expr_id(i)
-                    if eid not in seen:
-                        seen.add(eid)
+                    if eid not in ids:
+                        ids[eid] = len(self.evaluators)
                         self.evaluators.append(analysis.evaluator(i))
+                    places.append(ids[eid])
+                self.positions[template, lang] = tuple(places)
 
     def each_of(self, template: str, language: str | None) -> bool:
         """Whether ``template`` makes each contact of ``language`` its own shape."""
@@ -302,10 +308,11 @@ class _Classes:
         return each
 
     def keys(self, group: Group) -> Iterator[tuple[Hashable, Contact]]:
-        """Each mail's key (label, template, class) and contact, in order."""
+        """Each mail's key (label, and its shape but the label) and contact, in order."""
         label, template = group.label, group.step.template
         each_of: dict[str | None, bool] = {}
         class_of, classify = self.class_of, self._classify
+        keyed = self.keyed.setdefault(template, {})
         for contact in group.contacts:
             each = each_of.get(contact.language)
             if each is None:
@@ -316,7 +323,17 @@ class _Classes:
             cid = class_of.get(id(contact))
             if cid is None:
                 cid = class_of[id(contact)] = classify(group, contact)
-            yield (label, template, cid), contact
+            key = keyed.get(cid)
+            if key is None:
+                key = keyed[cid] = self._project(template, cid)
+            yield (label, key), contact
+
+    def _project(self, template: str, cid: int) -> Hashable:
+        tail, results = self.sigs[cid]
+        lang = self.shapes.templates.language_for(template, tail[0])  # type: ignore[arg-type]
+        if lang is None:
+            return (template, None, tail)
+        return (template, lang, tail, tuple([results[p] for p in self.positions.get((template, lang), ())]))
 
     def _classify(self, group: Group, contact: Contact) -> int:
         shapes, composer = self.shapes, self.composer
@@ -334,14 +351,12 @@ class _Classes:
                 )["campaign"]
             return base
 
-        sig = (
-            contact.language,
-            contact.timezone,
-            tuple(contact.fields),
-            contact.zones,
-            tuple([f(roots) for f in self.evaluators]),
-        )
-        return self.classes.setdefault(sig, len(self.classes))
+        tail = (contact.language, contact.timezone, tuple(contact.fields), contact.zones)
+        results = tuple([f(roots) for f in self.evaluators])
+        cid = self.classes.setdefault((tail, results), len(self.classes))
+        if cid == len(self.sigs):
+            self.sigs.append((tail, results))
+        return cid
 
 
 def check_workspace(

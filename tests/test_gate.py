@@ -351,3 +351,53 @@ def test_check_finds_an_error_planted_in_one_contact_of_many(
 def test_the_shipped_campaign_renders_once_per_shape_with_no_problem() -> None:
     ws = load_workspace(Path(__file__).parent.parent / "schedules.yaml")
     assert check_workspace(ws) == []
+
+
+@pytest.mark.slow
+def test_check_names_the_one_contact_of_100000_whose_mails_fail(tmp_path: Path) -> None:
+    """Issue 16, target 1: `mailer check` (a real subprocess) on the shipped campaign grown to
+    100,000 contacts (two lists of 50,000, the six steps, updates and cancellations) names the
+    one row of 100,000 whose value breaks a reminder, and the one whose name breaks the update
+    mail, and no other row. Every contact has a unique name and address, as in
+    bench/check_speed.py; both plants depend on a contact's value, not on its columns. Fails if
+    check renders one mail per template and language, or skips contacts: the shape (or class)
+    must tell those two rows apart from their 99,999 neighbours."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    shutil.copy(root / "schedules.yaml", tmp_path / "schedules.yaml")
+    shutil.copytree(root / "templates", tmp_path / "templates")
+    (tmp_path / "contacts").mkdir()
+    orgs = [f"Organisatie {k}" for k in range(23)]
+    for half, name in enumerate(("indieners", "lerend-netwerk")):
+        lines = ["email,name,language,lists,organisation"]
+        for j in range(50_000):
+            i = half * 50_000 + j
+            org = "Planted vzw" if i == 73_210 else orgs[i % len(orgs)]
+            person = f"Persoon {i}" + (" the 13th" if i == 31_333 else "")
+            lines.append(f"p{i}@example.be,{person},{'fr' if i % 10 == 3 else 'nl'},{name},{org}")
+        (tmp_path / "contacts" / f"{name}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    reminder = tmp_path / "templates" / "herinnering" / "nl" / "body.txt"
+    reminder.write_text(
+        reminder.read_text(encoding="utf-8")
+        + "{% if 'Planted' in contact.organisation %}{{ contact.organisation.missing_method() }}{% endif %}\n",
+        encoding="utf-8",
+    )
+    update = tmp_path / "templates" / "update" / "fr" / "body.txt"
+    update.write_text(
+        update.read_text(encoding="utf-8") + "{% if 'the 13th' in contact.name %}{{ nope.x }}{% endif %}\n",
+        encoding="utf-8",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "mailer", "check"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:") and "csv" in ln]
+    # person 73,210 is row 23,212 of lerend-netwerk.csv (the header is row 1); 31,333: 31,335
+    assert len(errors) == 2, r.stderr
+    assert any(
+        "contacts/lerend-netwerk.csv" in e and "row 23212" in e and "herinnering" in e for e in errors
+    ), errors
+    assert any("contacts/indieners.csv" in e and "row 31335" in e and "update" in e for e in errors), errors
