@@ -142,3 +142,56 @@ async def test_outcomes_of_connections_finishing_together_share_one_commit(
     assert result["sent"] == n and set(status.values()) == {"sent"}
     assert sum(commits) == n and max(commits) <= conns
     assert len(commits) <= n // 2, commits
+
+
+_FORKSERVER_PROBE = """
+import asyncio, os, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from mailer import runner
+from mailer.ledger import Ledger
+from mailer.transport import TransportSettings
+from mailer.workspace import load_workspace
+runner.WORKER_MIN = 1
+os.cpu_count = lambda: 2
+cfg, port = Path(sys.argv[1]), int(sys.argv[2])
+ws = load_workspace(cfg)
+settings = TransportSettings(host="127.0.0.1", port=port, tls="none", connections=2)
+with Ledger.create(cfg.parent / "ledger.db") as led:
+    r = asyncio.run(runner.run_pass(ws, led, datetime(2018, 1, 4, 10, tzinfo=UTC), settings=settings))
+for pid in os.listdir("/proc"):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        continue
+    if int(stat[1]) == os.getpid() and b"forkserver" in cmd:
+        print(cmd.decode(errors="replace"))
+print("sent", r["sent"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads the forkserver's command line")
+def test_the_workers_fork_from_a_server_that_imported_the_composer(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """Each composing worker imported Jinja2, the config and the MIME code itself (~0.5 s of
+    CPU each, while the connections waited for the first batch). The forkserver now starts
+    as the pass begins, with the composer imported once, and the workers are its forks.
+    (In a fresh process: a forkserver, once running, keeps its imports.)"""
+    import subprocess
+    import sys
+
+    people = "email,name,lists\n" + "".join(f"p{i:03d}@example.org,P {i},a\n" for i in range(12))
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, contacts=people)
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKSERVER_PROBE, str(cfg), str(smtp_server.port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "sent 12" in out, out
+    servers = [line for line in out.splitlines() if "forkserver" in line]
+    assert servers and all("mailer.compose" in line for line in servers), out
