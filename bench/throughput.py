@@ -832,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         return 0
 
+    # Stopped with SIGTERM: unwind, so the sink and the campaign folder go too.
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     ns = sorted(set(args.n or [10_000, 20_000]) | ({100_000} if args.large else set()))
 
     def log(msg: str) -> None:  # progress on stderr; the table goes to stdout
