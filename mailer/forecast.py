@@ -352,7 +352,9 @@ def forecast(
     """Per step of the campaign (in its order): how many mails are left, when the first and
     the last of them are expected to go (of those a real run sends), ``missed``: how many a
     real run would skip because they wait past the event's start or the reminder's
-    ``late_after``, and then a problem saying when the step would finish.
+    ``late_after``; a problem when the pacing is why (not when the event has started already
+    or the reminder's time is long past: the planner skips those however fast mails go),
+    saying when the step would finish.
 
     :param state: what the ledger holds (None: nothing sent yet).
     :param audience: the step's contacts (default: those of ``contacts`` its audience matches);
@@ -363,12 +365,23 @@ def forecast(
     def matches(step: Step) -> Iterable[Contact]:
         return (c for c in contacts if step.audience.matches(c.lists, c.tags))
 
+    late_after = campaign.delivery.late_after
+
+    def too_late(g: _Group) -> bool:
+        """Late at its own time, however fast mails go (an event that has started, a reminder
+        long past): the planner skips it; not a pacing problem."""
+        t = max(g.step.at, now)
+        return t >= g.key[0] or (g.step.kind is StepKind.REMINDER and t > g.step.at + late_after)
+
     groups = _groups(campaign, audience or matches, state.done)
     total = [g.left for g in groups]
     _simulate(campaign, groups, now, state)
     unskipped: list[_Group] = []
-    if any(g.missed for g in groups):  # when would the late steps finish if nothing were skipped
+    if any(g.missed and not too_late(g) for g in groups):  # when would they finish, nothing skipped
         unskipped = _groups(campaign, audience or matches, state.done)
+        for g in unskipped:
+            if too_late(g):
+                g.left = 0
         _simulate(campaign, unskipped, now, state, skip_late=False)
     out = []
     for index, step in enumerate(campaign.steps):
@@ -380,10 +393,11 @@ def forecast(
         missed = sum(g.missed for g, _ in mine)
         n = sum(k for _, k in mine)
         problem = None
-        if missed:
+        if any(g.missed and not too_late(g) for g, _ in mine):
             lasts = [(g.last, g.key[1]) for g in unskipped if g.index == index and g.last is not None]
             last, lim = max(lasts, key=lambda x: x[0] - x[1])
-            problem = _problem(campaign, step, n, missed, last, lim, lim == event.start)
+            paced_out = sum(g.missed for g, _ in mine if not too_late(g))
+            problem = _problem(campaign, step, n, paced_out, last, lim, lim == event.start)
         out.append(
             StepForecast(
                 step.id,
@@ -452,7 +466,13 @@ def render_lines(rows: Sequence[StepForecast], tz: ZoneInfo) -> list[tuple[str, 
             t(r.first),
             t(r.last),
             t(r.limit),
-            "LATE" if r.problem else ("nothing to send" if not r.recipients else "in time"),
+            "LATE"
+            if r.problem
+            else f"{r.missed:,} too late (skipped)"
+            if r.missed
+            else "in time"
+            if r.recipients
+            else "nothing to send",
         )
         for r in rows
     ]

@@ -334,3 +334,14 @@ def test_status_shows_what_waits_for_the_quota_and_until_when(
             f"Waiting (send window, quota) step mails waiting for until invite 1 the quota (per_day: 2) {until}"
             in text
         ), text
+
+
+def test_an_event_that_started_already_is_no_pacing_problem(tmp_path: Path) -> None:
+    c = campaign(tmp_path, "{per_day: 3}")
+    rows = {r.step: r for r in forecast.forecast(c, people(5), None, datetime(2030, 1, 19, tzinfo=BRU))}
+    # "soon" started on the 18th: the planner skips its steps however fast mails go
+    assert (rows["invite-soon"].missed, rows["invite-soon"].problem) == (5, None)
+    # "later" (20 Feb) is reached at 3 a day: its invitation goes in time, its reminder (9 Jan +
+    # 3d) is long past
+    assert (rows["invite-later"].missed, rows["invite-later"].problem) == (0, None)
+    assert (rows["remind-later"].missed, rows["remind-later"].problem) == (5, None)
