@@ -393,8 +393,11 @@ def forecast(
         missed = sum(g.missed for g, _ in mine)
         n = sum(k for _, k in mine)
         problem = None
-        if any(g.missed and not too_late(g) for g, _ in mine):
-            lasts = [(g.last, g.key[1]) for g in unskipped if g.index == index and g.last is not None]
+        # Skipped at a later pass, or sent after the limit by a long pass (rate:, the pass sends
+        # what it started with)
+        if any(not too_late(g) and (g.missed or (g.last and g.last > g.key[1])) for g, _ in mine):
+            ran = [g for g in unskipped or groups if g.index == index and not too_late(g)]
+            lasts = [(g.last, g.key[1]) for g in ran if g.last is not None]
             last, lim = max(lasts, key=lambda x: x[0] - x[1])
             paced_out = sum(g.missed for g, _ in mine if not too_late(g))
             problem = _problem(campaign, step, n, paced_out, last, lim, lim == event.start)
@@ -449,7 +452,7 @@ def _problem(
     advice = advice.replace(", move", " or move", 1)
     return (
         f"{step.id}: {n:,} recipients at {_pace_text(campaign)} finishes {last_l:%a %d %b %H:%M}, "
-        f"{what}; {advice} ({missed:,} would not be sent)"
+        f"{what}; {advice}" + (f" ({missed:,} would not be sent)" if missed else "")
     )
 
 
@@ -528,9 +531,10 @@ def ledger_state(path: Path, campaign: Campaign, now: datetime) -> LedgerState:
 
 
 def check_section(ws: Workspace, now: datetime) -> list[Problem]:
-    """``mailer check``'s Forecast section (printed only when the campaign sets a quota, a send
-    window or ``rate:``): per step the mails left, when the first and last are expected to go,
-    and the step's deadline. A step that cannot finish in time is a warning."""
+    """``mailer check``'s Forecast section: per step the mails left, when the first and last are
+    expected to go, and the step's deadline; printed when the campaign sets a quota or a send
+    window (with ``rate:`` alone, only when a step cannot finish in time). A step that cannot
+    finish in time is a warning."""
     from .clikit import out, table
     from .errors import Problem, display_path
 
@@ -538,6 +542,9 @@ def check_section(ws: Workspace, now: datetime) -> list[Problem]:
     if not paced(c):
         return []
     rows = forecast(c, ws.contacts, ledger_state(c.ledger, c, now), now, audience=ws.audience)
+    limited = bool(pacing.quotas(c.smtp)) or c.delivery.window is not None
+    if not limited and not any(r.problem for r in rows):
+        return []  # rate: alone, every step in time: the schedule above says it all
     t = table(
         f"Forecast at {_pace_text(c)} (from {now.astimezone(c.timezone):%a %Y-%m-%d %H:%M})",
         ("step", "recipients", "first goes", "last goes", "deadline", ""),

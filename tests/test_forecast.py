@@ -345,3 +345,16 @@ def test_an_event_that_started_already_is_no_pacing_problem(tmp_path: Path) -> N
     # 3d) is long past
     assert (rows["invite-later"].missed, rows["invite-later"].problem) == (0, None)
     assert (rows["remind-later"].missed, rows["remind-later"].problem) == (5, None)
+
+
+def test_rate_alone_shows_a_forecast_only_for_a_step_that_cannot_finish(tmp_path: Path) -> None:
+    events = '- {id: dag, title: De dag, start: "2030-01-22 09:30", end: "2030-01-22 17:00"}\n'
+    steps = '- {id: invite, event: dag, template: invite, at: "2030-01-22 09:29"}\n'
+    cfg = write_campaign(tmp_path, events=events, steps=steps)
+    for rate, shown in (("10", False), ("0.01", True)):  # two mails: 0.1 s, or 100 s for the second
+        cfg.write_text(re.sub(r"smtp: \{.*\}", f"smtp: {{connections: 1, rate: {rate}}}", cfg.read_text()))
+        r = CliRunner().invoke(cli, ["check", "--config", str(cfg)], catch_exceptions=False)
+        assert ("Forecast at" in r.output) is shown, r.output
+        assert (
+            "invite: 2 recipients at 0.01/s finishes Tue 22 Jan 09:30" in " ".join(r.output.split())
+        ) is shown
