@@ -68,7 +68,7 @@ def describe(per: Counter[str]) -> str:
     >>> describe(Counter({"skipped": 1, "unmatched-bounce": 2}))
     '2 unmatched bounces, 1 skipped'
     """
-    return ", ".join(f"{n} {KINDS[k][n != 1]}" for k in KINDS if (n := per[k]))
+    return ", ".join(f"{n:,} {KINDS[k][n != 1]}" for k in KINDS if (n := per[k]))
 
 
 def status_line(total: int, per: Counter[str]) -> str:
