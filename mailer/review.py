@@ -27,7 +27,7 @@ def review(ws: Workspace) -> list[Problem]:
     c = ws.campaign
     at = _Places(c)
     audiences = {s.id: ws.audience(s) for s in c.steps}
-    keyed = _Keyed(audiences)
+    keyed = _Keyed(audiences, c.steps)
     return [
         *_at_or_after_start(c, at),
         *_reminders_beyond_invitations(c, audiences, at, keyed),
@@ -83,16 +83,19 @@ def _some(emails: Iterable[str]) -> str:
 
 
 class _Keyed:
-    """Each step's audience as {address lower-cased: address as written}, made once."""
+    """Each step's audience as {address lower-cased: address as written}, made once per
+    audience (steps with the same lists and tags share it)."""
 
-    def __init__(self, audiences: dict[str, list[Contact]]) -> None:
+    def __init__(self, audiences: dict[str, list[Contact]], steps: Iterable[Step] = ()) -> None:
         self.audiences = audiences
-        self.done: dict[str, dict[str, str]] = {}
+        self.same = {s.id: (s.audience.lists, s.audience.tags) for s in steps}
+        self.done: dict[object, dict[str, str]] = {}
 
     def __call__(self, step_id: str) -> dict[str, str]:
-        found = self.done.get(step_id)
+        key = self.same.get(step_id, step_id)
+        found = self.done.get(key)
         if found is None:
-            found = self.done[step_id] = {x.email.lower(): x.email for x in self.audiences[step_id]}
+            found = self.done[key] = {x.email.lower(): x.email for x in self.audiences[step_id]}
         return found
 
 

@@ -531,7 +531,10 @@ class Templates:
             if problem or tmpl is None or tmpl.filename is None:
                 problems += [problem] if problem else []
                 continue
-            ast = self._env.parse(Path(tmpl.filename).read_text(encoding="utf-8"))
+            source = Path(tmpl.filename).read_text(encoding="utf-8")
+            ast = self._asts.get((rel, source))
+            if ast is None:
+                ast = self._asts[rel, source] = self._env.parse(source, rel)
             files += [r for r in meta.find_referenced_templates(ast) if r is not None]
         return problems
 
