@@ -255,6 +255,7 @@ SERVED = [
     ("failed deliveries faceted by step", "/ledger/deliveries?status=failed&_facet=step"),
     ("deliveries faceted by campaign and event", "/ledger/deliveries?_facet=campaign&_facet=event"),
     ("attempts table", "/ledger/attempts"),
+    ("inbox: what needs a person (issue 15)", "/-/inbox"),
     ("canned query: summary", "/ledger/summary"),
     ("canned query: failed", "/ledger/failed"),
     ("canned query: not_reached (congres)", "/ledger/not_reached?event=congres"),
