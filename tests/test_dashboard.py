@@ -947,7 +947,8 @@ def test_events_page_charts_answers_and_steps(gala_dashboard: str, browser: Any)
     browser.find_element(By.LINK_TEXT, "Events").click()
     assert browser.current_url == f"{gala_dashboard}/-/events"
     assert browser.title == "Events \u2013 mailer delivery log"
-    assert browser.find_element(By.CSS_SELECTOR, "p.crumbs").text == "events · delivery log"
+    assert browser.find_element(By.CSS_SELECTOR, "p.crumbs").text == "events · inbox · delivery log"
+    assert browser.find_element(By.CSS_SELECTOR, "p.inbox-needs").text == "Inbox: no mail needs a person."
     row = browser.find_element(By.CSS_SELECTOR, 'table.answers tr[data-event="test/gala"]')
     assert [td.text for td in row.find_elements(By.CSS_SELECTOR, "td.num")] == ["1", "1", "1"]
     bar = row.find_element(By.CSS_SELECTOR, "svg.mailer-bar")
