@@ -1038,17 +1038,16 @@ def inbox_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
     later a second forged DSN, a forged unsubscribe and a forged reply."""
     from datetime import timedelta
 
+    from test_inbox import NOW, ledger_with_deliveries
     from test_inbox_attacks import (
         CAMPAIGN,
         FORGED_DSN,
         FORGED_UNSUBSCRIBE,
-        NOW,
         POISON,
         SECRET,
         box,
         forged_reply,
         gmail_reply,
-        ledger_with_deliveries,
     )
 
     from mailer.inbox import process
