@@ -22,7 +22,7 @@ MIME), about a tenth of what composing a mail costs (README "The render gate").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,7 +281,8 @@ class _Classes:
         self.each: dict[tuple[str, str | None], bool] = {}  # (template, contact language)
         self.evaluators: list[Callable[[Callable[[str], Any]], Hashable]] = []
         self.positions: dict[tuple[str, str], tuple[int, ...]] = {}  # its keys' places in results
-        self.keyed: dict[str, dict[int, Hashable]] = {}  # template -> class -> key
+        self.keyed: dict[str, dict[int, int]] = {}  # template -> class -> shape
+        self.ids: dict[Hashable, int] = {}  # shape (but the label) -> its number
         ids: dict[Hashable, int] = {}
         for template in dict.fromkeys(templates):
             for lang in shapes.templates.languages(template):
@@ -307,26 +308,30 @@ class _Classes:
             )
         return each
 
-    def keys(self, group: Group) -> Iterator[tuple[Hashable, Contact]]:
-        """Each mail's key (label, and its shape but the label) and contact, in order."""
-        label, template = group.label, group.step.template
+    def firsts(self, group: Group) -> dict[Hashable, Contact]:
+        """The first contact of ``group`` of each shape, in order, by shape (a number for
+        the template's part of a class; the contact itself where each is its own shape)."""
+        template = group.step.template
         each_of: dict[str | None, bool] = {}
-        class_of, classify = self.class_of, self._classify
+        class_of, classify, ids = self.class_of, self._classify, self.ids
         keyed = self.keyed.setdefault(template, {})
+        found: dict[Hashable, Contact] = {}
         for contact in group.contacts:
             each = each_of.get(contact.language)
             if each is None:
                 each = each_of[contact.language] = self.each_of(template, contact.language)
             if each:
-                yield (label, template, "each", id(contact)), contact
+                found[("each", id(contact))] = contact
                 continue
             cid = class_of.get(id(contact))
             if cid is None:
                 cid = class_of[id(contact)] = classify(group, contact)
-            key = keyed.get(cid)
-            if key is None:
-                key = keyed[cid] = self._project(template, cid)
-            yield (label, key), contact
+            shape = keyed.get(cid)
+            if shape is None:
+                shape = keyed[cid] = ids.setdefault(self._project(template, cid), len(ids))
+            if shape not in found:
+                found[shape] = contact
+        return found
 
     def _project(self, template: str, cid: int) -> Hashable:
         tail, results = self.sigs[cid]
@@ -399,10 +404,9 @@ def check_workspace(
     done = 0
     if _same_for_all(composer):
         classes = _Classes(composer, shapes, [g.step.template for g in groups])
-        for g in groups:
-            for key, contact in classes.keys(g):
-                if key not in firsts:
-                    firsts[key] = Mail(g.step, g.event, contact, g.extra, g.label)
+        for g in groups:  # labels differ between groups: a shape of one group is its own
+            for shape, contact in classes.firsts(g).items():
+                firsts[g.label, shape] = Mail(g.step, g.event, contact, g.extra, g.label)
             done += len(g.contacts)
             if progress is not None:
                 progress(done // 2, total)
