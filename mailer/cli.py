@@ -236,9 +236,16 @@ def preview(config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...
     c = ws.campaign
     _known_steps(c, step_ids)
     from .compose import Composer
+    from .dkim import load_signer
+    from .errors import ConfigError
 
     wanted = {e.strip().lower() for e in emails}
-    composer = Composer(c, ws.templates, unsubscribe_secret=secret_from(os.environ))
+    unsigned: str | None = None  # with dkim:, the previews carry the signatures a send would (t= their Date)
+    try:
+        signer = load_signer(c, os.environ)
+    except ConfigError as exc:  # still preview the mails; say once why they are unsigned
+        signer, unsigned = None, "; ".join(str(p) for p in exc.problems)
+    composer = Composer(c, ws.templates, unsubscribe_secret=secret_from(os.environ), signer=signer)
     written = 0
     for step in c.steps:
         if step_ids and step.id not in step_ids:
@@ -254,6 +261,12 @@ def preview(config_path: Path, step_ids: tuple[str, ...], emails: tuple[str, ...
     if wanted and not written:
         raise MailerError(f"no recipient matches --contact {', '.join(sorted(wanted))}")
     out.print(f"Wrote {written} mail(s) under {out_dir}/ (nothing was sent).", markup=False)
+    if unsigned:
+        err.print("[yellow]warning:[/yellow] ", end="", markup=True)
+        err.print(
+            f"these previews are NOT DKIM-signed: {unsigned} (`mailer send` would stop on this)",
+            markup=False,
+        )
 
 
 def _pending_changes(c: Campaign) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import email
 import email.policy
 import hashlib
+import os
 import re
 import shutil
 import socket
@@ -31,6 +32,7 @@ from rich.table import Table
 from .addresses import address_key
 from .clock import virtual_clock
 from .config import Campaign, Event, Web
+from .dkim import Signer, load_signer
 from .errors import MailerError
 from .inbox import process
 from .ledger import Ledger, ReplySource
@@ -72,6 +74,8 @@ def run_demo(
     loaded = load_workspace(config_path)
     if loaded.blocking:
         raise MailerError("the campaign has problems; run `mailer check`")
+    # With dkim: the demo signs as `mailer send` does; a key that cannot be used stops it here.
+    signer = load_signer(loaded.campaign, os.environ)
     port = port or _web_port()
     c = replace(loaded.campaign, web=Web(f"http://{WEB_HOST}:{port}/"))
     ws = replace(loaded, campaign=c)
@@ -96,7 +100,7 @@ def run_demo(
         console.print(
             f"[bold]Demo of {c.name}[/bold]: {len(c.steps)} steps, {len(ws.contacts)} contacts, "
             f"embedded SMTP server on {server.host}:{server.port}, mailer web on {web.url} "
-            "(links signed with a demo-only secret)"
+            "(links signed with a demo-only secret)" + _signed_by(signer)
         )
         now: datetime | None = min(s.at for s in c.steps) - timedelta(minutes=1)
         invitations = [s.at for s in c.steps if s.kind is StepKind.INVITATION and s.attach_ics]
@@ -126,6 +130,7 @@ def run_demo(
                     settings=settings,
                     clock=virtual_clock(now),
                     unsubscribe_secret=DEMO_SECRET,
+                    signer=signer,
                 )
             )
             sent = result.counts["sent"]
@@ -174,6 +179,14 @@ def run_demo(
                 markup=False,
             )
     return 0
+
+
+def _signed_by(signer: Signer | None) -> str:
+    """What the header line says of DKIM: nothing without ``dkim:`` (the shipped demo)."""
+    if signer is None:
+        return ""
+    keys = ", ".join(f"{k.algorithm} d={k.domain} s={k.selector}" for k in signer.keys)
+    return f"; mails DKIM-signed ({keys})"
 
 
 def _tables(console: Console, c: Campaign, ledger: Ledger) -> None:
