@@ -641,7 +641,7 @@ def _fmt_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 "mailer send (whole process)",
                 sd,
                 f"peak RSS {sd['rss_max_mb']:.0f} MB, ledger {sd['ledger_bytes'] / 1e6:.1f} MB; "
-                "CPU incl. its composing worker",
+                "CPU: the process, not its composing workers",
             )
         )
         lines.append(
