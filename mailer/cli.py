@@ -484,6 +484,16 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
             markup=False,
         )
         raise SystemExit(1)
+    if result.paused_until is not None and result.paused_until > result.now and result.due:
+        # Issue 17: a server's quota pause (this pass's reply, or one the ledger kept from an
+        # earlier pass): nothing goes before it ends; exit 1 when it stopped the pass.
+        until = when(result.paused_until.astimezone(c.timezone))
+        err.print(
+            f"paused by the server's quota until {until}: {result.quota_reply}; the rest goes out then",
+            markup=False,
+        )
+        if (result.stopped or not result.counts["sent"]) and not dry_run:
+            raise SystemExit(1)
     if result.stopped:
         err.print("Stopped before everything due was sent; the rest goes out on the next pass.", markup=False)
         raise SystemExit(1)

@@ -488,24 +488,43 @@ def waiting(
     now: datetime,
     *,
     paused_until: datetime | None = None,
+    zones: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict[str, list[tuple[Wait, int, datetime]]]:
     """For ``mailer status``: per step, how many of its ``pending`` mails (counted from the
     ledger's rows) wait for the window, the quota or a server's pause at ``now``, and until
-    when (the earliest). Pure. The window is read in the campaign's zone (the ledger's rows
-    carry no recipient zone); steps whose time has not come are left out."""
+    when (one entry per reason and time, the soonest first). Pure. ``zones``: per step, how
+    many of its pending mails are for recipients of each zone (their ``timezone`` column, as
+    :func:`mailer.pacing.zone_of`): the window is read in each one's zone, as the daemon does;
+    the rest in the campaign's. Steps whose time has not come (in that zone, for a ``local``
+    step) are left out."""
+    from dataclasses import replace
+
     groups = []
     for index, step in enumerate(campaign.steps):
         n = pending.get(step.id, 0)
-        if n and step.at <= now:
-            event = campaign.event(step.event)
-            limit = _late_limit(step, event.start, campaign.delivery.late_after)
-            groups.append(_Group(step, index, 0, campaign.timezone, n, (event.start, limit)))
+        if not n:
+            continue
+        event = campaign.event(step.event)
+        split = dict((zones or {}).get(step.id, {}))
+        rest = n - sum(split.values())
+        if rest > 0 or not split:
+            split[campaign.timezone.key] = split.get(campaign.timezone.key, 0) + max(rest, 0)
+        for order, (key, k) in enumerate(split.items()):
+            tz = campaign.timezone if key == campaign.timezone.key else ZoneInfo(key)
+            st = replace(step, at=step.at_in(tz)) if step.local else step
+            if k and st.at <= now:
+                limit = _late_limit(st, event.start, campaign.delivery.late_after)
+                groups.append(_Group(st, index, order, tz, k, (event.start, limit)))
     hist = [_Ramp(t.astimezone(UTC), 1, timedelta(0)) for t in sorted(sent_times)]
     d = _decide(groups, campaign, now, hist, pacing.campaign_window(campaign), paused_until)
-    out: dict[str, list[tuple[Wait, int, datetime]]] = {}
+    per: dict[str, dict[tuple[Wait, datetime], int]] = {}
     for g, k, why, until in d.holds:
-        out.setdefault(g.step.id, []).append((why, k, until))
-    return out
+        at = per.setdefault(g.step.id, {})
+        at[(why, until)] = at.get((why, until), 0) + k
+    return {
+        step: [(why, k, until) for (why, until), k in sorted(at.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+        for step, at in per.items()
+    }
 
 
 def ledger_state(path: Path, campaign: Campaign, now: datetime) -> LedgerState:

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +62,10 @@ CURRENT_REPLY = (
 NOT_FINAL = f"deliveries.status NOT IN {sql_list(FINAL)}"
 
 _ROW_COLS = "id, step, email, status, attempts, next_attempt, claimed_at, message_id, name"
+
+#: ``meta`` keys of a server's quota pause (issue 17): until when (ISO, UTC) and its reply.
+META_PAUSED_UNTIL = "paused_until"
+META_PAUSED_REPLY = "paused_reply"
 
 #: The busy timeout: how long a write waits for another connection's transaction.
 BUSY_TIMEOUT = 30.0
@@ -692,6 +696,10 @@ class Ledger:
 
         SENT, DEFERRED and FAILED set the status; UNKNOWN keeps the row ``sending`` (its mail
         goes again, identical, at ``next_attempt``). Only a ``sending`` row takes an outcome.
+
+        A deferral that is a server's quota reply (:func:`mailer.pacing.is_quota_reply`; its
+        ``next_attempt`` is when sending resumes) also keeps that pause in ``meta``, in the same
+        commit (issue 17): every later sender reads it with :meth:`server_pause`.
         """
         rows = []
         for o in items:
@@ -711,6 +719,55 @@ class Ledger:
                 "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
                 [(o.delivery_id, iso(o.at), o.attempt, o.code, o.text) for *_, o in rows],
             )
+            if any(o.attempt is Attempt.DEFERRED and o.next_attempt for o in items):
+                self._keep_pause(c, items)
+
+    def _keep_pause(self, c: sqlite3.Connection, items: Sequence[Outcome]) -> None:
+        """Inside :meth:`record_outcomes`' transaction: the latest server's quota pause among
+        ``items``, kept unless a longer one is kept already."""
+        from .pacing import is_quota_reply
+
+        quota = [
+            o
+            for o in items
+            if o.attempt is Attempt.DEFERRED and o.next_attempt and is_quota_reply(o.code, o.text)
+        ]
+        if not quota:
+            return
+        last = max(quota, key=lambda o: o.next_attempt or o.at)
+        assert last.next_attempt is not None
+        until = last.next_attempt
+        if until.microsecond:  # stored to the second: never end the pause early
+            until = until.replace(microsecond=0) + timedelta(seconds=1)
+        kept = c.execute("SELECT value FROM meta WHERE key=?", (META_PAUSED_UNTIL,)).fetchone()
+        if kept is not None and kept[0] >= iso(until):
+            return
+        c.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+            [(META_PAUSED_UNTIL, iso(until)), (META_PAUSED_REPLY, f"{last.code} {last.text}".strip())],
+        )
+
+    def server_pause(self) -> tuple[datetime, str] | None:
+        """The server's quota pause kept in the ledger (issue 17): until when nothing may be
+        sent, and the server's reply ("452 4.5.3 ..."); None when there is none. It may have
+        ended already: compare with now (:meth:`clear_server_pause` removes it)."""
+        kept = dict(
+            self.conn.execute(
+                "SELECT key, value FROM meta WHERE key IN (?, ?)", (META_PAUSED_UNTIL, META_PAUSED_REPLY)
+            )
+        )
+        if META_PAUSED_UNTIL not in kept:
+            return None
+        return parse_iso(kept[META_PAUSED_UNTIL]), kept.get(META_PAUSED_REPLY, "")
+
+    def clear_server_pause(self, now: datetime) -> bool:
+        """Remove the kept server's pause if it has ended by ``now``; True when one was removed."""
+        with self.transaction() as c:
+            n = c.execute("DELETE FROM meta WHERE key=? AND value<=?", (META_PAUSED_UNTIL, iso(now))).rowcount
+            if n:
+                c.execute("DELETE FROM meta WHERE key=?", (META_PAUSED_REPLY,))
+        return n > 0
 
     def release(self, ids: Iterable[int], at: datetime) -> None:
         """Give claimed rows that no connection took back to ``pending`` (a clean stop)."""

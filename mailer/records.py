@@ -6,6 +6,7 @@ import csv
 import errno
 import itertools
 import os
+import re
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -56,7 +57,10 @@ def status(config_path: Path, db_path: Path | None) -> None:
         unmatched = ledger.unmatched_count()
         recent = ledger.unmatched_replies(limit=UNMATCHED_SHOWN) if unmatched else []
         inbox_line = staff_inbox.status_line(*staff_inbox.counts(ledger.conn))
+        pause = ledger.server_pause()
     tz = view.timezone if view else UTC
+    if pause is not None and pause[0] <= datetime.now(UTC):
+        pause = None  # it has ended (the next pass removes it)
     cols = (
         Status.SENT,
         Status.DEFERRED,
@@ -94,8 +98,12 @@ def status(config_path: Path, db_path: Path | None) -> None:
         nxt = when(d["next"].astimezone(tz)) if d["next"] else ""
         grid.add_row(camp, step, *(str(d[c]) for c in cols), nxt)
     out.print(grid)
+    if pause is not None:  # issue 17: a server's quota reply, kept by the pass that got it
+        out.print(
+            f"paused by the server's quota until {when(pause[0].astimezone(tz))}: {pause[1]}", markup=False
+        )
     if view:  # issue 17: what the send window or a quota holds back, and until when
-        _print_waiting(config_path, path, view.id, campaign, per)
+        _print_waiting(config_path, path, view.id, campaign, per, pause[0] if pause else None)
     if answers:
         t2 = table(
             "Answers per event (iMIP replies)", ("campaign", "event", "accepted", "tentative", "declined")
@@ -178,10 +186,12 @@ def _print_waiting(
     cid: str,
     campaign: Campaign | None,
     per: dict[tuple[str, str], dict[str, Any]],
+    paused_until: datetime | None = None,
 ) -> None:
-    """Per step, how many of its pending mails wait for the send window or the quota, and
-    until when (:func:`mailer.forecast.waiting` over the ledger's counts and the last day's
-    attempts, read in the campaign's zone)."""
+    """Per step, how many of its pending mails wait for the send window, the quota or the
+    server's quota pause, and until when (:func:`mailer.forecast.waiting` over the ledger's
+    counts and the last day's attempts; the window in each recipient's zone when the contact
+    files have a ``timezone`` column, see :func:`_pending_zones`)."""
     pending = {s: d[Status.PENDING] for (camp, s), d in per.items() if camp == cid and d[Status.PENDING]}
     if not pending:
         return
@@ -190,7 +200,7 @@ def _print_waiting(
             data = config_path.read_bytes()
         except OSError:
             return
-        if not any(w in data for w in _PACING_WORDS):
+        if paused_until is None and not any(w in data for w in _PACING_WORDS):
             return
         campaign = _campaign_if_valid(config_path)
         if campaign is None:
@@ -199,7 +209,7 @@ def _print_waiting(
 
     from . import pacing
 
-    if not pacing.quotas(campaign.smtp) and campaign.delivery.window is None:
+    if not pacing.quotas(campaign.smtp) and campaign.delivery.window is None and paused_until is None:
         return
     from .forecast import waiting
 
@@ -207,7 +217,8 @@ def _print_waiting(
     day = now - timedelta(days=1)
     with Ledger.read(path) as ledger:
         times = pacing.counted_since(ledger.attempt_times(day), day)
-    waits = waiting(campaign, pending, times, now)
+        zones = _pending_zones(ledger, campaign) if campaign.delivery.window is not None else None
+    waits = waiting(campaign, pending, times, now, paused_until=paused_until, zones=zones)
     if not waits:
         return
     names = ", ".join(str(q) for q in pacing.quotas(campaign.smtp))
@@ -221,6 +232,53 @@ def _print_waiting(
         for why, n, until in waits.get(s.id, []):
             t.add_row(s.id, str(n), what[why], when(until.astimezone(campaign.timezone)))
     out.print(t)
+
+
+#: A contact file's header line that may name a ``timezone`` column (the aliases of
+#: mailer.contacts' ``_ROLES``, loosely: a false match only costs reading the contacts).
+_TZ_HEADER = re.compile(r"time\s*zone|\btz\b|tijdzone|fuseau\s*horaire")
+
+
+def _has_timezone_column(paths: list[Path]) -> bool:
+    """Whether a contact file's header (its first non-blank line) may have a ``timezone`` column."""
+    for p in paths:
+        try:
+            with p.open("rb") as f:
+                head = f.read(8192)
+        except OSError:
+            continue
+        first = next((ln for ln in head.decode("utf-8", "replace").splitlines() if ln.strip()), "")
+        if _TZ_HEADER.search(first.lower()):
+            return True
+    return False
+
+
+def _pending_zones(ledger: Ledger, campaign: Campaign) -> dict[str, dict[str, int]] | None:
+    """Per step, how many pending mails are for recipients of each zone other than the
+    campaign's (their ``timezone`` column, :func:`mailer.pacing.zone_of`): a send window is
+    read in each recipient's zone (issue 17). None, without reading the contacts, when no
+    contact file has a ``timezone`` column."""
+    paths = campaign.contact_paths()
+    if not _has_timezone_column(paths):
+        return None
+    from . import pacing
+    from .contacts import load_contacts
+
+    zone = {
+        c.email: key
+        for c in load_contacts(paths).contacts
+        if c.timezone and (key := pacing.zone_of(campaign, c).key) != campaign.timezone.key
+    }
+    if not zone:
+        return None
+    out: dict[str, dict[str, int]] = {}
+    for st in (Status.PENDING, Status.SENDING):  # status counts both as pending
+        for r in ledger.log(campaign=campaign.id, status=st, columns=("step", "email")):
+            their = zone.get(r["email"])
+            if their is not None:
+                per = out.setdefault(r["step"], {})
+                per[their] = per.get(their, 0) + 1
+    return out
 
 
 #: `mailer status` lists this many of the newest unmatched replies; the dashboard has them all.

@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
 
 from . import pacing, planner
 from .bounces import envelope_for
@@ -30,7 +31,7 @@ from .transport import Outgoing, Result, Transport, TransportSettings
 from .vocab import Attempt, Status
 from .workspace import Workspace
 
-__all__ = ["Change", "PassResult", "SendPass", "run_pass"]
+__all__ = ["Change", "KeepsPause", "PassResult", "SendPass", "run_pass"]
 
 CLAIM_BATCH = 200
 #: Passes with at least this many mails compose them in worker processes (on other cores).
@@ -83,13 +84,24 @@ class PassResult:
     unreachable: str | None = None
     #: Pacing (issue 17): what the window, the quotas or a server's quota pause held back.
     paced: pacing.Paced[Due] | None = field(default=None, repr=False)
-    #: A quota reply the server gave in this pass ("452 4.5.3 ..."), and the pause it caused:
-    #: nothing more goes until ``paused_until`` (the caller passes it to the next pass).
+    #: The server's quota pause in force in this pass: a quota reply ("452 4.5.3 ...") it got,
+    #: or one an earlier pass got and the ledger kept (:class:`KeepsPause`; then nothing went),
+    #: and until when: nothing more goes until ``paused_until``.
     quota_reply: str | None = None
     paused_until: datetime | None = None
 
     def __getitem__(self, key: str) -> int:
         return self.counts[key]
+
+
+@runtime_checkable
+class KeepsPause(Protocol):
+    """A store that keeps a server's quota pause across processes (issue 17; the SQLite ledger
+    does, in ``meta``): :meth:`LedgerStore.record_outcomes` keeps it with the quota reply's
+    outcome, every pass reads it, and the first pass after it ends removes it."""
+
+    def server_pause(self) -> tuple[datetime, str] | None: ...
+    def clear_server_pause(self, now: datetime) -> bool: ...
 
 
 class SendPass:
@@ -144,6 +156,7 @@ class SendPass:
         plan = self.gate(self.plan(changes), changes)
         self.record_changes(changes)
         self.record_plan(plan)
+        self.kept_pause(clear=True)
         due = self.pace(plan.due)
         due = due[: self.limit] if self.limit is not None else due
         if due:
@@ -159,6 +172,7 @@ class SendPass:
         written."""
         changes = self.revise()
         plan = self.gate(self.plan(changes), changes)
+        self.kept_pause(clear=False)
         self.pace(plan.due)
         return self.result
 
@@ -245,6 +259,22 @@ class SendPass:
         )
         self.result.due, self.result.plan = len(kept), plan
         return plan
+
+    def kept_pause(self, *, clear: bool) -> None:
+        """A server's quota pause an earlier pass (another process, before a restart) kept in
+        the ledger: while it runs nothing goes (:meth:`pace`); once it has ended it is removed
+        (with ``clear``: not by a dry run)."""
+        if not isinstance(self.store, KeepsPause):
+            return
+        kept = self.store.server_pause()
+        if kept is None:
+            return
+        until, reply = kept
+        if until > self.now:
+            self.paused_until = max(filter(None, (self.paused_until, until)))
+            self.result.paused_until, self.result.quota_reply = self.paused_until, reply
+        elif clear:
+            self.store.clear_server_pause(self.now)
 
     def pace(self, due: list[Due]) -> list[Due]:
         """Send windows, quotas and deadline order (:func:`mailer.pacing.pace`, pure), on the

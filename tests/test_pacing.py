@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_campaign
+from conftest import FaultyHandler, write_campaign
 
 from mailer import config, pacing, planner
 from mailer.cli import cli
@@ -293,3 +293,52 @@ def test_a_mail_that_would_miss_its_event_goes_outside_the_window_with_the_reaso
     assert "the event starts 2030-03-05 07:00, before it opens again at 2030-03-05 08:00" in reason
     send(cfg, "2030-03-05 08:00", smtp_env)
     assert len(smtp_server.handler.received) == 4
+
+
+def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    r = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return r.exit_code, " ".join(r.output.split())
+
+
+def test_a_servers_quota_pause_holds_the_next_mailer_send_and_shows_in_status(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str]
+) -> None:
+    """Issue 17: the pause a 452 quota reply causes is kept in the ledger, in the commit of that
+    reply's outcome: a second `mailer send` (a new process, a new ledger connection) sends
+    nothing before it ends, says until when and exits 1; `mailer status` shows it; once it has
+    ended every mail goes, once."""
+    handler = smtp_server.handler
+    assert isinstance(handler, FaultyHandler)
+    handler.rcpt_replies["bob@example.org"] = "452 4.5.3 Daily user sending quota exceeded"
+    cfg = write_campaign(tmp_path, events=EV, steps=ST, contacts=THREE)
+    cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 1, per_day: 100}"))
+    args = ("--config", str(cfg))
+    code, out = run_cli("send", *args, "--now", "2030-03-04 10:00", "--force", env=smtp_env)
+    assert code == 1, out  # the reply stopped the pass (ann went before it)
+    assert [r.rcpt_tos[0] for r in handler.received] == ["ann@example.org"]
+    until = "Tue 2030-03-05 10:00 CET"  # when ann's attempt leaves the rolling day
+    said = f"paused by the server's quota until {until}: 452 4.5.3 Daily user sending quota exceeded"
+    assert said in out
+    handler.rcpt_replies.clear()  # the provider would take mail again: only the pause holds it
+
+    code, out = run_cli("send", *args, "--now", "2030-03-04 10:01", "--force", env=smtp_env)
+    assert code == 1, out
+    assert said in out
+    assert len(handler.received) == 1, "nothing goes during the pause"
+    code, out = run_cli("status", *args, env=smtp_env)
+    assert code == 0 and said in out, out
+
+    code, out = run_cli("send", *args, "--now", "2030-03-05 09:59", "--force", env=smtp_env)
+    assert (code, len(handler.received)) == (1, 1), out
+    code, out = run_cli("send", *args, "--now", "2030-03-05 10:01", "--force", env=smtp_env)
+    assert code == 0 and "paused" not in out, out
+    assert sorted(r.rcpt_tos[0] for r in handler.received) == [
+        "ann@example.org",
+        "bob@example.org",
+        "cid@example.org",
+    ]
+    assert {s for s, _ in ledger_rows(cfg).values()} == {"sent"}
+    with sqlite3.connect(cfg.parent / "ledger.db") as db:
+        assert db.execute("SELECT key FROM meta WHERE key LIKE 'paused%'").fetchall() == []
+    code, out = run_cli("status", *args, env=smtp_env)
+    assert code == 0 and "paused" not in out, out
