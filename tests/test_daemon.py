@@ -539,6 +539,52 @@ async def test_a_quota_reply_pauses_sending_until_the_quota_frees_and_nothing_is
         await d.close()
 
 
+async def test_a_quota_pause_outlives_a_restart_of_the_daemon(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], logs: list[logging.LogRecord]
+) -> None:
+    """Issue 17: the pause is kept in the ledger; a daemon started during it (a restart, a
+    crash) sends nothing before it ends, says so, and then sends the rest, each mail once."""
+    three = "email,name,lists\nann@example.org,Ann,a\nbob@example.org,Bob,a\ncid@example.org,Cid,a\n"
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=INVITE_STEP, contacts=three)
+    cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 1, per_day: 100}"))
+    handler = smtp_server.handler
+    assert isinstance(handler, FaultyHandler)
+    handler.rcpt_replies["bob@example.org"] = "452 4.5.3 Daily user sending quota exceeded"
+    clock = ManualClock(INVITE)
+    first = make_daemon(cfg, clock, smtp_env)
+    await first.start(run_jobs=False)
+    assert await first.close() == 0
+    assert [r.rcpt_tos[0] for r in handler.received] == ["ann@example.org"]
+    handler.rcpt_replies.clear()  # the provider would take mail again: only the pause holds it
+    resume = INVITE + timedelta(days=1)
+
+    clock.set(INVITE + timedelta(hours=2))
+    logs.clear()
+    second = make_daemon(cfg, clock, smtp_env)
+    await second.start(run_jobs=False)  # its first pass, at once
+    try:
+        assert len(handler.received) == 1, "the restarted daemon waits for the pause"
+        assert second.wake_at == resume
+        said = lines(logs)
+        assert any(
+            m.startswith("pause (server) until 2030-03-05T10:00+01:00: the server answered 452 4.5.3")
+            for m in said
+        ), said
+        clock.set(resume)
+        await second.tick()
+        assert sorted(r.rcpt_tos[0] for r in handler.received) == [
+            "ann@example.org",
+            "bob@example.org",
+            "cid@example.org",
+        ]
+        assert len(set(message_ids(smtp_server))) == 3
+        assert "resume (server): sending again" in lines(logs)
+    finally:
+        assert await second.close() == 0
+    with sqlite3.connect(cfg.parent / "ledger.db") as db:
+        assert db.execute("SELECT count(*) FROM meta WHERE key LIKE 'paused%'").fetchone() == (0,)
+
+
 # -- an idle daemon does nothing, yet misses nothing (issue 16, target 3) ----------------------
 
 

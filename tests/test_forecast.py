@@ -336,6 +336,56 @@ def test_status_shows_what_waits_for_the_quota_and_until_when(
         ), text
 
 
+def test_waiting_reads_the_window_in_each_recipients_zone(tmp_path: Path) -> None:
+    c = campaign(tmp_path, "{}", '{late_after: 3d, window: "08:00-20:00"}')
+    pending = {"invite-later": 3}
+    zones = {"invite-later": {"America/New_York": 1}}  # the other two: the campaign's zone
+    at_7 = datetime(2030, 1, 9, 7, tzinfo=BRU)  # Wed 07:00 in Brussels, 01:00 in New York
+    assert forecast.waiting(c, pending, [], at_7, zones=zones) == {
+        "invite-later": [
+            (pacing.Wait.WINDOW, 2, datetime(2030, 1, 9, 8, tzinfo=BRU)),
+            (pacing.Wait.WINDOW, 1, datetime(2030, 1, 9, 8, tzinfo=ZoneInfo("America/New_York"))),
+        ]
+    }
+    # 21:00 in Brussels (closed until tomorrow 08:00), 15:00 in New York (open: it goes)
+    at_21 = datetime(2030, 1, 9, 21, tzinfo=BRU)
+    assert forecast.waiting(c, pending, [], at_21, zones=zones) == {
+        "invite-later": [(pacing.Wait.WINDOW, 2, datetime(2030, 1, 10, 8, tzinfo=BRU))]
+    }
+
+
+def test_status_waits_for_each_recipients_own_window(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two recipients, one in the campaign's zone (UTC) and one in Tokyo (UTC+9, no DST): the
+    window opens 3 hours from now in UTC, so in Tokyo it opened 6 hours ago and opens again
+    tomorrow. `mailer status` says so per recipient's zone, as the daemon will send."""
+    monkeypatch.setenv("MAILER_CACHE_DIR", str(tmp_path / "cache"))
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    window = f"{(now.hour + 3) % 24:02d}:00-{(now.hour + 4) % 24:02d}:00"
+    events = '- {id: ev, title: Ev, start: "2040-03-08 09:00", end: "2040-03-08 11:00"}\n'
+    steps = (
+        f'- {{id: invite, event: ev, template: invite, at: "{now - timedelta(hours=1):%Y-%m-%d %H:%M}"}}\n'
+    )
+    two = "email,name,lists,timezone\nann@example.org,Ann,a,\nbob@example.org,Bob,a,Asia/Tokyo\n"
+    cfg = write_campaign(
+        tmp_path, events=events, steps=steps, contacts=two, extra=f'delivery: {{window: "{window}"}}\n'
+    )
+    cfg.write_text(cfg.read_text().replace("timezone: Europe/Brussels", "timezone: UTC"))
+    r = CliRunner().invoke(cli, ["send", "--config", str(cfg), "--now", f"{now:%Y-%m-%d %H:%M}"])
+    assert r.exit_code == 0, r.output
+    assert smtp_server.handler.received == []
+    ann = f"{now + timedelta(hours=3):%a %Y-%m-%d %H:%M} UTC"
+    bob = f"{now + timedelta(hours=18):%a %Y-%m-%d %H:%M} UTC"  # 03+3 Tokyo = now-6 UTC, tomorrow
+    for _ in range(2):  # the first status loads the campaign, the second remembers it
+        r = CliRunner().invoke(cli, ["status", "--config", str(cfg)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        text = " ".join(re.sub("[\u2500-\u257f]", " ", r.output).split())
+        assert (
+            f"invite 1 the send window ({window}) {ann} invite 1 the send window ({window}) {bob}" in text
+        ), text
+
+
 def test_an_event_that_started_already_is_no_pacing_problem(tmp_path: Path) -> None:
     c = campaign(tmp_path, "{per_day: 3}")
     rows = {r.step: r for r in forecast.forecast(c, people(5), None, datetime(2030, 1, 19, tzinfo=BRU))}
