@@ -343,6 +343,9 @@ def send(
     from .transport import TransportSettings
 
     settings = TransportSettings.from_config(c.smtp, os.environ)
+    from .dkim import load_signer
+
+    signer = load_signer(c, os.environ)  # before the ledger: a key that cannot sign stops here
     path = db_path or c.ledger
     if dry_run:
         # A dry run writes nothing: it reads the ledger read-only, or plans against an empty one
@@ -356,9 +359,6 @@ def send(
         result = _send_with_progress(ws, ledger, now, settings, limit, step_ids or None, dry_run, signer)
     _report(result, c, dry_run)
 
-    from .dkim import load_signer
-
-    signer = load_signer(c, os.environ)  # before the ledger: a key that cannot sign stops here
 
 #: How far ahead of the clock `send --now` goes without --force.
 AHEAD_LIMIT = timedelta(days=1)
@@ -392,6 +392,7 @@ def _send_with_progress(
     limit: int | None,
     steps: tuple[str, ...] | None,
     dry_run: bool,
+    signer: Signer | None = None,
 ) -> PassResult:
     import asyncio
     import signal
@@ -405,7 +406,6 @@ def _send_with_progress(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-    signer: Signer | None = None,
         async def main() -> PassResult:
             # The first Ctrl-C (or SIGTERM) stops the pass in order: each connection finishes
             # and records its mail, queued ones go back to pending. A second one interrupts.
@@ -434,6 +434,7 @@ def _send_with_progress(
                     log=lambda m: err.print(m, markup=False),
                     stop=stop,
                     unsubscribe_secret=secret_from(os.environ),
+                    signer=signer,
                 )
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -447,7 +448,6 @@ def _report(result: PassResult, c: Campaign, dry_run: bool) -> None:
     if dry_run and result.plan is not None:
         title = f"Due at {when(local)} (dry run: nothing sent or recorded)"
         due = table(title, ("step", "recipient", "note"))
-                    signer=signer,
         for d in result.plan.due:
             due.add_row(d.step.id, d.contact.email, "re-send (was sending)" if d.resend else "")
         for s in result.plan.skips:
@@ -582,18 +582,6 @@ def demo(out_dir: Path, serve: bool, config_path: Path) -> None:
     raise SystemExit(run_demo(config_path, out_dir, console=out, serve=serve))
 
 
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        cli(prog_name="mailer")
-    except KeyboardInterrupt:  # pragma: no cover - interactive
-        err.print("interrupted")
-        sys.exit(130)
-    finally:
-        # The process is ending: spare the interpreter's last full garbage collection of
-        # every object the imports made (~0.05-0.1 s with pydantic loaded; `mailer status`
-        # should answer in well under half a second). atexit handlers and flushing still run.
-        gc.freeze()
 @cli.group()
 def dkim() -> None:
     """DKIM signing keys (the dkim: key of schedules.yaml; README "DKIM")."""
@@ -647,3 +635,15 @@ def keygen(
     out.print("and check the record with `mailer check --dns` once it is published.", markup=False)
 
 
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli(prog_name="mailer")
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        err.print("interrupted")
+        sys.exit(130)
+    finally:
+        # The process is ending: spare the interpreter's last full garbage collection of
+        # every object the imports made (~0.05-0.1 s with pydantic loaded; `mailer status`
+        # should answer in well under half a second). atexit handlers and flushing still run.
+        gc.freeze()
