@@ -26,12 +26,12 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import planner
+from . import planner, unsubscribe
 from .compose import Composer
 from .config import Event, Step
 from .contacts import Contact
 from .errors import ConfigError, Problem, TemplateError
-from .links import web_url
+from .links import Links, web_url
 from .planner import Due
 from .shapes import Shapes
 from .templates import contact_vars, context
@@ -73,6 +73,10 @@ class _Found:
 
 
 def _render(composer: Composer, mail: Mail, sequence: int | None) -> list[Problem]:
+    try:  # the links (mailer.links) are not built by the templates: their errors are no TemplateError
+        _links_of(composer, mail.event, mail.contact)
+    except (ValueError, UnicodeError) as exc:
+        return [Problem("", f"the signed links of {mail.contact.email} cannot be made: {exc}")]
     try:
         if sequence is not None:
             composer.render_due(mail.step, mail.event, mail.contact, sequence=sequence)
@@ -128,6 +132,18 @@ def shape_of(composer: Composer, shapes: Shapes, mail: Mail, index: int) -> Hash
         return cache[name]
 
     return (*base, analysis.shape(roots))
+
+
+def _links_of(composer: Composer, event: Event, contact: Contact) -> tuple[dict[str, str] | None, str | None]:
+    """``links`` and ``campaign.unsubscribe_url`` as :meth:`Composer.render` sets them (the
+    latter None where the campaign's own value stays).
+
+    :raises ValueError: or UnicodeError, where :mod:`mailer.links` cannot sign them."""
+    found = composer.links_for(event, contact)
+    return (
+        found.as_dict() if found is not None else None,
+        found.unsubscribe if found else composer._unsubscribe_url(contact),
+    )
 
 
 def composer_context(composer: Composer, mail: Mail) -> dict[str, Any]:
@@ -251,36 +267,51 @@ def revision_mails(ws: Workspace) -> list[Mail]:
     return [Mail(g.step, g.event, c, g.extra, g.label) for g in revision_groups(ws) for c in g.contacts]
 
 
-def _same_for_all(composer: Composer) -> bool:
-    """Whether ``links`` (None) and the unsubscribe link (none signed) are the same for every
-    recipient: no secret, or neither ``web.url`` nor ``unsubscribe.url`` to sign."""
+def _signed(composer: Composer) -> tuple[bool, bool]:
+    """Whether the recipients get ``links`` signed for them, and whether their
+    ``campaign.unsubscribe_url`` is signed for them (the ``/u/`` link of ``links``, or
+    ``unsubscribe.url`` with a token); otherwise both are the same for every recipient."""
     c = composer.campaign
+    links = bool(composer._secret) and web_url(c) is not None
     unsub = c.unsubscribe
-    return not composer._secret or (web_url(c) is None and not (unsub and unsub.url))
+    return links, links or bool(composer._secret and unsub and unsub.url)
+
+
+#: Stands for a per-recipient link where only its truth (and that it is a text) counts
+#: (:meth:`Analysis.link_keys`): every signed link is a non-empty text.
+_SOME_LINK = "https://mailer-check.invalid/link"
+_SOME_LINKS = {f.name: _SOME_LINK for f in dataclasses.fields(Links)}
 
 
 class _Classes:
-    """Recipients that a template renders alike, when ``links`` and the unsubscribe link are
-    the same for every recipient (:func:`_same_for_all`).
+    """Recipients that a template renders alike.
 
-    A shape (:func:`shape_of`) is then the label, template and language folder, the contact's
-    language, time zone, zones and CSV columns, and the results of the template's keys; those
-    that read no ``contact`` variable (:meth:`Analysis.split`) are the same for every recipient
-    with the same zones, so they are left out. Each contact's *class* is its language, time
-    zone, zones, CSV columns and the results of every key that reads a ``contact`` variable in
-    any template of the campaign, each distinct expression computed once per contact; a mail's
-    key is its label, template and language folder and the part of its contact's class that
-    the template's keys read: exactly its shape, made once per class and template. A template
-    (language) that makes every recipient its own shape keys on the contact itself."""
+    A shape (:func:`shape_of`) is the label, template and language folder, the contact's
+    language, time zone, zones and CSV columns, and the results of the template's keys.
+
+    Keys that read no ``contact`` variable (:meth:`Analysis.split`) and no value of a link
+    signed per recipient (:meth:`Analysis.link_keys`) are the same for every recipient with
+    the same zones, so they are left out. Each contact's *class* is its language, time zone,
+    zones, CSV columns and the results of every other key that reads a ``contact`` variable
+    and no link's value, in any template of the campaign, each distinct expression computed
+    once per contact (the per-recipient links by a stand-in: those keys take their truth
+    only). A mail's key is its label, template and language folder and the part of its
+    contact's class that the template's keys read, made once per class and template; plus,
+    where the template has keys that read a link's value, their results for this mail,
+    computed with its real links. That is exactly its shape. A template (language) that makes
+    every recipient its own shape keys on the contact itself."""
 
     def __init__(self, composer: Composer, shapes: Shapes, templates: Sequence[str]) -> None:
         self.composer, self.shapes = composer, shapes
+        self.links, self.unsub = _signed(composer)
         self.classes: dict[Hashable, int] = {}
         self.sigs: list[tuple[tuple[Hashable, ...], tuple[Hashable, ...]]] = []  # class -> (tail, results)
         self.class_of: dict[int, int] = {}  # id(contact) -> its class
         self.each: dict[tuple[str, str | None], bool] = {}  # (template, contact language)
         self.evaluators: list[Callable[[Callable[[str], Any]], Hashable]] = []
         self.positions: dict[tuple[str, str], tuple[int, ...]] = {}  # its keys' places in results
+        #: (template, language folder) -> evaluators of its keys that read a link's value
+        self.linked: dict[tuple[str, str], list[Callable[[Callable[[str], Any]], Hashable]]] = {}
         self.keyed: dict[str, dict[int, int]] = {}  # template -> class -> shape
         self.ids: dict[Hashable, int] = {}  # shape (but the label) -> its number
         ids: dict[Hashable, int] = {}
@@ -288,8 +319,13 @@ class _Classes:
             for lang in shapes.templates.languages(template):
                 analysis = shapes.analysis(template, lang)
                 split = None if analysis.exact else analysis.split()
+                linked = analysis.link_keys() if split is not None and self.unsub else ()
+                if linked:
+                    self.linked[template, lang] = [analysis.evaluator(i) for i in linked]
                 places = []
                 for i in split[1] if split else ():
+                    if i in linked:
+                        continue
                     eid = analysis.expr_id(i)
                     if eid not in ids:
                         ids[eid] = len(self.evaluators)
@@ -310,9 +346,11 @@ class _Classes:
 
     def firsts(self, group: Group) -> dict[Hashable, Contact]:
         """The first contact of ``group`` of each shape, in order, by shape (a number for
-        the template's part of a class; the contact itself where each is its own shape)."""
+        the template's part of a class, with the results of the keys that read a link's
+        value where it has such keys; the contact itself where each is its own shape)."""
         template = group.step.template
         each_of: dict[str | None, bool] = {}
+        linked_of: dict[str | None, list[Callable[[Callable[[str], Any]], Hashable]] | None] = {}
         class_of, classify, ids = self.class_of, self._classify, self.ids
         keyed = self.keyed.setdefault(template, {})
         found: dict[Hashable, Contact] = {}
@@ -320,18 +358,51 @@ class _Classes:
             each = each_of.get(contact.language)
             if each is None:
                 each = each_of[contact.language] = self.each_of(template, contact.language)
+                lang = self.shapes.templates.language_for(template, contact.language)
+                linked_of[contact.language] = None if lang is None else self.linked.get((template, lang))
             if each:
                 found[("each", id(contact))] = contact
                 continue
             cid = class_of.get(id(contact))
             if cid is None:
                 cid = class_of[id(contact)] = classify(group, contact)
-            shape = keyed.get(cid)
+            shape: Hashable = keyed.get(cid)
             if shape is None:
                 shape = keyed[cid] = ids.setdefault(self._project(template, cid), len(ids))
+            linked = linked_of[contact.language]
+            if linked:
+                shape = (shape, self._linked(linked, group, contact))
             if shape not in found:
                 found[shape] = contact
         return found
+
+    def _linked(
+        self, linked: list[Callable[[Callable[[str], Any]], Hashable]], group: Group, contact: Contact
+    ) -> Hashable:
+        """The results of the keys that read a link's value, for ``contact``'s mail of
+        ``group``, with its real links (its own shape where they cannot be made: rendering
+        reports that)."""
+        try:
+            links, unsub_url = _links_of(self.composer, group.event, contact)
+        except (ValueError, UnicodeError):
+            return ("each", id(contact))
+        cv = contact_vars(self.composer.campaign, contact)
+        base = self._campaign(group, contact)
+        camp = base if unsub_url is None else {**base, "unsubscribe_url": unsub_url}
+
+        def roots(name: str) -> Any:
+            return cv if name == "contact" else links if name == "links" else camp
+
+        return tuple([f(roots) for f in linked])
+
+    def _campaign(self, group: Group, contact: Contact) -> dict[str, Any]:
+        """``campaign`` of the template variables, as :func:`context` makes it."""
+        base = self.shapes.campaigns.get(contact.zones)
+        if base is None:  # the same for every step and event (mailer.templates.context)
+            base = self.shapes.campaigns[contact.zones] = context(
+                self.composer.campaign, group.event, group.step, contact
+            )["campaign"]
+        return base
 
     def _project(self, template: str, cid: int) -> Hashable:
         tail, results = self.sigs[cid]
@@ -341,20 +412,14 @@ class _Classes:
         return (template, lang, tail, tuple([results[p] for p in self.positions.get((template, lang), ())]))
 
     def _classify(self, group: Group, contact: Contact) -> int:
-        shapes, composer = self.shapes, self.composer
-        cv = contact_vars(composer.campaign, contact)
+        cv = contact_vars(self.composer.campaign, contact)
+        links = _SOME_LINKS if self.links else None
+        camp = self._campaign(group, contact)
+        if self.unsub:  # a stand-in: the keys computed here take only its truth
+            camp = {**camp, "unsubscribe_url": _SOME_LINK}
 
         def roots(name: str) -> Any:
-            if name == "contact":
-                return cv
-            if name == "links":
-                return None
-            base = shapes.campaigns.get(contact.zones)
-            if base is None:  # the same for every step and event (mailer.templates.context)
-                base = shapes.campaigns[contact.zones] = context(
-                    composer.campaign, group.event, group.step, contact
-                )["campaign"]
-            return base
+            return cv if name == "contact" else links if name == "links" else camp
 
         tail = (contact.language, contact.timezone, tuple(contact.fields), contact.zones)
         results = tuple([f(roots) for f in self.evaluators])
@@ -362,6 +427,41 @@ class _Classes:
         if cid == len(self.sigs):
             self.sigs.append((tail, results))
         return cid
+
+
+def _unsignable(composer: Composer, groups: Sequence[Group]) -> list[Problem]:
+    """Every recipient whose links cannot be signed, once each, by contact file and row.
+
+    What :mod:`mailer.links` builds for a recipient depends on the campaign, the secret, the
+    event, the recipient's language (the add-to-calendar links, cached per event and
+    language: built for the first mail of every shape, which :func:`_render` checks) and the
+    address, through the tokens. Every token of an address (:func:`mailer.tokens.sign`) signs
+    the same :func:`~mailer.addresses.address_key` with the same checks, so signing one
+    (the unsubscribe token, in every recipient's links) for every address finds every
+    address that no link can be made for. Contact lists only hold addresses that
+    email-validator accepts (no NUL, no unpaired surrogate), so none is expected: about 7 µs
+    an address, to stay sure."""
+    secret, campaign_id = composer._secret, composer.campaign.id
+    if not secret:
+        return []
+    out: list[Problem] = []
+    seen: set[int] = set()
+    for g in groups:
+        for contact in g.contacts:
+            if id(contact) in seen:
+                continue
+            seen.add(id(contact))
+            try:
+                unsubscribe.token(secret, campaign_id, contact.email)
+            except (ValueError, UnicodeError) as exc:
+                out.append(
+                    Problem(
+                        contact.file,
+                        f"the signed links of {contact.email} cannot be made: {exc}; correct the address",
+                        row=contact.row,
+                    )
+                )
+    return out
 
 
 def check_workspace(
@@ -402,22 +502,15 @@ def check_workspace(
     shapes = Shapes(ws.templates)
     firsts: dict[Hashable, Mail] = {}
     done = 0
-    if _same_for_all(composer):
-        classes = _Classes(composer, shapes, [g.step.template for g in groups])
-        for g in groups:  # labels differ between groups: a shape of one group is its own
-            for shape, contact in classes.firsts(g).items():
-                firsts[g.label, shape] = Mail(g.step, g.event, contact, g.extra, g.label)
-            done += len(g.contacts)
-            if progress is not None:
-                progress(done // 2, total)
-    else:  # signed links differ per recipient: each mail's shape from its own variables
-        for g in groups:
-            for contact in g.contacts:
-                done += 1
-                mail = Mail(g.step, g.event, contact, g.extra, g.label)
-                firsts.setdefault(shape_of(composer, shapes, mail, done), mail)
-                if progress is not None and done % 1000 == 0:
-                    progress(done // 2, total)
+    classes = _Classes(composer, shapes, [g.step.template for g in groups])
+    for g in groups:  # labels differ between groups: a shape of one group is its own
+        for shape, contact in classes.firsts(g).items():
+            firsts[g.label, shape] = Mail(g.step, g.event, contact, g.extra, g.label)
+        done += len(g.contacts)
+        if progress is not None:
+            progress(done // 2, total)
+    if classes.unsub:
+        problems += _unsignable(composer, groups)
     mails_count = total
     seen: set[str] = set()
     reps = list(firsts.values())

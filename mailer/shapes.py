@@ -80,6 +80,7 @@ class Analysis:
     aliases: dict[str, nodes.Expr] = field(default_factory=dict)
     _fns: list[tuple[str, nodes.Node, Callable[[Roots], Any]]] | None = None
     _split: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    _links: tuple[int, ...] | None = None
 
     def _compile(self, node: nodes.Node) -> Callable[[Roots], Any]:
         """:meth:`_eval` of ``node`` as a function; the common shapes without the dispatch."""
@@ -143,6 +144,61 @@ class Analysis:
                 (varying if reads else fixed).append(i)
             self._split = (tuple(fixed), tuple(varying))
         return self._split
+
+    def link_keys(self) -> tuple[int, ...]:
+        """The indices of the keys whose results depend on the *values* of the per-recipient
+        links (``links.accept``, ``links['ics']``, ``campaign.unsubscribe_url``, ``links`` or
+        ``campaign`` as a whole), not only on whether there are links.
+
+        When links are signed per recipient (:mod:`mailer.links`), every link is a non-empty
+        text (a URL that starts with the campaign's ``web.url``, ``webcal://`` or a calendar
+        service's address; the ``unsubscribe.url`` with ``t=<token>`` added), and ``links`` is
+        a dict with the same keys for every recipient. So where a key only takes the *truth*
+        of a link (``{% if links.accept %}``, ``not campaign.unsubscribe_url``, ``a if
+        campaign.unsubscribe_url else b``, the operands of ``and``/``or`` in such a test) or
+        asks ``is defined``, ``is none`` or ``is string`` of it, its result is the same for
+        every recipient whatever the link says: a stand-in link gives it exactly. Any other
+        use (a comparison, ``in``, ``~`` in a test, a filter, the value itself) is listed
+        here: :func:`mailer.gate.check_workspace` computes those keys per mail with the real
+        links."""
+        if self._links is None:
+            self._links = tuple(
+                i
+                for i, (how, node) in enumerate(self.keys)
+                if self._reads_link(node, how == "truth", frozenset())
+            )
+        return self._links
+
+    def _reads_link(self, node: nodes.Node, truth: bool, seen: frozenset[str]) -> bool:  # noqa: PLR0911
+        """Whether the result of ``node`` (its truth only, when ``truth``) depends on the value
+        of a per-recipient link (see :meth:`link_keys`)."""
+        acc = _access(node)
+        if acc is not None:
+            return _is_link(acc[0], acc[1]) and not truth
+        if isinstance(node, nodes.Name):
+            if node.name in self.aliases and node.name not in seen:
+                return self._reads_link(self.aliases[node.name], truth, seen | {node.name})
+            return node.name in ("links", "campaign") and not truth
+        if isinstance(node, nodes.Const):
+            return False
+        if isinstance(node, nodes.Not):
+            return self._reads_link(node.node, True, seen)
+        if isinstance(node, nodes.And | nodes.Or):
+            return self._reads_link(node.left, truth, seen) or self._reads_link(node.right, truth, seen)
+        if isinstance(node, nodes.CondExpr):
+            return (
+                self._reads_link(node.test, True, seen)
+                or self._reads_link(node.expr1, truth, seen)
+                or (node.expr2 is not None and self._reads_link(node.expr2, truth, seen))
+            )
+        if isinstance(node, nodes.Test) and node.name in _TESTS and not node.args and not node.kwargs:
+            inner = node.node
+            bare = _access(inner) is not None or (
+                isinstance(inner, nodes.Name) and inner.name in ("links", "campaign")
+            )
+            return not bare and self._reads_link(inner, False, seen)
+        # a comparison, a concatenation, a tuple, anything else: every operand's value counts
+        return any(self._reads_link(child, False, seen) for child in node.iter_child_nodes())
 
     def expr_id(self, i: int) -> Hashable:
         """Equal for two keys (of this or another analysis) that are the same expression with
@@ -297,6 +353,11 @@ def _frozen(value: Any) -> Hashable:
     except TypeError:
         return ("unhashable", repr(value))
     return (type(value).__name__, value)
+
+
+def _is_link(root: str, key: str) -> bool:
+    """Whether ``root.key`` is a link signed per recipient (when links are)."""
+    return root == "links" or (root == "campaign" and key == "unsubscribe_url")
 
 
 def _access(node: nodes.Node) -> tuple[str, str, bool, Any] | None:

@@ -353,6 +353,100 @@ def test_the_shipped_campaign_renders_once_per_shape_with_no_problem() -> None:
     assert check_workspace(ws) == []
 
 
+# A campaign with web.url (or unsubscribe.url) and a secret: links signed per recipient. Each
+# plant fails the reminder of one contact through a link's value only (its address is what makes
+# the link long, or its organisation is a piece of its own event-page link).
+_LINK_SECRET = "test-link-secret"
+_LONG = "p421" + "a" * 58  # row 423's local part: its tokens, so its links, are longer
+_LINK_PLANTS = {
+    # a filter on a link: the link's value is part of the shape
+    "link length": ("web", "{% if links.accept|length > 170 %}{{ link_too_long.note }}{% endif %}"),
+    # the unsubscribe link of web.url (links.unsubscribe), through campaign.unsubscribe_url
+    "unsubscribe length": (
+        "web",
+        "{% if campaign.unsubscribe_url|length > 140 %}{{ footer_for_long_links.x }}{% endif %}",
+    ),
+    # unsubscribe.url with a token, no web.url
+    "unsubscribe.url length": (
+        "unsubscribe",
+        "{% if campaign.unsubscribe_url|length > 120 %}{{ footer_for_long_links.x }}{% endif %}",
+    ),
+    # a test on a link's value whose result (not the value) is part of the shape
+    "test on a link": ("web", "{% if contact.organisation in links.page %}{{ nothing.attr }}{% endif %}"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_LINK_PLANTS))
+def test_check_finds_an_error_planted_in_one_contacts_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """With links signed per recipient, check names the one row whose mail fails through a
+    link's value, as rendering every mail one by one (the oracle here) does. Fails if check
+    took the links for the same in every mail (a stand-in link in every key)."""
+    import shutil
+
+    from mailer.compose import Composer
+    from mailer.gate import Mail, _render, revision_mails
+    from mailer.tokens import sign
+
+    root = Path(__file__).parent.parent
+    mode, snippet = _LINK_PLANTS[kind]
+    config = (root / "schedules.yaml").read_text(encoding="utf-8")
+    if mode == "web":
+        config += "\nweb:\n  url: https://rsvp.example.be/mailer\n"
+    else:
+        config = config.replace("unsubscribe:\n", "unsubscribe:\n  url: https://example.be/afmelden\n", 1)
+    (tmp_path / "schedules.yaml").write_text(config, encoding="utf-8")
+    shutil.copytree(root / "templates", tmp_path / "templates")
+    (tmp_path / "contacts").mkdir()
+    rows = ["email,name,language,lists,organisation"]
+    for i in range(600):
+        address, org = f"p{i}@example.be", f"Org {i % 7}"
+        if i == 421 and kind == "test on a link":  # a piece of its own reminder's event-page link
+            event = next(s.event for s in load_workspace(root / "schedules.yaml").campaign.steps)
+            org = sign(_LINK_SECRET, "event", "integratiepact-2018", event, address)[-9:]
+        elif i == 421:
+            address = f"{_LONG}@example.be"
+        rows.append(f"{address},Person {i},{'fr' if i % 10 == 3 else 'nl'},indieners,{org}")
+    (tmp_path / "contacts" / "list.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    body = tmp_path / "templates" / "herinnering" / "nl" / "body.txt"
+    body.write_text(body.read_text(encoding="utf-8") + snippet + "\n", encoding="utf-8")
+    ws = load_workspace(tmp_path / "schedules.yaml")
+    assert ws.campaign.id == "integratiepact-2018"
+    problems = check_workspace(ws, unsubscribe_secret=_LINK_SECRET)
+    assert problems, kind
+    assert {(Path(p.file).name, p.row) for p in problems} == {("list.csv", 423)}, problems
+    # the oracle: every mail rendered one by one, with its own links
+    composer = Composer(ws.campaign, ws.templates, unsubscribe_secret=_LINK_SECRET)
+    mails = [
+        Mail(s, ws.campaign.event(s.event), c, None, s.id) for s in ws.campaign.steps for c in ws.audience(s)
+    ]
+    failing = {m.contact.row for m in mails + revision_mails(ws) if _render(composer, m, None)}
+    assert failing == {423}
+
+
+def test_the_shipped_campaign_with_web_links_renders_once_per_shape_with_no_problem(tmp_path: Path) -> None:
+    """The shipped templates only test whether there are links (``{% if links and ... %}``,
+    ``{% if campaign.unsubscribe_url %}``) and print them: no key needs a link's value."""
+    import shutil
+
+    from mailer.shapes import Shapes
+
+    root = Path(__file__).parent.parent
+    config = (root / "schedules.yaml").read_text(
+        encoding="utf-8"
+    ) + "\nweb:\n  url: https://rsvp.example.be/\n"
+    (tmp_path / "schedules.yaml").write_text(config, encoding="utf-8")
+    shutil.copytree(root / "templates", tmp_path / "templates")
+    shutil.copytree(root / "contacts", tmp_path / "contacts")
+    ws = load_workspace(tmp_path / "schedules.yaml")
+    assert check_workspace(ws, unsubscribe_secret=_LINK_SECRET) == []
+    shapes = Shapes(ws.templates)
+    for step in ws.campaign.steps:
+        for lang in ws.templates.languages(step.template):
+            assert shapes.analysis(step.template, lang).link_keys() == (), (step.template, lang)
+
+
 @pytest.mark.slow
 def test_check_names_the_one_contact_of_100000_whose_mails_fail(tmp_path: Path) -> None:
     """Issue 16, target 1: `mailer check` (a real subprocess) on the shipped campaign grown to
