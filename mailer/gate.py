@@ -76,7 +76,7 @@ def _render(composer: Composer, mail: Mail, sequence: int | None) -> list[Proble
     try:  # the links (mailer.links) are not built by the templates: their errors are no TemplateError
         _links_of(composer, mail.event, mail.contact)
     except (ValueError, UnicodeError) as exc:
-        return [Problem("", f"the signed links of {mail.contact.email} cannot be made: {exc}")]
+        return [Problem("", f"the signed links cannot be made: {exc}")]
     try:
         if sequence is not None:
             composer.render_due(mail.step, mail.event, mail.contact, sequence=sequence)
@@ -430,7 +430,8 @@ class _Classes:
 
 
 def _unsignable(composer: Composer, groups: Sequence[Group]) -> list[Problem]:
-    """Every recipient whose links cannot be signed, once each, by contact file and row.
+    """One problem per distinct reason a recipient's links cannot be signed, naming the
+    first recipient (contact file and row) and how many.
 
     What :mod:`mailer.links` builds for a recipient depends on the campaign, the secret, the
     event, the recipient's language (the add-to-calendar links, cached per event and
@@ -444,7 +445,7 @@ def _unsignable(composer: Composer, groups: Sequence[Group]) -> list[Problem]:
     secret, campaign_id = composer._secret, composer.campaign.id
     if not secret:
         return []
-    out: list[Problem] = []
+    found: dict[str, list[Any]] = {}  # message -> [first contact, how many]
     seen: set[int] = set()
     for g in groups:
         for contact in g.contacts:
@@ -454,13 +455,16 @@ def _unsignable(composer: Composer, groups: Sequence[Group]) -> list[Problem]:
             try:
                 unsubscribe.token(secret, campaign_id, contact.email)
             except (ValueError, UnicodeError) as exc:
-                out.append(
-                    Problem(
-                        contact.file,
-                        f"the signed links of {contact.email} cannot be made: {exc}; correct the address",
-                        row=contact.row,
-                    )
-                )
+                found.setdefault(str(exc), [contact, 0])[1] += 1
+    out = [
+        Problem(
+            first.file,
+            f"the signed links of {first.email} cannot be made: {message} ({count} recipient(s) "
+            "like it); correct the address",
+            row=first.row,
+        )
+        for message, (first, count) in found.items()
+    ]
     return out
 
 
@@ -491,6 +495,18 @@ def check_workspace(
     except ConfigError as exc:
         problems += exc.problems
         composer = Composer(c, ws.templates, unsubscribe_secret=_PLACEHOLDER_SECRET)
+    if composer._secret:
+        try:  # a secret that cannot sign (MAILER_WEB_SECRET of bytes that are no UTF-8) fails every link
+            unsubscribe.token(composer._secret, c.id, "check@example.org")
+        except (ValueError, UnicodeError) as exc:
+            problems.append(
+                Problem(
+                    "",
+                    f"MAILER_WEB_SECRET (or MAILER_UNSUBSCRIBE_SECRET) cannot sign links: {exc}; "
+                    "set it to a long random text of plain characters (openssl rand -hex 32)",
+                )
+            )
+            composer = Composer(c, ws.templates, unsubscribe_secret=_PLACEHOLDER_SECRET)
     # A template (or one language of it) with a blocking problem is already reported; rendering
     # it for every recipient would only repeat that. Decided on the problems' fields, never on
     # their text (issue 11 item 7).
