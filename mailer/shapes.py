@@ -25,6 +25,12 @@ classified, conservatively:
   read its ``timezone`` only); anywhere else the recipient is its own shape (no saving, never
   a miss), as is every recipient of a template whose files are named by an expression.
 
+With links signed per recipient (``web.url`` or ``unsubscribe.url`` and a secret), a link is
+such a value too: written out, it is not part of the shape; where a key takes only its truth
+(every signed link is a non-empty text) the key's result is the same for every recipient;
+where a key reads its value (:meth:`Analysis.link_keys`) the key is computed per mail with
+the real links (:mod:`mailer.gate`).
+
 Always part of the shape: the template and language folder, the recipient's ``language`` (the
 event's texts and the changes of an update are in it), ``timezone``, the names of the CSV
 columns the row has (a missing one is an undefined variable) and whether links are made.
