@@ -67,7 +67,7 @@ from .config import TEXT_FIELDS, Campaign, Event, Step, pick
 from .contacts import Contact
 from .errors import Problem, TemplateError, display_path
 
-__all__ = ["Rendered", "Templates", "contact_vars", "context", "describe_changes", "locale_for"]
+__all__ = ["Rendered", "Templates", "contact_vars", "context", "describe_changes", "finish", "locale_for"]
 
 PARTS = ("subject.txt", "body.txt", "body.html")
 # Bare languages get the region the campaign lives in (Belgium); English gets British usage.
@@ -571,6 +571,13 @@ class Templates:
 
         :raises TemplateError: naming the file and line of the problem.
         """
+        return finish(*self.render_parts(name, language, context))
+
+    def render_parts(
+        self, name: str, language: str | None, context: Mapping[str, Any]
+    ) -> tuple[tuple[str, str, str], str]:
+        """The three parts (``PARTS``) as the templates write them, before :func:`finish`
+        (the subject's whitespace is not collapsed yet), and the language folder used."""
         lang = self._resolve(name, language)
         key = (name, lang)
         if key not in self._compiled:
@@ -597,7 +604,7 @@ class Templates:
             except Exception as exc:  # noqa: BLE001 - user templates: report, never a traceback
                 rel = f"{name}/{self._dirs(name)[lang]}/{part}"
                 raise TemplateError([self._runtime_problem(rel, exc, ctx)]) from None
-        return Rendered(_WS.sub(" ", out[0]).strip(), out[1], out[2], lang)
+        return (out[0], out[1], out[2]), lang
 
     def _runtime_problem(self, rel: str, exc: Exception, ctx: Mapping[str, Any]) -> Problem:
         # The template and language rendered, even when the failing line is in a shared layout.
@@ -642,6 +649,11 @@ class Templates:
                     what += f" ({expr} has: {', '.join(sorted(parent))})"
         hint = "; use contact.get('column') for a column not every list has" * what.startswith("contact.")
         return self._problem(at, f"undefined variable {what}; available: {available}{hint}", **here)
+
+
+def finish(parts: tuple[str, str, str], lang: str) -> Rendered:
+    """The mail of :meth:`Templates.render_parts`: the subject on one stripped line."""
+    return Rendered(_WS.sub(" ", parts[0]).strip(), parts[1], parts[2], lang)
 
 
 def contact_vars(campaign: Campaign, contact: Contact) -> dict[str, Any]:
