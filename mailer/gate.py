@@ -495,18 +495,6 @@ def check_workspace(
     except ConfigError as exc:
         problems += exc.problems
         composer = Composer(c, ws.templates, unsubscribe_secret=_PLACEHOLDER_SECRET)
-    if composer._secret:
-        try:  # a secret that cannot sign (MAILER_WEB_SECRET of bytes that are no UTF-8) fails every link
-            unsubscribe.token(composer._secret, c.id, "check@example.org")
-        except (ValueError, UnicodeError) as exc:
-            problems.append(
-                Problem(
-                    "",
-                    f"MAILER_WEB_SECRET (or MAILER_UNSUBSCRIBE_SECRET) cannot sign links: {exc}; "
-                    "set it to a long random text of plain characters (openssl rand -hex 32)",
-                )
-            )
-            composer = Composer(c, ws.templates, unsubscribe_secret=_PLACEHOLDER_SECRET)
     # A template (or one language of it) with a blocking problem is already reported; rendering
     # it for every recipient would only repeat that. Decided on the problems' fields, never on
     # their text (issue 11 item 7).

@@ -105,9 +105,26 @@ def secret_from(environ: Mapping[str, str]) -> str | None:
     'new'
     >>> secret_from({"MAILER_WEB_SECRET": " "}) is None
     True
+
+    :raises ConfigError: the value is not text (random bytes, ``$(head -c 16 /dev/urandom)``):
+        it could sign nothing (links, Message-IDs, envelope tokens are HMACs over its UTF-8).
     """
     for name in ("MAILER_WEB_SECRET", "MAILER_UNSUBSCRIBE_SECRET"):
         value = environ.get(name, "")
         if value.strip():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                from .errors import ConfigError, Problem
+
+                raise ConfigError(
+                    [
+                        Problem(
+                            name,
+                            "is not text (bytes that are not UTF-8); set it to a long random string, "
+                            "e.g. `openssl rand -hex 32`",
+                        )
+                    ]
+                ) from None
             return value
     return None

@@ -45,3 +45,17 @@ def test_check_refuses_web_url_without_a_secret(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["check", "--config", str(cfg)], env=env)
     assert r.exit_code == 1, r.output
     assert "web.url is set but MAILER_WEB_SECRET is not" in r.output and "Traceback" not in r.output
+
+
+def test_a_secret_that_is_not_text_is_refused_with_its_name(tmp_path: Path) -> None:
+    """``MAILER_WEB_SECRET=$(head -c 16 /dev/urandom)`` reaches Python as text with surrogates
+    that cannot be encoded: signing a link, a Message-ID or an envelope token raised
+    UnicodeEncodeError (a traceback). Every command now stops at once with what to do."""
+    cfg = write_campaign(tmp_path, events=EVENTS, steps=STEPS, templates=TEMPLATES, extra=WEB)
+    env = {"MAILER_WEB_SECRET": "r4nd\udcff\udc80om", "MAILER_UNSUBSCRIBE_SECRET": ""}
+    for args in (["check"], ["preview", "--out", str(tmp_path / "out")], ["send", "--dry-run"]):
+        r = CliRunner().invoke(cli, [*args, "--config", str(cfg)], env=env)
+        assert r.exit_code != 0, (args, r.output)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception)
+        assert "MAILER_WEB_SECRET" in r.output and "not text" in r.output, (args, r.output)
+    assert not (tmp_path / "out").exists()
