@@ -205,6 +205,7 @@ class Stencils:
         if keyed is None:
             return None
         values: list[str] = []
+        where: list[tuple[str, str]] = []  # (root, key) of each replaced text
         sub = dict(context)
         for root in ("contact", "links", "campaign"):
             d = context.get(root)
@@ -219,6 +220,7 @@ class Stencils:
                         copy = dict(d)
                     copy[k] = _A[len(values)]
                     values.append(v)
+                    where.append((root, k))
             if copy is not None:
                 sub[root] = copy
         if not values:
@@ -233,7 +235,7 @@ class Stencils:
         if key in self._cache:
             stencil = self._cache[key]
         else:
-            stencil = self._make(name, language, sub, len(values))
+            stencil = self._make(name, language, sub, where)
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = stencil
@@ -251,15 +253,18 @@ class Stencils:
             parts.append("".join(pieces))
         return finish((parts[0], parts[1], parts[2]), lang)
 
-    def _make(self, name: str, language: str | None, sub: Mapping[str, Any], n: int) -> Stencil | None:
-        """The stencil of the context ``sub`` (sentinels of alphabet A); None when the two
-        renders (alphabets A and B) do not agree exactly or rendering fails."""
-        swap = dict(zip(_A[:n], _B[:n], strict=True))
+    def _make(
+        self, name: str, language: str | None, sub: Mapping[str, Any], where: list[tuple[str, str]]
+    ) -> Stencil | None:
+        """The stencil of the context ``sub`` (sentinels of alphabet A at the fields ``where``);
+        None when the two renders (alphabets A and B) do not agree exactly or rendering fails.
+        The fields are swapped by place, never by value: a real value may look like a sentinel."""
+        n = len(where)
         other = dict(sub)
-        for root in ("contact", "links", "campaign"):
-            d = sub.get(root)
-            if type(d) is dict:
-                other[root] = {k: swap.get(v, v) if type(v) is str else v for k, v in d.items()}
+        for root in {r for r, _ in where}:
+            other[root] = dict(sub[root])
+        for i, (root, k) in enumerate(where):
+            other[root][k] = _B[i]
         try:
             a, lang_a = self.templates.render_parts(name, language, sub)
             b, lang_b = self.templates.render_parts(name, language, other)
