@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -218,6 +219,11 @@ _SIGNED_SET = frozenset(_SIGNED_B)
 _CONTROL = bytes(c for c in range(0x20) if c not in (0x0A, 0x0D)) + b"\x7f"
 
 
+#: Where dkimpy's RE_BTAG can match: a "b" after ";" or white space, then white space or "=".
+_BTAG_START = re.compile(rb"[;\s]b(?=[\s=])")
+_BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
 def _plain(data: bytes) -> bool:
     """No control character but CR and LF, and those only as CRLF: then unfolding is removing
     the CRLFs, and the only white space is the space (bytes.split() splits on it alone)."""
@@ -266,10 +272,14 @@ def _relaxed_signature_field(value: bytes) -> bytes:
         )
         return bytes(name) + b":" + bytes(canon).rstrip()
     # dkimpy empties every b= tag with RE_BTAG: a match starts at a "b" after ";" or white
-    # space. With one such "b" (the b= we add last) only the tail from it needs the expression.
-    starts = field.count(b" b") + field.count(b";b") + field.count(b"\nb")
-    at = max(field.rfind(b" b"), field.rfind(b";b"), field.rfind(b"\nb")) if starts == 1 else 0
-    emptied = field[:at] + dkimpy.RE_BTAG.sub(b"\\1", field[at:])
+    # space. With one such "b" (the b= we add last) only the tail from it needs a look.
+    starts = [m.start() for m in _BTAG_START.finditer(field)]
+    at = starts[0] if len(starts) == 1 else 0
+    tail = field[at + 3 :].replace(b"\r\n ", b"")
+    if at and field[at + 1 : at + 3] == b"b=" and not tail.translate(None, _BASE64):
+        emptied = field[: at + 3]  # what RE_BTAG leaves of a b= tag at the end: "b="
+    else:
+        emptied = field[:at] + dkimpy.RE_BTAG.sub(b"\\1", field[at:])
     return b"dkim-signature:" + b" ".join(emptied.replace(b"\r\n", b"").split())
 
 
