@@ -14,6 +14,8 @@ ics.for_attendee       one attendee's calendar object from a prototype     targe
 message pipeline       for_attendee + message_id + message.build per mail  target 2 ms
 contacts 20,000 rows   load_contacts of a 20,000-row CSV                    target 2.0 s
 dkim sign              one mail signed (RSA 2048 + relaxed/relaxed, dkim:)  target 1.5 ms
+compose one mail       Composer.compose_due of the shipped invitation       target 2 ms
+                       (full render, then with stencils: issue 16 target 6)
 """
 
 from __future__ import annotations
@@ -130,6 +132,34 @@ def bench_dkim(campaign: Campaign, repeat: int) -> Figure:
     return Figure("dkim: sign one mail (RSA 2048)", "ms", 1.5, runs)
 
 
+def bench_compose(campaign: Campaign, repeat: int, *, stencil: bool) -> Figure:
+    """``Composer.compose_due`` of the shipped invitation (render, ICS, MIME) per recipient,
+    each with their own name and organisation, with or without stencils (issue 16 target 6:
+    render once per shape, fill per recipient; :mod:`mailer.stencil`)."""
+    from mailer.compose import Composer
+    from mailer.contacts import Contact
+    from mailer.templates import Templates
+
+    composer = Composer(campaign, Templates(campaign.templates_dir, campaign.language), stencil=stencil)
+    step, event = campaign.step("uitnodiging-aan-de-slag"), campaign.event("aan-de-slag")
+    people = [
+        Contact(
+            f"user{i}@example{i % 7}.be",
+            f"Éloïse Dupont {i}",
+            ("nl", "fr", "en")[i % 3],
+            frozenset({"indieners"}),
+            fields={"organisation": f"Vzw <{i}> & co" if i % 2 else ""},
+        )
+        for i in range(2000)
+    ]
+
+    def one(i: int) -> None:
+        composer.compose_due(step, event, people[i % len(people)], when=DTSTAMP, sequence=0)
+
+    runs = [per_call(one, 1000) * 1e3 for _ in range(repeat)]
+    return Figure(f"compose one mail ({'stencil' if stencil else 'full render'})", "ms", 2.0, runs)
+
+
 def bench_contacts(repeat: int) -> Figure:
     rows = "".join(
         f"user.{i}@example{i % 97}.be;Naam {i};nl-BE;indieners;a|b;Org {i}\n" for i in range(20_000)
@@ -159,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_for_attendee(campaign, repeat),
         bench_message(campaign, repeat),
         bench_dkim(campaign, repeat),
+        bench_compose(campaign, repeat, stencil=False),
+        bench_compose(campaign, repeat, stencil=True),
         bench_contacts(repeat),
     ]
     if args.json:
