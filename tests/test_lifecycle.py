@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import email
 import email.policy
+import urllib.parse
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -154,7 +155,15 @@ def test_replies_bounces_and_unsubscribes_from_the_inbox(
 
     from test_inbox import dsn_mail, reply_ics, reply_mail
 
+    # with a secret, as a real campaign: the mailto unsubscribe carries each recipient's token
+    # (issue 15), and only a mail with it is believed
+    smtp_env = {**smtp_env, "MAILER_WEB_SECRET": "lifecycle-secret-0123456789"}
     send("2018-01-04T10:00", smtp_env)
+    els_mail = next(m for m in smtp_server.handler.received if m.rcpt_tos == ("els.vandevelde@example.be",))
+    unsubscribe = str(
+        email.message_from_bytes(els_mail.data, policy=email.policy.default)["List-Unsubscribe"]
+    )
+    subject = unsubscribe.split("mailto:afmelden@example.be?subject=", 1)[1].split(">", 1)[0]
     with Ledger(shipped / "mailer.db") as led:
         an_invite = next(led.log(step="uitnodiging-aan-de-slag", email="an.declercq@example.be"))[
             "message_id"
@@ -170,10 +179,13 @@ def test_replies_bounces_and_unsubscribes_from_the_inbox(
     )
     box.add(dsn_mail([("an.declercq@example.be", "failed", "5.1.1", "550 5.1.1 user unknown")], an_invite))
     box.add(
-        b"From: Els <els.vandevelde@example.be>\nTo: afmelden@example.be\nSubject: afmelden\n"
-        b"Message-ID: <unsub.1@example.be>\n\nGraag afmelden.\n"
+        b"From: Els <els.vandevelde@example.be>\nTo: afmelden@example.be\nSubject: "
+        + urllib.parse.unquote(subject).encode()
+        + b"\nMessage-ID: <unsub.1@example.be>\n\nGraag afmelden.\n"
     )
-    r = CliRunner().invoke(cli, ["inbox", "--maildir", str(tmp_path / "inbox")], catch_exceptions=False)
+    r = CliRunner().invoke(
+        cli, ["inbox", "--maildir", str(tmp_path / "inbox")], env=smtp_env, catch_exceptions=False
+    )
     assert r.exit_code == 0, r.output
     assert "1 reply, 1 bounce, 1 unsubscribe" in r.output
     r = CliRunner().invoke(cli, ["status"], catch_exceptions=False)
