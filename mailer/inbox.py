@@ -578,7 +578,7 @@ def _apply_dsn(
     for f in matched:
         assert target is not None
         if f.kind == "bounce":
-            n = ledger.record_bounce_of(int(target["id"]), target["email"], f.status, f.diagnostic, now)
+            n = ledger.record_bounce(int(target["id"]), target["email"], f.status, f.diagnostic, now)
             done.append(
                 (
                     "bounce",

@@ -1006,34 +1006,6 @@ class Ledger:
             args = (campaign,)
         return list(dicts(self.conn.execute(sql + " GROUP BY campaign, event, partstat", args)))
 
-    def record_bounce(self, email: str, message_id: str | None, code: str, text: str, at: datetime) -> int:
-        """A hard bounce: the delivery with ``message_id`` (or, without it, the latest sent one
-        to ``email``) becomes ``bounced`` (the one documented change of a final row besides
-        ``retry``); the address is suppressed. Returns rows changed."""
-        ts = iso(at)
-        reason = f"bounced: {code} {text}".strip()
-        arrived = sql_list(MAY_HAVE_ARRIVED)
-        with self.transaction() as c:
-            if message_id:
-                n = c.execute(
-                    f"UPDATE deliveries SET status='{Status.BOUNCED}', reason=?, updated=?"
-                    f" WHERE message_id=? AND status IN {arrived}",
-                    (reason, ts, message_id),
-                ).rowcount
-            else:
-                n = c.execute(
-                    f"UPDATE deliveries SET status='{Status.BOUNCED}', reason=?, updated=? WHERE id="
-                    f"(SELECT id FROM deliveries WHERE email=? AND status='{Status.SENT}'"
-                    " ORDER BY sent_at DESC LIMIT 1)",
-                    (reason, ts, email),
-                ).rowcount
-            c.execute(
-                "INSERT INTO suppressions (email, reason, at) VALUES (?,?,?) ON CONFLICT (email)"
-                " DO UPDATE SET reason=excluded.reason, at=excluded.at",
-                (email.lower(), f"hard bounce {code}".strip(), ts),
-            )
-        return n
-
     def returned_delivery(self, delivery_id: int | None, message_id: str | None) -> dict[str, Any] | None:
         """The delivery a DSN returns: the one its signed envelope token names (``delivery_id``),
         else the one sent with ``message_id``; ``id``, ``campaign``, ``email``, ``status``. None
@@ -1051,9 +1023,11 @@ class Ledger:
             return None
         return next(dicts(cur), None)
 
-    def record_bounce_of(self, delivery_id: int, email: str, code: str, text: str, at: datetime) -> int:
-        """A hard bounce of delivery ``delivery_id`` (to ``email``): it becomes ``bounced`` if it
-        may have arrived, and the address is suppressed. Returns rows changed."""
+    def record_bounce(self, delivery_id: int, email: str, code: str, text: str, at: datetime) -> int:
+        """A hard bounce of delivery ``delivery_id`` (to ``email``; the inbox finds it by the DSN's
+        signed envelope token or the Message-ID it returns, :meth:`returned_delivery`): it becomes
+        ``bounced`` if it may have arrived (the one documented change of a final row besides
+        ``retry``), and the address is suppressed. Returns rows changed."""
         ts = iso(at)
         reason = f"bounced: {code} {text}".strip()
         with self.transaction() as c:

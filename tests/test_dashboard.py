@@ -831,7 +831,8 @@ def gala(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             )
         ):
             ledger.record_reply("test", "gala", email, partstat, answered, f"<a{i}@example.org>")
-        assert ledger.record_bounce("bea@example.org", None, *DSN, answered) == 1
+        [(bea,)] = ledger.conn.execute("SELECT id FROM deliveries WHERE email='bea@example.org'")
+        assert ledger.record_bounce(bea, "bea@example.org", *DSN, answered) == 1
         due = datetime(2030, 2, 1, 8, 0, tzinfo=UTC)
         decided = [
             Decided(

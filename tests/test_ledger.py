@@ -288,9 +288,10 @@ def random_operations(led: Ledger, rnd: random.Random, n: int, check: Any) -> Co
                 campaign, [Decided(step, "ev", e, "", T0, status, "planner") for e in some(EMAILS, 4)], now
             )
         elif op == "bounced":
-            e = rnd.choice(EMAILS)
-            mid = rnd.choice([f"<{e}.{step}@example.org>", None])  # the claim's Message-ID, or none
-            led.record_bounce(e, mid, "5.1.1", "user unknown", now)
+            e = rnd.choice(EMAILS)  # a DSN tied to one of e's deliveries (VERP token or Message-ID)
+            rows = [i for (i,) in led.conn.execute("SELECT id FROM deliveries WHERE email=?", (e,))]
+            if rows:
+                led.record_bounce(rnd.choice(rows), e, "5.1.1", "user unknown", now)
         elif op == "revision":  # an event update: pending update rows in the same commit
             seq = done["revision"] + 1
             people = [(e, "") for e in some(EMAILS, 5)]
@@ -509,7 +510,7 @@ def _row_in(led: Ledger, email: str, status: Status) -> int:
         outcome(led, rid, Attempt.FAILED, 550, "no")
     elif status is Status.BOUNCED:
         outcome(led, rid, Attempt.SENT, 250, "OK")
-        assert led.record_bounce(email, item(email).message_id, "5.1.1", "gone", T0) == 1
+        assert led.record_bounce(rid, email, "5.1.1", "gone", T0) == 1
     else:
         led.release([rid], T0)
         led.record_decided("c", [Decided("invite", "ev", email, "", T0, status, "planner")], T0)
