@@ -129,13 +129,7 @@ def _allowance(now: datetime, q: Quota, hist: Sequence[_Ramp]) -> tuple[int, dat
 def _allowance_all(
     now: datetime, qs: Sequence[Quota], hist: Sequence[_Ramp]
 ) -> tuple[int | None, datetime | None]:
-    n: int | None = None
-    free: datetime | None = None
-    for q in qs:
-        k, at = _allowance(now, q, hist)
-        if n is None or k < n or (k == n and free is not None and at > free):
-            n, free = k, at
-    return n, free
+    return pacing.tightest(_allowance(now, q, hist) for q in qs)
 
 
 # -- groups: a step's recipients in one zone ------------------------------------------------------

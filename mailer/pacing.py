@@ -52,6 +52,7 @@ __all__ = [
     "pace",
     "quota_pause",
     "quotas",
+    "tightest",
     "window_closes",
     "window_open",
 ]
@@ -259,10 +260,16 @@ def allowance_all(
 ) -> tuple[int | None, datetime | None]:
     """:func:`allowance` under every quota at once: the smallest ``n`` (None: no quota) and,
     when that is below what is due, the time the limiting quota lets one more go."""
+    return tightest(allowance(now, q, sent_times) for q in qs)
+
+
+def tightest(allowances: Iterable[tuple[int, datetime]]) -> tuple[int | None, datetime | None]:
+    """The binding one of several quotas' ``(n, next_free_at)``: the smallest ``n`` (None: no
+    quota), on a tie the latest ``next_free_at``. Shared by :func:`allowance_all` and the
+    forecast, which computes each quota's allowance over its own history."""
     n: int | None = None
     free: datetime | None = None
-    for q in qs:
-        k, at = allowance(now, q, sent_times)
+    for k, at in allowances:
         if n is None or k < n or (k == n and free is not None and at > free):
             n, free = k, at
     return n, free
