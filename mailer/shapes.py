@@ -94,17 +94,7 @@ class Analysis:
         if acc is not None:
             root, key, get, default = acc
 
-            def access(roots: Roots) -> Any:
-                value = roots(root)
-                if type(value) is not dict:
-                    raise _Missing
-                if get:
-                    return value.get(key, default)
-                if key not in value:
-                    raise _Missing
-                return value[key]
-
-            return access
+            return lambda roots: _read(roots(root), key, get, default)
         if isinstance(node, nodes.Name) and node.name in self.aliases:
             return self._compile(self.aliases[node.name])
         if isinstance(node, nodes.Name):
@@ -297,14 +287,7 @@ class Analysis:
         acc = _access(node)
         if acc is not None:
             root, key, get, default = acc
-            value = roots(root)
-            if type(value) is not dict:
-                raise _Missing
-            if get:
-                return value.get(key, default)
-            if key not in value:
-                raise _Missing
-            return value[key]
+            return _read(roots(root), key, get, default)
         if isinstance(node, nodes.Const):
             return node.value
         if isinstance(node, nodes.Name):
@@ -364,6 +347,18 @@ def _frozen(value: Any) -> Hashable:
 def _is_link(root: str, key: str) -> bool:
     """Whether ``root.key`` is a link signed per recipient (when links are)."""
     return root == "links" or (root == "campaign" and key == "unsubscribe_url")
+
+
+def _read(value: Any, key: str, get: bool, default: Any) -> Any:
+    """What an :func:`_access` of ``value`` gives: ``value.get(key, default)`` for a get, else
+    ``value[key]``; :class:`_Missing` where the template would meet an undefined value."""
+    if type(value) is not dict:
+        raise _Missing
+    if get:
+        return value.get(key, default)
+    if key not in value:
+        raise _Missing
+    return value[key]
 
 
 def _access(node: nodes.Node) -> tuple[str, str, bool, Any] | None:
