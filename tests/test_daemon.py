@@ -488,17 +488,24 @@ async def test_a_reload_whose_mails_do_not_render_is_refused(
         assert await d.close() == 0
 
 
-async def test_a_quota_reply_pauses_sending_until_the_quota_frees_and_nothing_is_lost_or_doubled(
-    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], logs: list[logging.LogRecord]
-) -> None:
-    """Issue 17: a 452 "quota" reply stops the pass and pauses the daemon; the sweeps in the
-    pause send nothing; at its end the rest goes, each mail once."""
+def quota_campaign(tmp_path: Path, smtp_server: SmtpServer) -> tuple[Path, FaultyHandler]:
+    """Ann, Bob and Cid invited over one connection with a per_day quota; the server answers
+    Bob's RCPT with a quota reply (issue 17)."""
     three = "email,name,lists\nann@example.org,Ann,a\nbob@example.org,Bob,a\ncid@example.org,Cid,a\n"
     cfg = write_campaign(tmp_path, events=EVENTS, steps=INVITE_STEP, contacts=three)
     cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 1, per_day: 100}"))
     handler = smtp_server.handler
     assert isinstance(handler, FaultyHandler)
     handler.rcpt_replies["bob@example.org"] = "452 4.5.3 Daily user sending quota exceeded"
+    return cfg, handler
+
+
+async def test_a_quota_reply_pauses_sending_until_the_quota_frees_and_nothing_is_lost_or_doubled(
+    tmp_path: Path, smtp_server: SmtpServer, smtp_env: dict[str, str], logs: list[logging.LogRecord]
+) -> None:
+    """Issue 17: a 452 "quota" reply stops the pass and pauses the daemon; the sweeps in the
+    pause send nothing; at its end the rest goes, each mail once."""
+    cfg, handler = quota_campaign(tmp_path, smtp_server)
     clock = ManualClock(INVITE)
     d = make_daemon(cfg, clock, smtp_env)
     await d.start(run_jobs=False)
@@ -544,12 +551,7 @@ async def test_a_quota_pause_outlives_a_restart_of_the_daemon(
 ) -> None:
     """Issue 17: the pause is kept in the ledger; a daemon started during it (a restart, a
     crash) sends nothing before it ends, says so, and then sends the rest, each mail once."""
-    three = "email,name,lists\nann@example.org,Ann,a\nbob@example.org,Bob,a\ncid@example.org,Cid,a\n"
-    cfg = write_campaign(tmp_path, events=EVENTS, steps=INVITE_STEP, contacts=three)
-    cfg.write_text(cfg.read_text().replace("smtp: {connections: 2}", "smtp: {connections: 1, per_day: 100}"))
-    handler = smtp_server.handler
-    assert isinstance(handler, FaultyHandler)
-    handler.rcpt_replies["bob@example.org"] = "452 4.5.3 Daily user sending quota exceeded"
+    cfg, handler = quota_campaign(tmp_path, smtp_server)
     clock = ManualClock(INVITE)
     first = make_daemon(cfg, clock, smtp_env)
     await first.start(run_jobs=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import FaultyHandler, write_campaign
+from test_pass import EVENTS, STEPS
 
 from mailer import runner
 from mailer.compose import Composer
@@ -20,19 +21,6 @@ from mailer.runner import run_pass
 from mailer.smtpd import SmtpServer
 from mailer.transport import TransportSettings
 from mailer.workspace import load_workspace
-
-EVENTS = """\
-- id: launch
-  title: Launch
-  start: 2018-01-22 09:30
-  end: 2018-01-22 16:30
-"""
-STEPS = """\
-- id: invite
-  event: launch
-  template: invite
-  at: 2018-01-04 10:00
-"""
 
 
 def _children(pid: int) -> list[int]:
