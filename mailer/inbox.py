@@ -23,7 +23,7 @@ from email.message import Message
 from email.parser import BytesHeaderParser, BytesParser, HeaderParser
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote
 
 import icalendar
@@ -36,6 +36,7 @@ from .ledger import Ledger
 from .mailboxes import KEYWORD, MAX_BYTES, InboxMessage, Source, configured_source
 from .message import message_id as _message_id
 from .tokens import secret_from
+from .vocab import InboxKind
 
 __all__ = [
     "KEYWORD",
@@ -56,23 +57,8 @@ __all__ = [
     "worth_fetching",
 ]
 
-Kind = Literal["reply", "bounce", "delay", "unsubscribe"]
-#: What :func:`apply` did with a finding: a reply we cannot tie to an invitation we sent is
-#: "unmatched", one that lost to an answer to a newer revision "outdated"; a DSN or an
-#: unsubscribe mail we cannot tie to a mail we sent "unmatched-bounce"/"unmatched-unsubscribe";
-#: a message that could not be read safely "skipped". Only "reply", "bounce" and "unsubscribe"
-#: change answers, deliveries or suppressions.
-Recorded = Literal[
-    "reply",
-    "unmatched",
-    "outdated",
-    "bounce",
-    "delay",
-    "unsubscribe",
-    "unmatched-bounce",
-    "unmatched-unsubscribe",
-    "skipped",
-]
+#: What :func:`apply` did with a finding: a :class:`~mailer.vocab.InboxKind`.
+Recorded = InboxKind
 
 #: MIME limits (issue 15): a message past them is recorded as skipped, never classified.
 MAX_DEPTH = 10
@@ -110,7 +96,7 @@ class Finding:
     for ``reply``: the From address (the attendee line may name someone else).
     """
 
-    kind: Kind
+    kind: InboxKind  #: REPLY, BOUNCE, DELAY or UNSUBSCRIBE (what the message says)
     email: str
     event_id: str | None = None
     partstat: str | None = None
@@ -260,7 +246,9 @@ def _attendees(ev: Any, event_id: str, msg: Message, refs: tuple[str, ...]) -> l
         addr = normalise_address(str(att))
         if addr and partstat in _PARTSTATS:
             found.append(
-                Finding("reply", addr, event_id, partstat, sequence=sequence, sender=sender, refs=refs)
+                Finding(
+                    InboxKind.REPLY, addr, event_id, partstat, sequence=sequence, sender=sender, refs=refs
+                )
             )
     if len(found) > 1:
         # RFC 5546 3.2.3: a REPLY carries the replying attendee; if a client lists more,
@@ -388,7 +376,7 @@ def _recipients(blocks: Iterable[Message], original: str | None) -> list[Finding
             continue
         diag = _field(block, "Diagnostic-Code")
         diag = diag.partition(";")[2].strip() if ";" in diag else diag  # drop "smtp;"
-        kind: Kind = "bounce" if status[0] == "5" else "delay"
+        kind = InboxKind.BOUNCE if status[0] == "5" else InboxKind.DELAY
         out.append(Finding(kind, address, status=status, diagnostic=diag, original_message_id=original))
     return out
 
@@ -408,7 +396,9 @@ def _unsubscribe(msg: Message, campaign: Campaign) -> list[Finding]:
     ours = {campaign.sender.address.lower(), campaign.sender.organizer.lower()}
     if sender is None or sender.lower() in ours:
         return []
-    return [Finding("unsubscribe", sender, subject=" ".join(str(msg.get("Subject", "")).split())[:2000])]
+    return [
+        Finding(InboxKind.UNSUBSCRIBE, sender, subject=" ".join(str(msg.get("Subject", "")).split())[:2000])
+    ]
 
 
 def _from(msg: Message) -> str | None:
@@ -484,11 +474,11 @@ def apply(
     """
     done: list[tuple[Recorded, str]] = []
     for f in findings:
-        if f.kind == "reply" and f.event_id and f.partstat:
+        if f.kind is InboxKind.REPLY and f.event_id and f.partstat:
             done.append(_apply_reply(f, ledger, campaign, message_id, now))
-        elif f.kind == "unsubscribe":
+        elif f.kind is InboxKind.UNSUBSCRIBE:
             done.append(_apply_unsubscribe(f, ledger, campaign, now, secret))
-    dsn = [f for f in findings if f.kind in ("bounce", "delay")]
+    dsn = [f for f in findings if f.kind in (InboxKind.BOUNCE, InboxKind.DELAY)]
     if dsn:
         done += _apply_dsn(dsn, ledger, campaign, now, secret)
     kinds = "+".join(dict.fromkeys(k for k, _ in done))
@@ -524,8 +514,8 @@ def _apply_reply(
         )
     else:
         if ledger.record_reply(campaign.id, f.event_id, f.email, f.partstat, now, message_id, f.sequence):
-            return "reply", f"reply: {answer}"
-        return "outdated", f"outdated reply: {answer}: an answer to a newer revision is kept"
+            return InboxKind.REPLY, f"reply: {answer}"
+        return InboxKind.OUTDATED, f"outdated reply: {answer}: an answer to a newer revision is kept"
     ledger.record_unmatched_reply(
         campaign.id,
         f.event_id,
@@ -538,7 +528,7 @@ def _apply_reply(
         now,
         why,
     )
-    return "unmatched", f"unmatched reply: {answer}: {why}; not applied to anyone"
+    return InboxKind.UNMATCHED, f"unmatched reply: {answer}: {why}; not applied to anyone"
 
 
 def _apply_unsubscribe(
@@ -549,12 +539,12 @@ def _apply_unsubscribe(
     address = unsubscribed_address(secret, campaign.id, f.subject) if secret else None
     if address is None:
         return (
-            "unmatched-unsubscribe",
+            InboxKind.UNMATCHED_UNSUBSCRIBE,
             f"unmatched unsubscribe: from {f.email}, subject {f.subject[:80]!r}: no valid unsubscribe "
             "token in the subject; nobody suppressed",
         )
     ledger.suppress(address, "unsubscribed by mail", now)
-    return "unsubscribe", f"unsubscribe: {address} suppressed"
+    return InboxKind.UNSUBSCRIBE, f"unsubscribe: {address} suppressed"
 
 
 def _apply_dsn(
@@ -577,17 +567,19 @@ def _apply_dsn(
     matched = [f for f in dsn if key is not None and address_key(f.email) == key][:1]
     for f in matched:
         assert target is not None
-        if f.kind == "bounce":
+        if f.kind is InboxKind.BOUNCE:
             n = ledger.record_bounce(int(target["id"]), target["email"], f.status, f.diagnostic, now)
             done.append(
                 (
-                    "bounce",
+                    InboxKind.BOUNCE,
                     f"bounce: {target['email']} {f.status} {f.diagnostic}".rstrip()
                     + f"; {n} deliver{'y' if n == 1 else 'ies'} marked bounced, address suppressed",
                 )
             )
         else:
-            done.append(("delay", f"delay: {target['email']} {f.status} {f.diagnostic} (recorded only)"))
+            done.append(
+                (InboxKind.DELAY, f"delay: {target['email']} {f.status} {f.diagnostic} (recorded only)")
+            )
     others = list(dict.fromkeys(f.email for f in dsn if f not in matched))
     if others:
         if target is None:
@@ -597,7 +589,9 @@ def _apply_dsn(
             )
         else:
             why = f"the returned mail was sent to {target['email']}, not to them"
-        done.append(("unmatched-bounce", f"unmatched bounce: {_some(others)}: {why}; nothing changed"))
+        done.append(
+            (InboxKind.UNMATCHED_BOUNCE, f"unmatched bounce: {_some(others)}: {why}; nothing changed")
+        )
     return done
 
 
@@ -610,29 +604,16 @@ def _apply_dsn(
 class InboxResult:
     """What one pass over the inbox did: findings per kind, messages handled, log lines."""
 
-    counts: Counter[Recorded] = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)  #: per :class:`InboxKind`
     handled: int = 0
     ignored: int = 0
     lines: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """``3 replies, 1 unmatched reply, 1 bounce; 5 message(s) handled, 1 left alone.``"""
-        parts = [f"{n} {_LABELS[k][n != 1]}" for k in _LABELS if (n := self.counts[k])]
+        parts = [f"{n} {k.labels[n != 1]}" for k in InboxKind if (n := self.counts[k])]
         done = f"{self.handled} message(s) handled, {self.ignored} left alone"
         return f"{', '.join(parts) or 'nothing new'}; {done}."
-
-
-_LABELS: dict[Recorded, tuple[str, str]] = {
-    "reply": ("reply", "replies"),
-    "unmatched": ("unmatched reply", "unmatched replies"),
-    "outdated": ("outdated reply", "outdated replies"),
-    "bounce": ("bounce", "bounces"),
-    "delay": ("delay", "delays"),
-    "unsubscribe": ("unsubscribe", "unsubscribes"),
-    "unmatched-bounce": ("unmatched bounce", "unmatched bounces"),
-    "unmatched-unsubscribe": ("unmatched unsubscribe", "unmatched unsubscribes"),
-    "skipped": ("skipped message (left unread for a person)", "skipped messages (left unread for a person)"),
-}
 
 
 def process(
@@ -687,9 +668,9 @@ def _skip(item: InboxMessage, exc: Exception, ledger: Ledger, now: datetime, res
     reason = str(exc) if isinstance(exc, Unreadable) else f"{type(exc).__name__}: {exc}"
     ident = item.ident or f"sha256:{hashlib.sha256(item.raw).hexdigest()[:32]}"
     line = f"skipped: message {item.key}: {reason}; left unflagged for a person to read"
-    ledger.record_inbox(skipped_id(ident), "skipped", None, line, now)
+    ledger.record_inbox(skipped_id(ident), InboxKind.SKIPPED, None, line, now)
     result.lines.append(line)
-    result.counts["skipped"] += 1
+    result.counts[InboxKind.SKIPPED] += 1
 
 
 def process_configured(

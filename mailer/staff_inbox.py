@@ -16,15 +16,12 @@ import sqlite3
 from collections import Counter
 from typing import NamedTuple
 
+from .vocab import NEEDS_PERSON
+
 __all__ = ["KINDS", "WHERE", "InboxRow", "counts", "describe", "kinds_of", "newest", "status_line"]
 
 #: The recorded kinds that need a person, with their labels (singular, plural), in this order.
-KINDS: dict[str, tuple[str, str]] = {
-    "unmatched-bounce": ("unmatched bounce", "unmatched bounces"),
-    "unmatched": ("unmatched reply", "unmatched replies"),
-    "unmatched-unsubscribe": ("unmatched unsubscribe", "unmatched unsubscribes"),
-    "skipped": ("skipped", "skipped"),
-}
+KINDS: dict[str, tuple[str, str]] = {k: k.labels for k in NEEDS_PERSON}
 #: The inbox rows that need a person: a superset test in SQL, narrowed by :func:`kinds_of`.
 WHERE = "(kind LIKE '%unmatched%' OR kind LIKE '%skipped%')"
 
@@ -63,10 +60,10 @@ def counts(conn: sqlite3.Connection) -> tuple[int, Counter[str]]:
 
 
 def describe(per: Counter[str]) -> str:
-    """``2 unmatched bounces, 1 skipped``.
+    """``2 unmatched bounces, 1 skipped message``.
 
     >>> describe(Counter({"skipped": 1, "unmatched-bounce": 2}))
-    '2 unmatched bounces, 1 skipped'
+    '2 unmatched bounces, 1 skipped message'
     """
     return ", ".join(f"{n:,} {KINDS[k][n != 1]}" for k in KINDS if (n := per[k]))
 
@@ -74,8 +71,11 @@ def describe(per: Counter[str]) -> str:
 def status_line(total: int, per: Counter[str]) -> str:
     """The line ``mailer status`` prints when messages need a person ('' when none do).
 
-    >>> print(status_line(3, Counter({"skipped": 1, "unmatched-bounce": 2})))
-    inbox: 3 mails need a person (2 unmatched bounces, 1 skipped): see mailer dashboard or mailer inbox --list
+    >>> head, tail = status_line(3, Counter({"skipped": 1, "unmatched-bounce": 2})).split(": see ")
+    >>> head
+    'inbox: 3 mails need a person (2 unmatched bounces, 1 skipped message)'
+    >>> tail
+    'mailer dashboard or mailer inbox --list'
     >>> status_line(0, Counter())
     ''
     """

@@ -11,10 +11,12 @@ from enum import StrEnum
 __all__ = [
     "FINAL",
     "MAY_HAVE_ARRIVED",
+    "NEEDS_PERSON",
     "OPEN",
     "Answer",
     "Attempt",
     "EventStatus",
+    "InboxKind",
     "RevisionKind",
     "Status",
     "StepKind",
@@ -119,3 +121,49 @@ def sql_list(values: frozenset[Status] | set[Status] | tuple[Status, ...]) -> st
     "('bounced', 'sent')"
     """
     return "(" + ", ".join(f"'{s.value}'" for s in sorted(values)) + ")"
+
+
+class InboxKind(StrEnum):
+    """What the inbox made of one finding of a message (:func:`mailer.inbox.apply`), as the
+    ledger's ``inbox`` table records it (the kinds of one message joined with ``+``:
+    ``bounce+unmatched-bounce``). Only REPLY, BOUNCE and UNSUBSCRIBE change answers, deliveries
+    or suppressions; the unmatched ones and SKIPPED are for a person to read (issue 15)."""
+
+    REPLY = "reply"
+    UNMATCHED = "unmatched"  #: a reply tied to no invitation we sent
+    OUTDATED = "outdated"  #: a reply that lost to an answer to a newer revision
+    BOUNCE = "bounce"
+    DELAY = "delay"
+    UNSUBSCRIBE = "unsubscribe"
+    UNMATCHED_BOUNCE = "unmatched-bounce"  #: a DSN tied to no mail we sent
+    UNMATCHED_UNSUBSCRIBE = "unmatched-unsubscribe"  #: an unsubscribe mail without a valid token
+    SKIPPED = "skipped"  #: a message that could not be read safely: left unflagged
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """How a count of them reads, singular and plural: ``1 unmatched bounce``."""
+        return _INBOX_LABELS[self]
+
+    @property
+    def needs_person(self) -> bool:
+        return self in NEEDS_PERSON
+
+
+_INBOX_LABELS: dict[InboxKind, tuple[str, str]] = {
+    InboxKind.REPLY: ("reply", "replies"),
+    InboxKind.UNMATCHED: ("unmatched reply", "unmatched replies"),
+    InboxKind.OUTDATED: ("outdated reply", "outdated replies"),
+    InboxKind.BOUNCE: ("bounce", "bounces"),
+    InboxKind.DELAY: ("delay", "delays"),
+    InboxKind.UNSUBSCRIBE: ("unsubscribe", "unsubscribes"),
+    InboxKind.UNMATCHED_BOUNCE: ("unmatched bounce", "unmatched bounces"),
+    InboxKind.UNMATCHED_UNSUBSCRIBE: ("unmatched unsubscribe", "unmatched unsubscribes"),
+    InboxKind.SKIPPED: ("skipped message", "skipped messages"),
+}
+#: The inbox kinds a person must read, in the order staff pages list them.
+NEEDS_PERSON = (
+    InboxKind.UNMATCHED_BOUNCE,
+    InboxKind.UNMATCHED,
+    InboxKind.UNMATCHED_UNSUBSCRIBE,
+    InboxKind.SKIPPED,
+)

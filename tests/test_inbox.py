@@ -35,7 +35,7 @@ from mailer.ledger import Ledger
 from mailer.mailboxes import ImapSource, MaildirSource
 from mailer.message import message_id
 from mailer.store import Claim, Outcome, RecordedRevision
-from mailer.vocab import Attempt
+from mailer.vocab import Attempt, InboxKind
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2018, 1, 10, 12, 0, tzinfo=UTC)
@@ -470,28 +470,46 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
             reply_mail(reply_ics(u, R, "ACCEPTED"), "jan@example.be"),
             [
                 Finding(
-                    "reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=0, sender="jan@example.be"
+                    InboxKind.REPLY,
+                    "jan@example.be",
+                    "aan-de-slag",
+                    "ACCEPTED",
+                    sequence=0,
+                    sender="jan@example.be",
                 )
             ],
         ),
         (
             "MAILTO upper-case, domain case",
             reply_mail(reply_ics(u, "MAILTO:Jan@Example.BE", "accepted"), "x@y.be"),
-            [Finding("reply", "Jan@example.be", "aan-de-slag", "ACCEPTED", sequence=0, sender="x@y.be")],
+            [
+                Finding(
+                    InboxKind.REPLY, "Jan@example.be", "aan-de-slag", "ACCEPTED", sequence=0, sender="x@y.be"
+                )
+            ],
         ),
         (
             "other event",
             reply_mail(reply_ics(uid(c, "infosessie"), R, "DECLINED"), "jan@example.be"),
             [
                 Finding(
-                    "reply", "jan@example.be", "infosessie", "DECLINED", sequence=0, sender="jan@example.be"
+                    InboxKind.REPLY,
+                    "jan@example.be",
+                    "infosessie",
+                    "DECLINED",
+                    sequence=0,
+                    sender="jan@example.be",
                 )
             ],
         ),
         (
             "inline and attached: once",
             reply_mail(reply_ics(u, R, "TENTATIVE"), "j@x.be", attach=True),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "TENTATIVE", sequence=0, sender="j@x.be")],
+            [
+                Finding(
+                    InboxKind.REPLY, "jan@example.be", "aan-de-slag", "TENTATIVE", sequence=0, sender="j@x.be"
+                )
+            ],
         ),
         (
             "unknown UID",
@@ -508,7 +526,12 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
             reply_mail(reply_ics(u, R, "ACCEPTED", sequence=2), "jan@example.be"),
             [
                 Finding(
-                    "reply", "jan@example.be", "aan-de-slag", "ACCEPTED", sequence=2, sender="jan@example.be"
+                    InboxKind.REPLY,
+                    "jan@example.be",
+                    "aan-de-slag",
+                    "ACCEPTED",
+                    sequence=2,
+                    sender="jan@example.be",
                 )
             ],
         ),
@@ -517,7 +540,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
             reply_mail(reply_ics(u, R, "ACCEPTED", sequence=None), "jan@example.be"),
             [
                 Finding(
-                    "reply",
+                    InboxKind.REPLY,
                     "jan@example.be",
                     "aan-de-slag",
                     "ACCEPTED",
@@ -540,7 +563,11 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
         (
             "a broken DTSTART does not hide the answer",
             reply_mail(reply_ics(u, R, "DECLINED").replace(b"DTSTART:2018", b"DTSTART:xx18"), "j@x.be"),
-            [Finding("reply", "jan@example.be", "aan-de-slag", "DECLINED", sequence=0, sender="j@x.be")],
+            [
+                Finding(
+                    InboxKind.REPLY, "jan@example.be", "aan-de-slag", "DECLINED", sequence=0, sender="j@x.be"
+                )
+            ],
         ),
         ("not a calendar at all", reply_mail("\x00\x01 garbage", "j@x.be"), []),
         (
@@ -548,14 +575,14 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
             dsn_mail([hard, ("late@example.net", "delayed", "4.4.1", "connection timed out")], mine),
             [
                 Finding(
-                    "bounce",
+                    InboxKind.BOUNCE,
                     "gone@example.net",
                     status="5.1.1",
                     diagnostic="550 5.1.1 user unknown",
                     original_message_id=mine,
                 ),
                 Finding(
-                    "delay",
+                    InboxKind.DELAY,
                     "late@example.net",
                     status="4.4.1",
                     diagnostic="connection timed out",
@@ -568,7 +595,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
             dsn_mail([hard], mine, rfc822=True),
             [
                 Finding(
-                    "bounce",
+                    InboxKind.BOUNCE,
                     "gone@example.net",
                     status="5.1.1",
                     diagnostic="550 5.1.1 user unknown",
@@ -581,7 +608,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
             dsn_mail([hard], None),
             [
                 Finding(
-                    "bounce",
+                    InboxKind.BOUNCE,
                     "gone@example.net",
                     status="5.1.1",
                     diagnostic="550 5.1.1 user unknown",
@@ -597,7 +624,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
         (
             "unsubscribe, any case",
             plain_mail("Leen <Leen@Example.BE>", "AFMELDEN@example.be", "x", mid="<u@x>"),
-            [Finding("unsubscribe", "Leen@example.be", subject="x")],
+            [Finding(InboxKind.UNSUBSCRIBE, "Leen@example.be", subject="x")],
         ),
         (
             "unsubscribe via Delivered-To",
@@ -608,7 +635,7 @@ def _cases(c: Campaign) -> list[tuple[str, bytes, list[Finding]]]:
                 mid="<u@x>",
                 extra="Delivered-To: afmelden@example.be\r\n",
             ),
-            [Finding("unsubscribe", "a@b.be", subject="x")],
+            [Finding(InboxKind.UNSUBSCRIBE, "a@b.be", subject="x")],
         ),
         (
             "auto-reply to unsubscribe",
@@ -650,10 +677,12 @@ def test_apply_lines(tmp_path: Path, campaign: Campaign) -> None:
     with ledger_with_deliveries(tmp_path / "mailer.db", campaign) as ledger:
         done = apply(
             [
-                Finding("reply", "Jan@example.be", "aan-de-slag", "DECLINED", sender="jan@example.be"),
-                Finding("reply", "a@b.be", "aan-de-slag", "ACCEPTED", sender="fwd@example.org"),
                 Finding(
-                    "delay",
+                    InboxKind.REPLY, "Jan@example.be", "aan-de-slag", "DECLINED", sender="jan@example.be"
+                ),
+                Finding(InboxKind.REPLY, "a@b.be", "aan-de-slag", "ACCEPTED", sender="fwd@example.org"),
+                Finding(
+                    InboxKind.DELAY,
                     "slow@example.net",
                     status="4.2.2",
                     diagnostic="mailbox full",
