@@ -14,12 +14,13 @@ import random
 import shutil
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import write_campaign
 
 from mailer.compose import Composer
-from mailer.config import Campaign, Event, load
+from mailer.config import Campaign, Event, Step, load
 from mailer.contacts import Contact
 from mailer.planner import dynamic_step, snapshot
 from mailer.stencil import Stencils
@@ -86,11 +87,11 @@ def shipped(folder: Path, extra: str) -> Campaign:
     return load(folder / "schedules.yaml")
 
 
-def mails(campaign: Campaign) -> list[tuple[object, Event, int, dict[str, object]]]:
+def mails(campaign: Campaign) -> list[tuple[Step, Event, int, dict[str, Any]]]:
     """(step, event, sequence, composer kwargs) of every step and of an update and a
     cancellation of every event."""
     when = datetime(2018, 1, 4, 9, tzinfo=campaign.timezone)
-    out: list[tuple[object, Event, int, dict[str, object]]] = [
+    out: list[tuple[Step, Event, int, dict[str, Any]]] = [
         (s, campaign.event(s.event), 0, {}) for s in campaign.steps
     ]
     for ev in campaign.events:
@@ -142,22 +143,22 @@ def test_every_shipped_mail_is_byte_identical_with_stencils(tmp_path: Path, vari
     people = contacts(120, seed=len(variant))
     filled = total = 0
     for step, event, seq, kw in mails(campaign):
-        on = Composer(campaign, Templates(campaign.templates_dir, "nl"), unsubscribe_secret=secret, **kw)  # type: ignore[arg-type]
+        on = Composer(campaign, Templates(campaign.templates_dir, "nl"), unsubscribe_secret=secret, **kw)
         off = Composer(
             campaign,
             Templates(campaign.templates_dir, "nl"),
             unsubscribe_secret=secret,
             stencil=False,
-            **kw,  # type: ignore[arg-type]
+            **kw,
         )
         assert on.stencils is not None and off.stencils is None
         for who in people:
-            a = on.compose_due(step, event, who, when=when, sequence=seq)  # type: ignore[arg-type]
-            b = off.compose_due(step, event, who, when=when, sequence=seq)  # type: ignore[arg-type]
+            a = on.compose_due(step, event, who, when=when, sequence=seq)
+            b = off.compose_due(step, event, who, when=when, sequence=seq)
             assert a == b, (variant, step, who)
             assert on.render_due(step, event, who, sequence=seq) == off.render_due(
                 step, event, who, sequence=seq
-            )  # type: ignore[arg-type]
+            )
         filled += on.stencils.filled
         total += on.stencils.filled + on.stencils.full
     # The proof is worth something only if many mails came from a stencil.
