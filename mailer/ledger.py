@@ -648,10 +648,11 @@ class Ledger:
         place): nothing may send it again.
         """
         ts = iso(at)
+        at_claimed = parse_iso(ts)
         out: list[Claimed | None] = []
         with self.transaction() as c:
             for it in items:
-                c.execute(
+                got = c.execute(
                     "INSERT INTO deliveries (campaign, step, event, email, name, status, due_at,"
                     " message_id, sequence, ics, claimed_at, created, updated, partstat)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -662,7 +663,10 @@ class Ledger:
                     f" partstat=CASE WHEN deliveries.status='{Status.SENDING}' THEN deliveries.partstat"
                     " ELSE excluded.partstat END,"
                     " claimed_at=coalesce(deliveries.claimed_at, excluded.claimed_at),"
-                    f" updated=excluded.updated WHERE {NOT_FINAL}",
+                    f" updated=excluded.updated WHERE {NOT_FINAL}"
+                    # The claimed row as it now is (one statement, not an upsert and a SELECT);
+                    # no row: the WHERE kept a final row as it was.
+                    " RETURNING id, claimed_at, sequence, partstat",
                     (
                         campaign,
                         it.step,
@@ -679,15 +683,14 @@ class Ledger:
                         ts,
                         it.partstat,
                     ),
-                )
-                rid, status, claimed, seq_used, partstat = c.execute(
-                    "SELECT id, status, claimed_at, sequence, partstat FROM deliveries"
-                    " WHERE campaign=? AND step=? AND email=?",
-                    (campaign, it.step, it.email),
-                ).fetchone()
-                out.append(
-                    Claimed(rid, parse_iso(claimed), seq_used, partstat) if status == Status.SENDING else None
-                )
+                ).fetchall()
+                if got:
+                    rid, claimed, seq_used, partstat = got[0]
+                    # Rows claimed in this commit share one time: parsed once.
+                    when = at_claimed if claimed == ts else parse_iso(claimed)
+                    out.append(Claimed(rid, when, seq_used, partstat))
+                else:
+                    out.append(None)
         return out
 
     def record_outcomes(self, items: Sequence[Outcome]) -> None:
@@ -701,23 +704,23 @@ class Ledger:
         ``next_attempt`` is when sending resumes) also keeps that pause in ``meta``, in the same
         commit (issue 17): every later sender reads it with :meth:`server_pause`.
         """
-        rows = []
+        rows, attempts = [], []
         for o in items:
             status = Status.SENDING if o.attempt is Attempt.UNKNOWN else Status(o.attempt.value)
             ts = iso(o.at)
             nxt = iso(o.next_attempt) if o.next_attempt else None
             sent_at = ts if o.attempt is Attempt.SENT else None
-            rows.append((status, o.code, o.text, nxt, o.reason, sent_at, ts, o.delivery_id, o))
+            rows.append((status, o.code, o.text, nxt, o.reason, sent_at, ts, o.delivery_id))
+            attempts.append((o.delivery_id, ts, o.attempt, o.code, o.text))
         with self.transaction() as c:
             c.executemany(
                 "UPDATE deliveries SET status=?, attempts=attempts+1, smtp_code=?, smtp_text=?,"
                 " next_attempt=?, reason=?, sent_at=coalesce(?, sent_at), updated=?"
                 f" WHERE id=? AND status='{Status.SENDING}'",
-                [r[:8] for r in rows],
+                rows,
             )
             c.executemany(
-                "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)",
-                [(o.delivery_id, iso(o.at), o.attempt, o.code, o.text) for *_, o in rows],
+                "INSERT INTO attempts (delivery_id, at, outcome, code, text) VALUES (?,?,?,?,?)", attempts
             )
             if any(o.attempt is Attempt.DEFERRED and o.next_attempt for o in items):
                 self._keep_pause(c, items)
