@@ -649,6 +649,7 @@ class Ledger:
         """
         ts = iso(at)
         at_claimed = parse_iso(ts)
+        due: dict[datetime, str] = {}  # a batch is mostly one step: its due time formatted once
         out: list[Claimed | None] = []
         with self.transaction() as c:
             for it in items:
@@ -674,7 +675,7 @@ class Ledger:
                         it.email,
                         it.name,
                         Status.SENDING,
-                        iso(it.due_at),
+                        due.get(it.due_at) or due.setdefault(it.due_at, iso(it.due_at)),
                         it.message_id,
                         it.sequence,
                         int(it.has_ics),
