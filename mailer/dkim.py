@@ -284,17 +284,29 @@ def _relaxed_signature_field(value: bytes) -> bytes:
 
 
 def _relaxed_body(body: bytes) -> bytes | None:
-    """The relaxed body (RFC 6376 3.4.4) of what :func:`mailer.message.build` writes, without
-    dkimpy's regular expressions (0.7 ms a mail): CRLF lines, no tab, no double space and no
-    space at a line's end leave only the trailing empty lines to drop. None: anything else
-    (dkimpy canonicalizes it)."""
-    if not body or b"\t" in body or b"  " in body or b" \r\n" in body or body.endswith(b" "):
+    """The relaxed body (RFC 6376 3.4.4) of what :func:`mailer.message.build` writes, cheaper
+    than dkimpy's per-line regular expressions: with CRLF line ends only, runs of spaces and
+    tabs become one space (one pass, and only where there are any: the shipped HTML indents its
+    <style>), a space before a line end goes, and the trailing empty lines are dropped. None:
+    anything else (bare CR or LF, an empty body, white space at its very end without a line
+    end: dkimpy canonicalizes it)."""
+    if not body or body.endswith((b" ", b"\t")):
         return None
     crlf = body.count(b"\r\n")
     if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
         return None
+    if b"\t" in body:  # a tab is white space as a space is; runs of both become one space
+        body = body.replace(b"\t", b" ")
+    if b"  " in body:
+        body = _SPACE_RUN.sub(b" ", body)  # ~20x cheaper than one regex over spaces and tabs
+    if b" \r\n" in body:
+        body = body.replace(b" \r\n", b"\r\n")
     stripped = body.rstrip(b"\r\n")
     return stripped + b"\r\n" if stripped else None
+
+
+#: Two or more spaces (tabs are spaces by then).
+_SPACE_RUN = re.compile(rb"  +")
 
 
 def _sign_digest(key: Key, pk: Any, digest: bytes) -> bytes:
