@@ -16,7 +16,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Protocol, runtime_checkable
 
 from . import pacing, planner
 from .bounces import envelope_for
@@ -31,7 +30,7 @@ from .transport import Outgoing, Result, Transport, TransportSettings
 from .vocab import Attempt, Status
 from .workspace import Workspace
 
-__all__ = ["Change", "KeepsPause", "PassResult", "SendPass", "run_pass"]
+__all__ = ["Change", "PassResult", "SendPass", "run_pass"]
 
 CLAIM_BATCH = 200
 #: Passes with at least this many mails compose them in worker processes (on other cores).
@@ -85,23 +84,13 @@ class PassResult:
     #: Pacing (issue 17): what the window, the quotas or a server's quota pause held back.
     paced: pacing.Paced[Due] | None = field(default=None, repr=False)
     #: The server's quota pause in force in this pass: a quota reply ("452 4.5.3 ...") it got,
-    #: or one an earlier pass got and the ledger kept (:class:`KeepsPause`; then nothing went),
+    #: or one an earlier pass got and the ledger kept (``LedgerStore.server_pause``; then nothing went),
     #: and until when: nothing more goes until ``paused_until``.
     quota_reply: str | None = None
     paused_until: datetime | None = None
 
     def __getitem__(self, key: str) -> int:
         return self.counts[key]
-
-
-@runtime_checkable
-class KeepsPause(Protocol):
-    """A store that keeps a server's quota pause across processes (issue 17; the SQLite ledger
-    does, in ``meta``): :meth:`LedgerStore.record_outcomes` keeps it with the quota reply's
-    outcome, every pass reads it, and the first pass after it ends removes it."""
-
-    def server_pause(self) -> tuple[datetime, str] | None: ...
-    def clear_server_pause(self, now: datetime) -> bool: ...
 
 
 class SendPass:
@@ -147,7 +136,8 @@ class SendPass:
         """The pass. Nothing is written until every due mail has rendered (:meth:`gate`: a step
         with one that does not is left out whole). Commits, in this order: (1) event revisions
         with their pending updates, (2) steps started, skipped/suppressed rows and pending rows,
-        in :meth:`record_plan`; then per batch (3) the claim (``sending``, with its Message-ID)
+        in :meth:`record_plan` (and a server's quota pause that has ended is removed,
+        :meth:`kept_pause`); then per batch (3) the claim (``sending``, with its Message-ID)
         before any of its DATA, and (4) each outcome before that connection sends its next mail
         (:class:`_Delivery`)."""
         if self.settings is not None and len(self.ws.contacts) >= WORKER_MIN:
@@ -264,8 +254,6 @@ class SendPass:
         """A server's quota pause an earlier pass (another process, before a restart) kept in
         the ledger: while it runs nothing goes (:meth:`pace`); once it has ended it is removed
         (with ``clear``: not by a dry run)."""
-        if not isinstance(self.store, KeepsPause):
-            return
         kept = self.store.server_pause()
         if kept is None:
             return
