@@ -37,9 +37,6 @@ _NO_REPLY = re.compile(
     r"^(no[-_.]?reply|do[-_.]?not[-_.]?reply|dont[-_.]?reply|mailer-daemon|bounces?)([+-.].*)?$"
 )
 
-#: Renders the unsubscribe link's shape when `check` runs without a secret (as mailer.gate does).
-_PLACEHOLDER_SECRET = "mailer-check-placeholder"
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -265,14 +262,14 @@ def gather(
     ``environ`` makes them."""
     from .compose import Composer
     from .dkim import check_dkim
-    from .gate import revision_groups, step_groups
+    from .gate import PLACEHOLDER_SECRET, revision_groups, step_groups
     from .transport import TransportSettings
     from .unsubscribe import link
 
     c = ws.campaign
     secret = secret_from(environ)
     audiences = {s.id: ws.audience(s) for s in c.steps}
-    sign = secret or _PLACEHOLDER_SECRET
+    sign = secret or PLACEHOLDER_SECRET  # the link's shape when check runs without one
     composer = Composer(c, ws.templates, unsubscribe_secret=sign)
     unsub = c.unsubscribe
     one_click = False

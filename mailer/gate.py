@@ -39,6 +39,7 @@ from .vocab import EventStatus, StepKind
 from .workspace import Workspace
 
 __all__ = [
+    "PLACEHOLDER_SECRET",
     "Group",
     "Mail",
     "check_workspace",
@@ -51,7 +52,7 @@ __all__ = [
 
 #: Renders the placeholder links when `check` has no MAILER_UNSUBSCRIBE_SECRET (the link's
 #: shape, not its signature, is what a template sees).
-_PLACEHOLDER_SECRET = "mailer-check-placeholder"
+PLACEHOLDER_SECRET = "mailer-check-placeholder"
 
 
 @dataclass(frozen=True)
@@ -494,7 +495,7 @@ def check_workspace(
         composer = Composer(c, ws.templates, unsubscribe_secret=unsubscribe_secret)
     except ConfigError as exc:
         problems += exc.problems
-        composer = Composer(c, ws.templates, unsubscribe_secret=_PLACEHOLDER_SECRET)
+        composer = Composer(c, ws.templates, unsubscribe_secret=PLACEHOLDER_SECRET)
     # A template (or one language of it) with a blocking problem is already reported; rendering
     # it for every recipient would only repeat that. Decided on the problems' fields, never on
     # their text (issue 11 item 7).
