@@ -488,6 +488,19 @@ async def test_a_reload_whose_mails_do_not_render_is_refused(
         assert await d.close() == 0
 
 
+def assert_each_once_and_resumed(
+    handler: FaultyHandler, smtp_server: SmtpServer, logs: list[logging.LogRecord]
+) -> None:
+    """After the pause: Ann, Bob and Cid each got their mail once, and the daemon said so."""
+    assert sorted(r.rcpt_tos[0] for r in handler.received) == [
+        "ann@example.org",
+        "bob@example.org",
+        "cid@example.org",
+    ]
+    assert len(set(message_ids(smtp_server))) == 3
+    assert "resume (server): sending again" in lines(logs)
+
+
 def quota_campaign(tmp_path: Path, smtp_server: SmtpServer) -> tuple[Path, FaultyHandler]:
     """Ann, Bob and Cid invited over one connection with a per_day quota; the server answers
     Bob's RCPT with a quota reply (issue 17)."""
@@ -526,13 +539,7 @@ async def test_a_quota_reply_pauses_sending_until_the_quota_frees_and_nothing_is
 
         clock.set(resume)
         await d.tick()
-        assert sorted(r.rcpt_tos[0] for r in handler.received) == [
-            "ann@example.org",
-            "bob@example.org",
-            "cid@example.org",
-        ]
-        assert len(set(message_ids(smtp_server))) == 3
-        assert "resume (server): sending again" in lines(logs)
+        assert_each_once_and_resumed(handler, smtp_server, logs)
         with sqlite3.connect(cfg.parent / "ledger.db") as db:
             got = dict(db.execute("SELECT email, status FROM deliveries"))
             tries = dict(
@@ -574,13 +581,7 @@ async def test_a_quota_pause_outlives_a_restart_of_the_daemon(
         ), said
         clock.set(resume)
         await second.tick()
-        assert sorted(r.rcpt_tos[0] for r in handler.received) == [
-            "ann@example.org",
-            "bob@example.org",
-            "cid@example.org",
-        ]
-        assert len(set(message_ids(smtp_server))) == 3
-        assert "resume (server): sending again" in lines(logs)
+        assert_each_once_and_resumed(handler, smtp_server, logs)
     finally:
         assert await second.close() == 0
     with sqlite3.connect(cfg.parent / "ledger.db") as db:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import FaultyHandler, write_campaign
-from test_pass import EVENTS, STEPS
+from test_pass import EVENTS, STEPS, _children
 
 from mailer import runner
 from mailer.compose import Composer
@@ -21,18 +21,6 @@ from mailer.runner import run_pass
 from mailer.smtpd import SmtpServer
 from mailer.transport import TransportSettings
 from mailer.workspace import load_workspace
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
 
 
 def _workers() -> set[int]:
