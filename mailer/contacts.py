@@ -21,7 +21,7 @@ from .times import zone
 __all__ = ["Contact", "ContactList", "InvalidContact", "load_contacts", "normalise_address"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no __dict__ per contact (memory at 1,000,000)
 class Contact:
     """One recipient. ``email`` is normalised (email-validator); ``fields`` holds every other
     CSV column (template variables), keys lower-cased with spaces turned into ``_``."""
@@ -301,8 +301,8 @@ def _parse(
                         "campaign language is used",
                         "language",
                     )
-            lists = _labels(row[i_lists]) if i_lists is not None else frozenset()
-            tags = _labels(row[i_tags]) if i_tags is not None else frozenset()
+            lists = _labels(row[i_lists]) if i_lists is not None else _NO_LABELS
+            tags = _labels(row[i_tags]) if i_tags is not None else _NO_LABELS
             values = {key: _clean(row[i]) for i, key in fields}
             tz_name = None
             if i_tz is not None and (tz_raw := row[i_tz].strip()):
@@ -483,9 +483,16 @@ def _zone_keys() -> dict[str, str]:
     return {key.lower(): key for key in zoneinfo.available_timezones()}
 
 
+#: One empty set for every contact without lists or tags (``frozenset()`` makes a new 216-byte
+#: object each time).
+_NO_LABELS: frozenset[str] = frozenset()
+
+
 @lru_cache(maxsize=4096)
 def _labels(cell: str) -> frozenset[str]:
-    """List or tag names from one cell: split on ; , or |, trimmed, lower-cased, empty dropped."""
+    """List or tag names from one cell: split on ; , or |, trimmed, lower-cased, empty dropped.
+    Cached: contacts with the same cell share one set (a list's members mostly have the same
+    few), ~270 bytes a contact less (issue 16: memory at 1,000,000 recipients)."""
     return frozenset(s for part in _LABEL_SPLIT.split(_clean(cell)) if (s := part.strip().lower()))
 
 
