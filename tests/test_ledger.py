@@ -288,10 +288,15 @@ def random_operations(led: Ledger, rnd: random.Random, n: int, check: Any) -> Co
                 campaign, [Decided(step, "ev", e, "", T0, status, "planner") for e in some(EMAILS, 4)], now
             )
         elif op == "bounced":
-            e = rnd.choice(EMAILS)  # a DSN tied to one of e's deliveries (VERP token or Message-ID)
-            rows = [i for (i,) in led.conn.execute("SELECT id FROM deliveries WHERE email=?", (e,))]
+            e = rnd.choice(EMAILS)  # a DSN tied to one of e's deliveries (VERP token or Message-ID):
+            # mostly one that was sent (it becomes bounced), else any (a final row stays as it is)
+            rows = [
+                (i, st) for i, st in led.conn.execute("SELECT id, status FROM deliveries WHERE email=?", (e,))
+            ]
+            sent = [i for i, st in rows if st == Status.SENT]
             if rows:
-                led.record_bounce(rnd.choice(rows), e, "5.1.1", "user unknown", now)
+                pick = rnd.choice(sent) if sent and rnd.random() < 0.8 else rnd.choice(rows)[0]
+                led.record_bounce(pick, e, "5.1.1", "user unknown", now)
         elif op == "revision":  # an event update: pending update rows in the same commit
             seq = done["revision"] + 1
             people = [(e, "") for e in some(EMAILS, 5)]
