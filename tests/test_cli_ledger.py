@@ -210,16 +210,21 @@ def test_create_needs_a_campaign_that_loads(tmp_path: Path, monkeypatch: pytest.
 # -- item 3: reading never migrates ---------------------------------------------------------------
 
 
-def make_old(path: Path) -> Path:
-    """A version-2 ledger (before replies had a SEQUENCE), made as test_ledger makes one, in
-    rollback-journal mode so the whole file is one file to compare."""
+def downgraded(path: Path, version: int, undo: str) -> Path:
+    """A ledger as schema ``version`` left it: a current one with ``undo`` run and the version
+    set back, in rollback-journal mode so the whole file is one file to compare."""
     make_ledger(path)
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("ALTER TABLE replies DROP COLUMN sequence")
-    conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    conn.execute(undo)
+    conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
     conn.execute("PRAGMA journal_mode=DELETE")
     conn.close()
     return path
+
+
+def make_old(path: Path) -> Path:
+    """A version-2 ledger (before replies had a SEQUENCE), made as test_ledger makes one."""
+    return downgraded(path, 2, "ALTER TABLE replies DROP COLUMN sequence")
 
 
 def schema(path: Path) -> str:
@@ -262,13 +267,7 @@ def test_the_dashboard_refuses_an_older_ledger(tmp_path: Path) -> None:
 
 def make_schema_6(path: Path) -> Path:
     """A ledger as schema 6 left it: without the (step) index of version 7."""
-    make_ledger(path)
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("DROP INDEX deliveries_by_step")
-    conn.execute("UPDATE meta SET value='6' WHERE key='schema_version'")
-    conn.execute("PRAGMA journal_mode=DELETE")
-    conn.close()
-    return path
+    return downgraded(path, 6, "DROP INDEX deliveries_by_step")
 
 
 def step_plan(path: Path) -> str:
