@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PYTHON, ROOT, median  # noqa: E402
+from common import PYTHON, ROOT, first_row, median  # noqa: E402
 
 TARGET = 0.5
 #: Issue 16, target 4: in a campaign folder, Python start-up included.
@@ -478,16 +478,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _has_rows(path: Path, n: int) -> bool:
-    if not path.exists():
-        return False
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return bool(conn.execute("SELECT max(id) FROM deliveries").fetchone()[0] == n)
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return False
+    row = first_row(path, "SELECT max(id) FROM deliveries")
+    return row is not None and row[0] == n
 
 
 if __name__ == "__main__":

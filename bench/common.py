@@ -10,6 +10,7 @@ import pwd
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -288,6 +289,22 @@ def _serve_aiosmtpd(port: int) -> None:
 # --------------------------------------------------------------------------------------
 # Figures.
 # --------------------------------------------------------------------------------------
+
+
+def first_row(path: Path, sql: str, params: Sequence[object] = ()) -> tuple[object, ...] | None:
+    """The first row of ``sql`` on the SQLite file ``path``, opened read-only; None when the
+    file is missing, not a ledger, or the query gives nothing (a ledger to build again)."""
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = conn.execute(sql, params).fetchone()
+            return None if row is None else tuple(row)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
 
 
 def median(values: Sequence[float]) -> float:

@@ -46,7 +46,7 @@ from zoneinfo import ZoneInfo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import big_ledger  # noqa: E402
-from common import PYTHON, free_port, median  # noqa: E402
+from common import PYTHON, first_row, free_port, median  # noqa: E402
 
 from mailer import dashboard_events as events  # noqa: E402
 from mailer.addresses import address_key  # noqa: E402
@@ -412,15 +412,7 @@ def in_process(db: Path, the_plan: events.Plan, repeat: int) -> int:
 
 
 def _shaped(path: Path) -> bool:
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            row = conn.execute("SELECT 1 FROM deliveries WHERE event = ? LIMIT 1", (BIG[1],)).fetchone()
-            return row is not None
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return False
+    return first_row(path, "SELECT 1 FROM deliveries WHERE event = ? LIMIT 1", (BIG[1],)) is not None
 
 
 if __name__ == "__main__":
